@@ -1,1 +1,16 @@
+//! `patronus-controller`: the brain an MSP hosts for many tenants.
+//!
+//! It keeps the truth in PostgreSQL (tenants, sites, paths, policies, metrics), computes each
+//! site's [`patronus_proto::SiteIntent`] and publishes it over NATS JetStream, and serves
+//! operators over HTTP. Modules:
+//!
+//! - [`config`]: the one typed configuration (TOML file, environment, flags), validated at start.
+//! - [`db`]: the PostgreSQL pool, tenant-scoped transactions (row-level security) and the
+//!   embedded migrations.
+//! - [`health`]: `/healthz` and `/readyz`.
+//! - [`server`]: the actix-web application and its lifecycle.
 
+pub mod config;
+pub mod db;
+pub mod health;
+pub mod server;

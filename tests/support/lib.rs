@@ -1,1 +1,139 @@
-//! placeholder
+//! Helpers for the cross-crate integration tests.
+//!
+//! The tests talk to the real services `scripts/setup` starts; their addresses and credentials
+//! come from the environment or, when unset, from `/var/lib/patronus/patronus.env`. Each test
+//! that needs a schema gets its own throwaway database, so tests run in parallel and never
+//! touch the demo's data.
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+
+/// Where `scripts/setup` writes the service environment.
+pub const ENV_FILE: &str = "/var/lib/patronus/patronus.env";
+
+/// Service addresses and credentials.
+#[derive(Clone, Debug)]
+pub struct TestEnv {
+    pub database_url: String,
+    pub database_owner_url: String,
+    pub redis_url: String,
+    pub nats_url: String,
+}
+
+fn parse_env_file(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+impl TestEnv {
+    /// Load the environment, or fail with what to run.
+    pub fn load() -> anyhow::Result<Self> {
+        let file = std::fs::read_to_string(ENV_FILE)
+            .map(|t| parse_env_file(&t))
+            .unwrap_or_default();
+        let get = |name: &str| -> anyhow::Result<String> {
+            std::env::var(name)
+                .ok()
+                .or_else(|| file.get(name).cloned())
+                .with_context(|| {
+                    format!("{name} is not set and {ENV_FILE} lacks it: run scripts/setup (as root) first")
+                })
+        };
+        Ok(Self {
+            database_url: get("PATRONUS_DATABASE_URL")?,
+            database_owner_url: get("PATRONUS_DATABASE_OWNER_URL")?,
+            redis_url: get("PATRONUS_REDIS_URL")?,
+            nats_url: get("PATRONUS_NATS_URL")?,
+        })
+    }
+}
+
+/// Replace the database name at the end of a PostgreSQL URL.
+pub fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
+    let Some((base, _)) = url.rsplit_once('/') else {
+        bail!("database URL has no database name");
+    };
+    Ok(format!("{base}/{database}"))
+}
+
+/// A database created for one test, dropped by [`TestDatabase::drop_now`].
+pub struct TestDatabase {
+    pub name: String,
+    /// The owner role on this database (migrations, fixtures).
+    pub owner_url: String,
+    /// The application role on this database (what the controller uses).
+    pub app_url: String,
+    admin_url: String,
+}
+
+const TEST_DB_PREFIX: &str = "patronus_test_";
+/// Test databases older than this are leftovers of crashed runs and are swept.
+const STALE_AFTER_S: u64 = 3600;
+
+impl TestDatabase {
+    /// Create an empty database owned by the owner role.
+    pub async fn create(env: &TestEnv) -> anyhow::Result<Self> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+        let name = format!(
+            "{TEST_DB_PREFIX}{now}_{}",
+            uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap_or("0")
+        );
+        let admin_url = env.database_owner_url.clone();
+        let mut admin = AsyncPgConnection::establish(&admin_url)
+            .await
+            .context("connecting as the owner role: is PostgreSQL running? run scripts/setup")?;
+        sweep_stale(&mut admin, now).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .with_context(|| format!("creating test database {name}"))?;
+        Ok(Self {
+            owner_url: with_database(&env.database_owner_url, &name)?,
+            app_url: with_database(&env.database_url, &name)?,
+            name,
+            admin_url,
+        })
+    }
+
+    /// Drop the database (call at the end of a test; leftovers are swept after an hour).
+    pub async fn drop_now(self) -> anyhow::Result<()> {
+        let mut admin = AsyncPgConnection::establish(&self.admin_url).await?;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .await?;
+        Ok(())
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct DatabaseName {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    datname: String,
+}
+
+async fn sweep_stale(admin: &mut AsyncPgConnection, now: u64) {
+    let Ok(names) = diesel::sql_query("SELECT datname FROM pg_database WHERE datname LIKE 'patronus\\_test\\_%'")
+        .load::<DatabaseName>(admin)
+        .await
+    else {
+        return;
+    };
+    for db in names {
+        let created = db
+            .datname
+            .strip_prefix(TEST_DB_PREFIX)
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|secs| secs.parse::<u64>().ok());
+        if created.is_some_and(|t| now.saturating_sub(t) > STALE_AFTER_S) {
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", db.datname))
+                .await;
+        }
+    }
+}

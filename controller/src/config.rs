@@ -1,0 +1,395 @@
+//! The controller's configuration: defaults, then a TOML file, then `PATRONUS_*` environment
+//! variables, then command-line flags; validated once at start with a message that says which
+//! setting is wrong and how to fix it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Every setting of the controller.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    pub http: HttpConfig,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub nats: NatsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Seconds in-flight requests get to finish on shutdown.
+    pub shutdown_grace_s: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// The application role (not the table owner; row-level security applies).
+    pub url: String,
+    /// The owner role, used only to run migrations.
+    pub owner_url: Option<String>,
+    pub pool_size: usize,
+    /// Run pending migrations at start (needs `owner_url`).
+    pub migrate_on_start: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: String,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    pub url: String,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info,patronus_controller=debug`.
+    pub filter: String,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            http: HttpConfig::default(),
+            database: DatabaseConfig::default(),
+            redis: RedisConfig::default(),
+            nats: NatsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shutdown_grace_s: 10,
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            owner_url: None,
+            pool_size: 16,
+            migrate_on_start: false,
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/0".into(),
+        }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// What went wrong loading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {detail}")]
+    Parse { path: PathBuf, detail: String },
+    #[error("environment variable {name}: {detail}")]
+    Env { name: &'static str, detail: String },
+    #[error("setting {setting}: {detail}")]
+    Invalid { setting: &'static str, detail: String },
+}
+
+/// Overrides given on the command line (highest precedence).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub migrate_on_start: Option<bool>,
+}
+
+/// Reads one environment variable through a lookup function (so tests need not touch the
+/// process environment).
+type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+impl ControllerConfig {
+    /// Load from an optional file, the process environment and flags, then validate.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, overrides, &|name| std::env::var(name).ok())
+    }
+
+    pub fn load_with_env(
+        file: Option<&Path>,
+        overrides: &Overrides,
+        env: EnvLookup<'_>,
+    ) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::from_toml(&text).map_err(|detail| ConfigError::Parse {
+                    path: path.to_owned(),
+                    detail,
+                })?
+            }
+            None => Self::default(),
+        };
+        config.apply_env(env)?;
+        if let Some(listen) = overrides.listen {
+            config.http.listen = listen;
+        }
+        if let Some(migrate) = overrides.migrate_on_start {
+            config.database.migrate_on_start = migrate;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn apply_env(&mut self, env: EnvLookup<'_>) -> Result<(), ConfigError> {
+        if let Some(v) = env("PATRONUS_HTTP_LISTEN") {
+            self.http.listen = v.parse().map_err(|_| ConfigError::Env {
+                name: "PATRONUS_HTTP_LISTEN",
+                detail: format!("{v:?} is not an address like 127.0.0.1:8080"),
+            })?;
+        }
+        if let Some(v) = env("PATRONUS_DATABASE_URL") {
+            self.database.url = v;
+        }
+        if let Some(v) = env("PATRONUS_DATABASE_OWNER_URL") {
+            self.database.owner_url = Some(v);
+        }
+        if let Some(v) = env("PATRONUS_REDIS_URL") {
+            self.redis.url = v;
+        }
+        if let Some(v) = env("PATRONUS_NATS_URL") {
+            self.nats.url = v;
+        }
+        if let Some(v) = env("PATRONUS_LOG_FORMAT") {
+            self.log.format = match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "PATRONUS_LOG_FORMAT",
+                        detail: format!("{v:?} is not text or json"),
+                    })
+                }
+            };
+        }
+        if let Some(v) = env("PATRONUS_LOG") {
+            self.log.filter = v;
+        }
+        Ok(())
+    }
+
+    /// Check every setting; the error names the setting and what to do.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting, detail: String| ConfigError::Invalid { setting, detail };
+        if self.database.url.is_empty() {
+            return Err(invalid(
+                "database.url",
+                "not set; set PATRONUS_DATABASE_URL (scripts/setup writes it to /var/lib/patronus/patronus.env)".into(),
+            ));
+        }
+        check_scheme("database.url", &self.database.url, &["postgres", "postgresql"])?;
+        if let Some(owner) = &self.database.owner_url {
+            check_scheme("database.owner_url", owner, &["postgres", "postgresql"])?;
+        }
+        if self.database.migrate_on_start && self.database.owner_url.is_none() {
+            return Err(invalid(
+                "database.migrate_on_start",
+                "needs database.owner_url (PATRONUS_DATABASE_OWNER_URL): migrations run as the owner role".into(),
+            ));
+        }
+        if !(1..=512).contains(&self.database.pool_size) {
+            return Err(invalid(
+                "database.pool_size",
+                format!("{} is outside 1-512", self.database.pool_size),
+            ));
+        }
+        check_scheme("redis.url", &self.redis.url, &["redis", "rediss"])?;
+        check_scheme("nats.url", &self.nats.url, &["nats", "tls"])?;
+        if self.http.shutdown_grace_s > 300 {
+            return Err(invalid(
+                "http.shutdown_grace_s",
+                "at most 300 seconds".into(),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.filter).map_err(|e| {
+            invalid(
+                "log.filter",
+                format!("{:?} is not a tracing filter: {e}", self.log.filter),
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.http.shutdown_grace_s)
+    }
+}
+
+fn check_scheme(setting: &'static str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some(s) if schemes.contains(&s) => Ok(()),
+        _ => Err(ConfigError::Invalid {
+            setting,
+            detail: format!(
+                "{} is not a {} URL",
+                redact_url(url),
+                schemes.join(" or ")
+            ),
+        }),
+    }
+}
+
+/// A URL with its password replaced, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<unparseable url>".into();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}")
+            } else {
+                format!("{scheme}://{user}@{host}")
+            }
+        }
+        None => format!("{scheme}://{rest}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    const DB: (&str, &str) = ("PATRONUS_DATABASE_URL", "postgres://app:pw@127.0.0.1/patronus");
+
+    #[test]
+    fn environment_overrides_defaults_and_flags_override_environment() {
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:9999".parse().unwrap()),
+            migrate_on_start: None,
+        };
+        let config = ControllerConfig::load_with_env(
+            None,
+            &overrides,
+            &env(&[DB, ("PATRONUS_HTTP_LISTEN", "127.0.0.1:7000"), ("PATRONUS_NATS_URL", "nats://127.0.0.1:4333")]),
+        )
+        .unwrap();
+        assert_eq!(config.http.listen.port(), 9999);
+        assert_eq!(config.nats.url, "nats://127.0.0.1:4333");
+    }
+
+    #[test]
+    fn missing_database_url_says_where_to_get_it() {
+        let err = ControllerConfig::load_with_env(None, &Overrides::default(), &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("PATRONUS_DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused() {
+        let err = ControllerConfig::from_toml("[http]\nlisten = \"127.0.0.1:1\"\nlisten_typo = 1\n").unwrap_err();
+        assert!(err.contains("listen_typo"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let cases = [
+            ("PATRONUS_REDIS_URL", "http://x", "redis.url"),
+            ("PATRONUS_NATS_URL", "localhost:4222", "nats.url"),
+            ("PATRONUS_LOG", "[[[", "log.filter"),
+        ];
+        for (name, value, setting) in cases {
+            let err = ControllerConfig::load_with_env(None, &Overrides::default(), &env(&[DB, (name, value)]))
+                .unwrap_err();
+            assert!(err.to_string().contains(setting), "{err}");
+        }
+        let err = ControllerConfig::load_with_env(
+            None,
+            &Overrides::default(),
+            &env(&[DB, ("PATRONUS_HTTP_LISTEN", "nope")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("PATRONUS_HTTP_LISTEN"));
+    }
+
+    #[test]
+    fn migrate_on_start_needs_the_owner_url() {
+        let overrides = Overrides {
+            listen: None,
+            migrate_on_start: Some(true),
+        };
+        let err = ControllerConfig::load_with_env(None, &overrides, &env(&[DB])).unwrap_err();
+        assert!(err.to_string().contains("owner_url"));
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:secret@127.0.0.1:5432/patronus"),
+            "postgres://app:***@127.0.0.1:5432/patronus"
+        );
+        assert_eq!(redact_url("redis://:secret@127.0.0.1/0"), "redis://:***@127.0.0.1/0");
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        let err = check_scheme("database.url", "mysql://root:hunter2@db/x", &["postgres"]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+    }
+}

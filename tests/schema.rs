@@ -80,25 +80,41 @@ async fn migrations_apply_revert_and_apply_again() -> anyhow::Result<()> {
     let database = TestDatabase::create(&env).await?;
 
     let applied = migrations::run_pending(&database.owner_url).await?;
-    ensure!(applied.len() >= 4, "expected every migration to apply, got {applied:?}");
+    ensure!(
+        applied.len() >= 4,
+        "expected every migration to apply, got {applied:?}"
+    );
     let mut conn = AsyncPgConnection::establish(&database.owner_url).await?;
     let first = tables(&mut conn).await?;
-    ensure!(first.iter().any(|t| t.name == "path_metrics"), "path_metrics missing after up");
+    ensure!(
+        first.iter().any(|t| t.name == "path_metrics"),
+        "path_metrics missing after up"
+    );
     ensure!(
         migrations::pending(&database.owner_url).await?.is_empty(),
         "migrations still pending after up"
     );
 
     let reverted = migrations::revert_all(&database.owner_url).await?;
-    ensure!(reverted.len() == applied.len(), "reverted {reverted:?}, applied {applied:?}");
+    ensure!(
+        reverted.len() == applied.len(),
+        "reverted {reverted:?}, applied {applied:?}"
+    );
     let leftovers = leftover_objects(&mut conn).await?;
-    ensure!(leftovers.is_empty(), "down migrations left objects behind: {leftovers:?}");
+    ensure!(
+        leftovers.is_empty(),
+        "down migrations left objects behind: {leftovers:?}"
+    );
 
     let again = migrations::run_pending(&database.owner_url).await?;
-    ensure!(again == applied, "second up applied {again:?}, first applied {applied:?}");
+    ensure!(
+        again == applied,
+        "second up applied {again:?}, first applied {applied:?}"
+    );
     let second = tables(&mut conn).await?;
     ensure!(
-        first.iter().map(|t| &t.name).collect::<Vec<_>>() == second.iter().map(|t| &t.name).collect::<Vec<_>>(),
+        first.iter().map(|t| &t.name).collect::<Vec<_>>()
+            == second.iter().map(|t| &t.name).collect::<Vec<_>>(),
         "schema differs after up/down/up"
     );
     drop(conn);
@@ -191,7 +207,11 @@ async fn counts(
 }
 
 /// Run one statement under `scope`; rows affected, or the error.
-async fn execute(conn: &mut AsyncPgConnection, scope: Scope, sql: String) -> Result<usize, DieselError> {
+async fn execute(
+    conn: &mut AsyncPgConnection,
+    scope: Scope,
+    sql: String,
+) -> Result<usize, DieselError> {
     db::in_scope(conn, scope, move |conn| {
         Box::pin(async move { diesel::sql_query(sql).execute(conn).await })
     })
@@ -217,8 +237,12 @@ async fn every_tenant_owned_table_is_isolated_by_row_level_security() -> anyhow:
     // Fixtures, written as the owner (which FORCE ROW LEVEL SECURITY also filters, so each
     // tenant's rows are written under that tenant's scope).
     let msp = Uuid::new_v4();
-    let a = Fixture { tenant: Uuid::new_v4() };
-    let b = Fixture { tenant: Uuid::new_v4() };
+    let a = Fixture {
+        tenant: Uuid::new_v4(),
+    };
+    let b = Fixture {
+        tenant: Uuid::new_v4(),
+    };
     let mut owner = AsyncPgConnection::establish(&database.owner_url).await?;
     let msp_scope = Scope::Msp { msp, tenant: None };
     let setup = format!(
@@ -268,11 +292,15 @@ async fn every_tenant_owned_table_is_isolated_by_row_level_security() -> anyhow:
     for table in &all {
         let name = table.name.as_str();
         if !(table.rls && table.forced) {
-            failures.push(format!("{name}: row-level security is not enabled and forced"));
+            failures.push(format!(
+                "{name}: row-level security is not enabled and forced"
+            ));
             continue;
         }
         if table.policies == 0 {
-            failures.push(format!("{name}: RLS is on but no policy exists (nothing would be readable)"));
+            failures.push(format!(
+                "{name}: RLS is on but no policy exists (nothing would be readable)"
+            ));
             continue;
         }
         let Some(key) = key_column(table) else {
@@ -288,7 +316,10 @@ async fn every_tenant_owned_table_is_isolated_by_row_level_security() -> anyhow:
         match counts(&mut app, scope_a, name, key, a.tenant, b.tenant).await {
             Ok(c) => {
                 if c.theirs != 0 || c.total != c.mine {
-                    failures.push(format!("{name}: tenant A reads {} of tenant B's rows", c.theirs));
+                    failures.push(format!(
+                        "{name}: tenant A reads {} of tenant B's rows",
+                        c.theirs
+                    ));
                 }
             }
             // Partitions are reached only through their parent.
@@ -305,22 +336,37 @@ async fn every_tenant_owned_table_is_isolated_by_row_level_security() -> anyhow:
             .await
             .with_context(|| format!("counting {name} as owner"))?;
         if before.mine == 0 {
-            failures.push(format!("{name}: no fixture rows for tenant B; add some to fixture_sql"));
+            failures.push(format!(
+                "{name}: no fixture rows for tenant B; add some to fixture_sql"
+            ));
             continue;
         }
         let mine_before = counts(&mut owner, scope_a, name, key, a.tenant, b.tenant).await?;
         if mine_before.mine == 0 {
-            failures.push(format!("{name}: no fixture rows for tenant A; add some to fixture_sql"));
+            failures.push(format!(
+                "{name}: no fixture rows for tenant A; add some to fixture_sql"
+            ));
             continue;
         }
 
         for (verb, sql) in [
-            ("update", format!("UPDATE {name} SET {key} = {key} WHERE {key} = '{}'", b.tenant)),
-            ("delete", format!("DELETE FROM {name} WHERE {key} = '{}'", b.tenant)),
+            (
+                "update",
+                format!(
+                    "UPDATE {name} SET {key} = {key} WHERE {key} = '{}'",
+                    b.tenant
+                ),
+            ),
+            (
+                "delete",
+                format!("DELETE FROM {name} WHERE {key} = '{}'", b.tenant),
+            ),
         ] {
             match execute(&mut app, scope_a, sql).await {
                 Ok(0) => {}
-                Ok(n) => failures.push(format!("{name}: tenant A could {verb} {n} of tenant B's rows")),
+                Ok(n) => failures.push(format!(
+                    "{name}: tenant A could {verb} {n} of tenant B's rows"
+                )),
                 Err(e) if is_permission_denied(&e) => {}
                 Err(e) => failures.push(format!("{name}: {verb} as tenant A failed oddly: {e}")),
             }
@@ -329,11 +375,16 @@ async fn every_tenant_owned_table_is_isolated_by_row_level_security() -> anyhow:
         match execute(
             &mut app,
             scope_a,
-            format!("UPDATE {name} SET {key} = '{}' WHERE {key} = '{}'", b.tenant, a.tenant),
+            format!(
+                "UPDATE {name} SET {key} = '{}' WHERE {key} = '{}'",
+                b.tenant, a.tenant
+            ),
         )
         .await
         {
-            Ok(0) => failures.push(format!("{name}: tenant A's own rows were not visible to update")),
+            Ok(0) => failures.push(format!(
+                "{name}: tenant A's own rows were not visible to update"
+            )),
             Ok(n) => failures.push(format!("{name}: tenant A moved {n} rows to tenant B")),
             Err(_) => {}
         }
@@ -350,12 +401,20 @@ async fn every_tenant_owned_table_is_isolated_by_row_level_security() -> anyhow:
 
     // Without any scope, nothing is visible at all.
     for table in all.iter().filter(|t| !t.is_partition) {
-        let sql = format!("SELECT count(*) AS mine, 0::bigint AS theirs, 0::bigint AS total FROM {}", table.name);
+        let sql = format!(
+            "SELECT count(*) AS mine, 0::bigint AS theirs, 0::bigint AS total FROM {}",
+            table.name
+        );
         let c = app
-            .transaction::<_, DieselError, _>(async |conn| diesel::sql_query(sql).get_result::<Counts>(conn).await)
+            .transaction::<_, DieselError, _>(async |conn| {
+                diesel::sql_query(sql).get_result::<Counts>(conn).await
+            })
             .await?;
         if c.mine != 0 {
-            failures.push(format!("{}: {} rows visible with no tenant set", table.name, c.mine));
+            failures.push(format!(
+                "{}: {} rows visible with no tenant set",
+                table.name, c.mine
+            ));
         }
     }
 
@@ -363,16 +422,24 @@ async fn every_tenant_owned_table_is_isolated_by_row_level_security() -> anyhow:
     match execute(
         &mut app,
         scope_a,
-        format!("INSERT INTO sites (tenant_id, name) VALUES ('{}', 'intruder')", b.tenant),
+        format!(
+            "INSERT INTO sites (tenant_id, name) VALUES ('{}', 'intruder')",
+            b.tenant
+        ),
     )
     .await
     {
         Err(e) if e.to_string().contains("row-level security") => {}
-        other => failures.push(format!("inserting a site for tenant B as tenant A gave {other:?}")),
+        other => failures.push(format!(
+            "inserting a site for tenant B as tenant A gave {other:?}"
+        )),
     }
 
     // The MSP-level table is isolated per MSP.
-    let other_msp = Scope::Msp { msp: Uuid::new_v4(), tenant: None };
+    let other_msp = Scope::Msp {
+        msp: Uuid::new_v4(),
+        tenant: None,
+    };
     let visible = execute(&mut app, other_msp, "SELECT 1 FROM msps".into()).await?;
     if visible != 0 {
         failures.push(format!("msps: another MSP sees {visible} rows"));
@@ -384,7 +451,10 @@ async fn every_tenant_owned_table_is_isolated_by_row_level_security() -> anyhow:
     if !failures.is_empty() {
         bail!("row-level security failures:\n  {}", failures.join("\n  "));
     }
-    ensure!(checked.contains_key("sites") && checked.contains_key("path_metrics"), "checked: {checked:?}");
+    ensure!(
+        checked.contains_key("sites") && checked.contains_key("path_metrics"),
+        "checked: {checked:?}"
+    );
     Ok(())
 }
 
@@ -418,7 +488,11 @@ async fn metrics_partitions_are_created_ahead_and_dropped_for_retention() -> any
     )
     .get_result(&mut app)
     .await?;
-    ensure!(dropped.n == 1, "expected to drop 1 partition, dropped {}", dropped.n);
+    ensure!(
+        dropped.n == 1,
+        "expected to drop 1 partition, dropped {}",
+        dropped.n
+    );
     // The application role cannot create tables itself.
     let denied = app.batch_execute("CREATE TABLE sneaky (id int)").await;
     ensure!(denied.is_err(), "the application role could create a table");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// Every setting of the controller.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControllerConfig {
     pub http: HttpConfig,
@@ -65,18 +65,6 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A `tracing` filter, e.g. `info,patronus_controller=debug`.
     pub filter: String,
-}
-
-impl Default for ControllerConfig {
-    fn default() -> Self {
-        Self {
-            http: HttpConfig::default(),
-            database: DatabaseConfig::default(),
-            redis: RedisConfig::default(),
-            nats: NatsConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 impl Default for HttpConfig {
@@ -137,7 +125,10 @@ pub enum ConfigError {
     #[error("environment variable {name}: {detail}")]
     Env { name: &'static str, detail: String },
     #[error("setting {setting}: {detail}")]
-    Invalid { setting: &'static str, detail: String },
+    Invalid {
+        setting: &'static str,
+        detail: String,
+    },
 }
 
 /// Overrides given on the command line (highest precedence).
@@ -236,7 +227,11 @@ impl ControllerConfig {
                 "not set; set PATRONUS_DATABASE_URL (scripts/setup writes it to /var/lib/patronus/patronus.env)".into(),
             ));
         }
-        check_scheme("database.url", &self.database.url, &["postgres", "postgresql"])?;
+        check_scheme(
+            "database.url",
+            &self.database.url,
+            &["postgres", "postgresql"],
+        )?;
         if let Some(owner) = &self.database.owner_url {
             check_scheme("database.owner_url", owner, &["postgres", "postgresql"])?;
         }
@@ -280,11 +275,7 @@ fn check_scheme(setting: &'static str, url: &str, schemes: &[&str]) -> Result<()
         Some(s) if schemes.contains(&s) => Ok(()),
         _ => Err(ConfigError::Invalid {
             setting,
-            detail: format!(
-                "{} is not a {} URL",
-                redact_url(url),
-                schemes.join(" or ")
-            ),
+            detail: format!("{} is not a {} URL", redact_url(url), schemes.join(" or ")),
         }),
     }
 }
@@ -320,7 +311,10 @@ mod tests {
         move |name| map.get(name).cloned()
     }
 
-    const DB: (&str, &str) = ("PATRONUS_DATABASE_URL", "postgres://app:pw@127.0.0.1/patronus");
+    const DB: (&str, &str) = (
+        "PATRONUS_DATABASE_URL",
+        "postgres://app:pw@127.0.0.1/patronus",
+    );
 
     #[test]
     fn environment_overrides_defaults_and_flags_override_environment() {
@@ -331,7 +325,11 @@ mod tests {
         let config = ControllerConfig::load_with_env(
             None,
             &overrides,
-            &env(&[DB, ("PATRONUS_HTTP_LISTEN", "127.0.0.1:7000"), ("PATRONUS_NATS_URL", "nats://127.0.0.1:4333")]),
+            &env(&[
+                DB,
+                ("PATRONUS_HTTP_LISTEN", "127.0.0.1:7000"),
+                ("PATRONUS_NATS_URL", "nats://127.0.0.1:4333"),
+            ]),
         )
         .unwrap();
         assert_eq!(config.http.listen.port(), 9999);
@@ -340,13 +338,16 @@ mod tests {
 
     #[test]
     fn missing_database_url_says_where_to_get_it() {
-        let err = ControllerConfig::load_with_env(None, &Overrides::default(), &env(&[])).unwrap_err();
+        let err =
+            ControllerConfig::load_with_env(None, &Overrides::default(), &env(&[])).unwrap_err();
         assert!(err.to_string().contains("PATRONUS_DATABASE_URL"), "{err}");
     }
 
     #[test]
     fn unknown_keys_in_the_file_are_refused() {
-        let err = ControllerConfig::from_toml("[http]\nlisten = \"127.0.0.1:1\"\nlisten_typo = 1\n").unwrap_err();
+        let err =
+            ControllerConfig::from_toml("[http]\nlisten = \"127.0.0.1:1\"\nlisten_typo = 1\n")
+                .unwrap_err();
         assert!(err.contains("listen_typo"), "{err}");
     }
 
@@ -358,8 +359,12 @@ mod tests {
             ("PATRONUS_LOG", "[[[", "log.filter"),
         ];
         for (name, value, setting) in cases {
-            let err = ControllerConfig::load_with_env(None, &Overrides::default(), &env(&[DB, (name, value)]))
-                .unwrap_err();
+            let err = ControllerConfig::load_with_env(
+                None,
+                &Overrides::default(),
+                &env(&[DB, (name, value)]),
+            )
+            .unwrap_err();
             assert!(err.to_string().contains(setting), "{err}");
         }
         let err = ControllerConfig::load_with_env(
@@ -387,9 +392,13 @@ mod tests {
             redact_url("postgres://app:secret@127.0.0.1:5432/patronus"),
             "postgres://app:***@127.0.0.1:5432/patronus"
         );
-        assert_eq!(redact_url("redis://:secret@127.0.0.1/0"), "redis://:***@127.0.0.1/0");
+        assert_eq!(
+            redact_url("redis://:secret@127.0.0.1/0"),
+            "redis://:***@127.0.0.1/0"
+        );
         assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
-        let err = check_scheme("database.url", "mysql://root:hunter2@db/x", &["postgres"]).unwrap_err();
+        let err =
+            check_scheme("database.url", "mysql://root:hunter2@db/x", &["postgres"]).unwrap_err();
         assert!(!err.to_string().contains("hunter2"));
     }
 }

@@ -25,7 +25,10 @@ struct Check {
 impl Check {
     fn from_result(result: Result<Result<(), String>, tokio::time::error::Elapsed>) -> Self {
         match result {
-            Ok(Ok(())) => Check { ok: true, detail: None },
+            Ok(Ok(())) => Check {
+                ok: true,
+                detail: None,
+            },
             Ok(Err(detail)) => Check {
                 ok: false,
                 detail: Some(detail),
@@ -71,7 +74,9 @@ async fn check_redis(state: &AppState) -> Result<(), String> {
 
 async fn check_nats(state: &AppState) -> Result<(), String> {
     match state.nats.connection_state() {
-        async_nats::connection::State::Connected => state.nats.flush().await.map_err(|e| e.to_string()),
+        async_nats::connection::State::Connected => {
+            state.nats.flush().await.map_err(|e| e.to_string())
+        }
         other => Err(format!("connection is {other}")),
     }
 }

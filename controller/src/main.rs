@@ -14,7 +14,11 @@ use patronus_controller::db::migrations;
 use patronus_controller::server::{self, AppState};
 
 #[derive(Parser)]
-#[command(name = "patronus-controller", version, about = "Patronus SD-WAN controller")]
+#[command(
+    name = "patronus-controller",
+    version,
+    about = "Patronus SD-WAN controller"
+)]
 struct Cli {
     /// TOML configuration file (settings also come from PATRONUS_* environment variables).
     #[arg(long, global = true, env = "PATRONUS_CONFIG")]
@@ -53,7 +57,9 @@ enum MigrateAction {
 
 fn init_tracing(config: &ControllerConfig) {
     let filter = tracing_subscriber::EnvFilter::new(&config.log.filter);
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -102,11 +108,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match action {
                 MigrateAction::Up => {
                     let applied = migrations::run_pending(url).await?;
-                    println!("applied {} migration(s): {}", applied.len(), applied.join(", "));
+                    println!(
+                        "applied {} migration(s): {}",
+                        applied.len(),
+                        applied.join(", ")
+                    );
                 }
                 MigrateAction::DownAll => {
                     let reverted = migrations::revert_all(url).await?;
-                    println!("reverted {} migration(s): {}", reverted.len(), reverted.join(", "));
+                    println!(
+                        "reverted {} migration(s): {}",
+                        reverted.len(),
+                        reverted.join(", ")
+                    );
                 }
                 MigrateAction::Status => {
                     let pending = migrations::pending(url).await?;
@@ -124,7 +138,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("patronus-controller: cannot start the async runtime: {e}");

@@ -90,5 +90,8 @@ pub async fn serve(config: ControllerConfig, state: AppState) -> Result<(), Star
     for bound in server.addrs() {
         tracing::info!(listen = %bound, "controller listening");
     }
-    server.run().await.map_err(|source| StartError::Bind { addr, source })
+    server
+        .run()
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
 }

@@ -86,7 +86,9 @@ fn key_from_base64(s: &str) -> Result<[u8; 32], KeyError> {
     let bytes = BASE64
         .decode(s.trim())
         .map_err(|e| KeyError::Base64(e.to_string()))?;
-    bytes.try_into().map_err(|v: Vec<u8>| KeyError::Length(v.len()))
+    bytes
+        .try_into()
+        .map_err(|v: Vec<u8>| KeyError::Length(v.len()))
 }
 
 /// A WireGuard (Curve25519) public key, base64 on the wire as `wg` prints it.
@@ -159,7 +161,9 @@ impl Serialize for ProbeKey {
 impl<'de> Deserialize<'de> for ProbeKey {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        key_from_base64(&s).map(Self).map_err(serde::de::Error::custom)
+        key_from_base64(&s)
+            .map(Self)
+            .map_err(serde::de::Error::custom)
     }
 }
 

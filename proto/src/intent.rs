@@ -38,7 +38,8 @@ pub fn tunnel_port(listen_port_base: u16, local_uplink: u8, remote_uplink: u8) -
     if local_uplink >= MAX_UPLINKS || remote_uplink >= MAX_UPLINKS {
         return None;
     }
-    listen_port_base.checked_add(u16::from(local_uplink) * u16::from(MAX_UPLINKS) + u16::from(remote_uplink))
+    listen_port_base
+        .checked_add(u16::from(local_uplink) * u16::from(MAX_UPLINKS) + u16::from(remote_uplink))
 }
 
 /// The site's own address space.
@@ -272,12 +273,13 @@ fn check_count(field: &str, len: usize, max: usize) -> Result<(), ValidationErro
     Ok(())
 }
 
+/// A prefix and the name of the site that claims it.
+type Claim<'a> = (IpNet, &'a str);
+
 /// Finds two prefixes that overlap (one contains the other). Sorting by start address makes an
 /// overlap, if any exists, appear between neighbours.
-fn find_overlap<'a>(prefixes: &mut [(IpNet, &'a str)]) -> Option<((IpNet, &'a str), (IpNet, &'a str))> {
-    prefixes.sort_by(|a, b| {
-        (a.0.network(), a.0.prefix_len()).cmp(&(b.0.network(), b.0.prefix_len()))
-    });
+fn find_overlap<'a>(prefixes: &mut [Claim<'a>]) -> Option<(Claim<'a>, Claim<'a>)> {
+    prefixes.sort_by_key(|claim| (claim.0.network(), claim.0.prefix_len()));
     prefixes
         .windows(2)
         .find(|w| w[0].0.contains(&w[1].0.network()))
@@ -303,11 +305,18 @@ impl Message for SiteIntent {
                 ),
             ));
         }
-        check_count("overlay.lan_prefixes", self.overlay.lan_prefixes.len(), MAX_PREFIXES)?;
+        check_count(
+            "overlay.lan_prefixes",
+            self.overlay.lan_prefixes.len(),
+            MAX_PREFIXES,
+        )?;
 
         // Uplinks.
         if self.uplinks.is_empty() {
-            return Err(ValidationError::new("uplinks", "a site needs at least one uplink"));
+            return Err(ValidationError::new(
+                "uplinks",
+                "a site needs at least one uplink",
+            ));
         }
         check_count("uplinks", self.uplinks.len(), usize::from(MAX_UPLINKS))?;
         let mut uplink_indexes = HashSet::new();
@@ -343,7 +352,9 @@ impl Message for SiteIntent {
             ));
         }
         let max_uplink = self.uplinks.iter().map(|u| u.index).max().unwrap_or(0);
-        if wg.listen_port_base == 0 || tunnel_port(wg.listen_port_base, max_uplink, MAX_UPLINKS - 1).is_none() {
+        if wg.listen_port_base == 0
+            || tunnel_port(wg.listen_port_base, max_uplink, MAX_UPLINKS - 1).is_none()
+        {
             return Err(ValidationError::new(
                 "wireguard.listen_port_base",
                 "leaves no room for one port per uplink pair below 65536",
@@ -357,7 +368,10 @@ impl Message for SiteIntent {
         for (i, peer) in self.peers.iter().enumerate() {
             let field = format!("peers[{i}]");
             if peer.site == self.site {
-                return Err(ValidationError::new(field, "a site cannot peer with itself"));
+                return Err(ValidationError::new(
+                    field,
+                    "a site cannot peer with itself",
+                ));
             }
             check_name(&format!("{field}.name"), &peer.name)?;
             if peer.public_key == wg.public_key || !keys.insert(peer.public_key) {
@@ -372,7 +386,11 @@ impl Message for SiteIntent {
                     format!("{} is outside the overlay network", peer.overlay_address),
                 ));
             }
-            check_count(&format!("{field}.lan_prefixes"), peer.lan_prefixes.len(), MAX_PREFIXES)?;
+            check_count(
+                &format!("{field}.lan_prefixes"),
+                peer.lan_prefixes.len(),
+                MAX_PREFIXES,
+            )?;
             check_count(
                 &format!("{field}.transit_prefixes"),
                 peer.transit_prefixes.len(),
@@ -402,7 +420,10 @@ impl Message for SiteIntent {
                 ));
             }
             if peer_endpoints.insert(peer.site, indexes).is_some() {
-                return Err(ValidationError::new(field, format!("site {} listed twice", peer.site)));
+                return Err(ValidationError::new(
+                    field,
+                    format!("site {} listed twice", peer.site),
+                ));
             }
         }
 
@@ -432,7 +453,10 @@ impl Message for SiteIntent {
         for (i, path) in self.paths.iter().enumerate() {
             let field = format!("paths[{i}]");
             if !path_ids.insert(path.id) {
-                return Err(ValidationError::new(field, format!("path id {} appears twice", path.id)));
+                return Err(ValidationError::new(
+                    field,
+                    format!("path id {} appears twice", path.id),
+                ));
             }
             if !uplink_indexes.contains(&path.local_uplink) {
                 return Err(ValidationError::new(
@@ -490,13 +514,18 @@ impl Message for SiteIntent {
             return Err(ValidationError::new("probe.timeout_ms", "must be 1-60000"));
         }
         if probe.down_after_losses == 0 || probe.down_after_losses > 100 {
-            return Err(ValidationError::new("probe.down_after_losses", "must be 1-100"));
+            return Err(ValidationError::new(
+                "probe.down_after_losses",
+                "must be 1-100",
+            ));
         }
         if probe.history_len == 0 || probe.history_len > 3600 {
             return Err(ValidationError::new("probe.history_len", "must be 1-3600"));
         }
         let failover = &self.failover;
-        if failover.degrade_below_score > 100 || failover.down_below_score > failover.degrade_below_score {
+        if failover.degrade_below_score > 100
+            || failover.down_below_score > failover.degrade_below_score
+        {
             return Err(ValidationError::new(
                 "failover",
                 "need down_below_score <= degrade_below_score <= 100",

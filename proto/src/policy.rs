@@ -39,7 +39,8 @@ impl AppClass {
 
     pub fn validate(&self, field: &str) -> Result<(), ValidationError> {
         let name = &self.0;
-        let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-';
+        let ok_char =
+            |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-';
         if name.is_empty() || name.len() > MAX_APP_CLASS_LEN || !name.chars().all(ok_char) {
             return Err(ValidationError::new(
                 field,
@@ -129,7 +130,10 @@ impl MatchRules {
                 ));
             }
         }
-        for (name, ranges) in [("src_ports", &self.src_ports), ("dst_ports", &self.dst_ports)] {
+        for (name, ranges) in [
+            ("src_ports", &self.src_ports),
+            ("dst_ports", &self.dst_ports),
+        ] {
             for (i, range) in ranges.iter().enumerate() {
                 if range.start > range.end {
                     return Err(ValidationError::new(
@@ -161,9 +165,9 @@ impl MatchRules {
         };
         let (src4, src6) = families(&self.src_prefixes);
         let (dst4, dst6) = families(&self.dst_prefixes);
-        if (!self.src_prefixes.is_empty() && !self.dst_prefixes.is_empty())
-            && !((src4 && dst4) || (src6 && dst6))
-        {
+        let both_given = !self.src_prefixes.is_empty() && !self.dst_prefixes.is_empty();
+        let family_shared = (src4 && dst4) || (src6 && dst6);
+        if both_given && !family_shared {
             return Err(ValidationError::new(
                 field,
                 "source and destination prefixes share no address family, so nothing can match",
@@ -223,7 +227,10 @@ impl ScoringWeights {
             }
         }
         if all.iter().map(|(_, w)| w).sum::<f64>() <= 0.0 {
-            return Err(ValidationError::new(field, "at least one weight must be above 0"));
+            return Err(ValidationError::new(
+                field,
+                "at least one weight must be above 0",
+            ));
         }
         Ok(())
     }
@@ -239,9 +246,13 @@ pub enum PathPreference {
     HighestBandwidth,
     LowestCost,
     /// Rank by the weighted score.
-    Weighted { weights: ScoringWeights },
+    Weighted {
+        weights: ScoringWeights,
+    },
     /// Prefer paths leaving through the named local uplink while it meets the SLA.
-    PreferUplink { uplink: String },
+    PreferUplink {
+        uplink: String,
+    },
 }
 
 /// How new flows of one class are spread over the paths that qualify (seed: load balancing).

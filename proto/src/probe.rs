@@ -206,7 +206,9 @@ impl DecodedProbe<'_> {
         let mut check = <HmacSha256 as Mac>::new_from_slice(key.as_bytes())
             .expect("HMAC-SHA256 takes keys of any length");
         check.update(self.signed);
-        check.verify_slice(mac).map_err(|_| ProbeError::BadSignature)
+        check
+            .verify_slice(mac)
+            .map_err(|_| ProbeError::BadSignature)
     }
 }
 
@@ -327,7 +329,10 @@ mod tests {
         let bytes = sample().encode(Some(&key)).unwrap();
         let decoded = decode(&bytes).unwrap();
         assert!(decoded.verify(&key).is_ok());
-        assert_eq!(decoded.verify(&ProbeKey([2; 32])), Err(ProbeError::BadSignature));
+        assert_eq!(
+            decoded.verify(&ProbeKey([2; 32])),
+            Err(ProbeError::BadSignature)
+        );
     }
 
     #[test]
@@ -335,7 +340,10 @@ mod tests {
         let key = ProbeKey([1; 32]);
         let mut bytes = sample().encode(Some(&key)).unwrap();
         bytes[15] ^= 1; // sequence
-        assert_eq!(decode(&bytes).unwrap().verify(&key), Err(ProbeError::BadSignature));
+        assert_eq!(
+            decode(&bytes).unwrap().verify(&key),
+            Err(ProbeError::BadSignature)
+        );
     }
 
     #[test]
@@ -397,7 +405,10 @@ mod tests {
         assert_eq!(decode(&bytes), Err(ProbeError::BadHeaderLength(10)));
         let mut bytes = sample().encode(None).unwrap();
         bytes.push(0);
-        assert!(matches!(decode(&bytes), Err(ProbeError::LengthMismatch { .. })));
+        assert!(matches!(
+            decode(&bytes),
+            Err(ProbeError::LengthMismatch { .. })
+        ));
         assert!(matches!(
             decode(&vec![0; MAX_PROBE_LEN + 1]),
             Err(ProbeError::TooLarge { .. })

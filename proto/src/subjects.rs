@@ -32,7 +32,12 @@ pub enum Channel {
 }
 
 impl Channel {
-    pub const ALL: [Channel; 4] = [Channel::Metrics, Channel::Events, Channel::Flows, Channel::Cmd];
+    pub const ALL: [Channel; 4] = [
+        Channel::Metrics,
+        Channel::Events,
+        Channel::Flows,
+        Channel::Cmd,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -130,7 +135,8 @@ pub fn parse_site_subject(subject: &str) -> Result<(TenantId, SiteId, Channel), 
         return Err(SubjectError::Shape(subject.to_owned()));
     };
     let (tenant, site) = parse_ids(subject, tenant, site)?;
-    let channel = Channel::parse(channel).ok_or_else(|| SubjectError::UnknownChannel(subject.to_owned()))?;
+    let channel =
+        Channel::parse(channel).ok_or_else(|| SubjectError::UnknownChannel(subject.to_owned()))?;
     Ok((tenant, site, channel))
 }
 
@@ -174,7 +180,10 @@ mod tests {
     fn subjects_parse_back() {
         let (t, s) = ids();
         for channel in Channel::ALL {
-            assert_eq!(parse_site_subject(&site_subject(t, s, channel)).unwrap(), (t, s, channel));
+            assert_eq!(
+                parse_site_subject(&site_subject(t, s, channel)).unwrap(),
+                (t, s, channel)
+            );
         }
         assert_eq!(parse_intent_key(&intent_key(t, s)).unwrap(), (t, s));
     }
@@ -182,7 +191,10 @@ mod tests {
     #[test]
     fn malformed_subjects_are_refused() {
         let (t, s) = ids();
-        assert!(matches!(parse_site_subject("sdwan.a.b"), Err(SubjectError::Shape(_))));
+        assert!(matches!(
+            parse_site_subject("sdwan.a.b"),
+            Err(SubjectError::Shape(_))
+        ));
         assert!(matches!(
             parse_site_subject(&format!("{}.extra", metrics_subject(t, s))),
             Err(SubjectError::Shape(_))

@@ -5,7 +5,9 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use patronus_proto::codec::{self, DecodeError, MAX_MESSAGE_BYTES};
 use patronus_proto::command::{Command, CommandRequest};
-use patronus_proto::events::{DataplaneMode, EventEnvelope, SdwanEvent, SiteStatus, TopologyChange};
+use patronus_proto::events::{
+    DataplaneMode, EventEnvelope, SdwanEvent, SiteStatus, TopologyChange,
+};
 use patronus_proto::flows::{FlowKey, FlowRecord, FlowReport};
 use patronus_proto::ids::FlowId;
 use patronus_proto::intent::{
@@ -38,14 +40,16 @@ fn metrics() -> impl Strategy<Value = PathMetrics> {
         any::<u64>(),
     )
         .prop_map(
-            |(latency_ms, jitter_ms, packet_loss_pct, bandwidth_mbps, mtu, score, at)| PathMetrics {
-                latency_ms,
-                jitter_ms,
-                packet_loss_pct,
-                bandwidth_mbps,
-                mtu,
-                score,
-                measured_at_unix_ms: at,
+            |(latency_ms, jitter_ms, packet_loss_pct, bandwidth_mbps, mtu, score, at)| {
+                PathMetrics {
+                    latency_ms,
+                    jitter_ms,
+                    packet_loss_pct,
+                    bandwidth_mbps,
+                    mtu,
+                    score,
+                    measured_at_unix_ms: at,
+                }
             },
         )
 }
@@ -60,15 +64,16 @@ fn status() -> impl Strategy<Value = PathStatus> {
 }
 
 fn metrics_batch() -> impl Strategy<Value = PathMetricsBatch> {
-    let sample = (uuid(), status(), metrics(), 0u32..1000).prop_map(|(p, status, metrics, sent)| {
-        PathSample {
-            path: PathId(p),
-            status,
-            metrics,
-            probes_sent: sent,
-            probes_lost: sent / 3,
-        }
-    });
+    let sample =
+        (uuid(), status(), metrics(), 0u32..1000).prop_map(|(p, status, metrics, sent)| {
+            PathSample {
+                path: PathId(p),
+                status,
+                metrics,
+                probes_sent: sent,
+                probes_lost: sent / 3,
+            }
+        });
     (
         uuid(),
         uuid(),
@@ -240,7 +245,11 @@ fn intent() -> impl Strategy<Value = SiteIntent> {
                 .map(|i| Uplink {
                     index: i,
                     name: format!("wan{i}"),
-                    kind: if i == 0 { LinkKind::Fiber } else { LinkKind::Lte },
+                    kind: if i == 0 {
+                        LinkKind::Fiber
+                    } else {
+                        LinkKind::Lte
+                    },
                     interface: Some(format!("eth{i}")),
                     bandwidth_mbps: Some(100),
                     cost_per_gb: f64::from(i) * 0.1,
@@ -259,7 +268,9 @@ fn intent() -> impl Strategy<Value = SiteIntent> {
                     for r in 0..2u8 {
                         paths.push(PathSpec {
                             id: PathId(Uuid::from_u128(
-                                peer.site.0.as_u128() ^ (u128::from(l) << 64) ^ (u128::from(r) << 72),
+                                peer.site.0.as_u128()
+                                    ^ (u128::from(l) << 64)
+                                    ^ (u128::from(r) << 72),
                             )),
                             local_uplink: l,
                             remote_site: peer.site,

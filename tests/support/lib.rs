@@ -82,7 +82,11 @@ impl TestDatabase {
         let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
         let name = format!(
             "{TEST_DB_PREFIX}{now}_{}",
-            uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap_or("0")
+            uuid::Uuid::new_v4()
+                .simple()
+                .to_string()
+                .get(..12)
+                .unwrap_or("0")
         );
         let admin_url = env.database_owner_url.clone();
         let mut admin = AsyncPgConnection::establish(&admin_url)
@@ -105,7 +109,10 @@ impl TestDatabase {
     pub async fn drop_now(self) -> anyhow::Result<()> {
         let mut admin = AsyncPgConnection::establish(&self.admin_url).await?;
         admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
             .await?;
         Ok(())
     }
@@ -118,9 +125,11 @@ struct DatabaseName {
 }
 
 async fn sweep_stale(admin: &mut AsyncPgConnection, now: u64) {
-    let Ok(names) = diesel::sql_query("SELECT datname FROM pg_database WHERE datname LIKE 'patronus\\_test\\_%'")
-        .load::<DatabaseName>(admin)
-        .await
+    let Ok(names) = diesel::sql_query(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'patronus\\_test\\_%'",
+    )
+    .load::<DatabaseName>(admin)
+    .await
     else {
         return;
     };
@@ -132,7 +141,10 @@ async fn sweep_stale(admin: &mut AsyncPgConnection, now: u64) {
             .and_then(|secs| secs.parse::<u64>().ok());
         if created.is_some_and(|t| now.saturating_sub(t) > STALE_AFTER_S) {
             let _ = admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", db.datname))
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    db.datname
+                ))
                 .await;
         }
     }

@@ -58,7 +58,10 @@ impl Scope {
 }
 
 /// Set the RLS keys for the rest of the current transaction.
-pub async fn set_scope(conn: &mut AsyncPgConnection, scope: Scope) -> Result<(), diesel::result::Error> {
+pub async fn set_scope(
+    conn: &mut AsyncPgConnection,
+    scope: Scope,
+) -> Result<(), diesel::result::Error> {
     let (tenant, msp) = scope.settings();
     diesel::sql_query(
         "SELECT set_config('patronus.tenant_id', coalesce($1, ''), true), \

@@ -9,8 +9,10 @@
 //!   embedded migrations.
 //! - [`health`]: `/healthz` and `/readyz`.
 //! - [`server`]: the actix-web application and its lifecycle.
+//! - [`topology`]: the pure topology engine (who peers with whom, over which uplinks).
 
 pub mod config;
 pub mod db;
 pub mod health;
 pub mod server;
+pub mod topology;

@@ -12,6 +12,7 @@ fn config(env: &TestEnv) -> ControllerConfig {
     config.database.url = env.database_url.clone();
     config.redis.url = env.redis_url.clone();
     config.nats.url = env.nats_url.clone();
+    config.auth.session_secret = patronus_controller::config::Secret(env.session_secret.clone());
     config.validate().expect("test config is valid");
     config
 }

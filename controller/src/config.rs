@@ -17,6 +17,49 @@ pub struct ControllerConfig {
     pub redis: RedisConfig,
     pub nats: NatsConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
+}
+
+/// A secret setting: never printed by `Debug`.
+#[derive(Clone, Default, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "Secret(<unset>)"
+        } else {
+            "Secret(<redacted>)"
+        })
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Base64 of at least 32 random bytes; every replica must share it.
+    pub session_secret: Secret,
+    /// Lifetime of a session token.
+    pub session_ttl_s: u64,
+    /// Lifetime of a refresh token (each use replaces it).
+    pub refresh_ttl_s: u64,
+    /// Login attempts per minute from one source address.
+    pub login_per_minute_per_source: u32,
+    /// Login attempts per minute for one account.
+    pub login_per_minute_per_account: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            session_secret: Secret::default(),
+            session_ttl_s: 900,
+            refresh_ttl_s: 7 * 24 * 3600,
+            login_per_minute_per_source: 30,
+            login_per_minute_per_account: 10,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -215,6 +258,9 @@ impl ControllerConfig {
         if let Some(v) = env("PATRONUS_LOG") {
             self.log.filter = v;
         }
+        if let Some(v) = env("PATRONUS_SESSION_SECRET") {
+            self.auth.session_secret = Secret(v);
+        }
         Ok(())
     }
 
@@ -253,6 +299,33 @@ impl ControllerConfig {
             return Err(invalid(
                 "http.shutdown_grace_s",
                 "at most 300 seconds".into(),
+            ));
+        }
+        if self.auth.session_secret.0.is_empty() {
+            return Err(invalid(
+                "auth.session_secret",
+                "not set; set PATRONUS_SESSION_SECRET to base64 of 32 random bytes (scripts/setup generates one)".into(),
+            ));
+        }
+        crate::auth::SessionKeys::from_base64(&self.auth.session_secret.0)
+            .map_err(|e| invalid("auth.session_secret", e.to_string()))?;
+        if !(60..=86_400).contains(&self.auth.session_ttl_s) {
+            return Err(invalid(
+                "auth.session_ttl_s",
+                "must be 60-86400 seconds".into(),
+            ));
+        }
+        if !(300..=90 * 86_400).contains(&self.auth.refresh_ttl_s) {
+            return Err(invalid(
+                "auth.refresh_ttl_s",
+                "must be 300 s to 90 days".into(),
+            ));
+        }
+        if self.auth.login_per_minute_per_source == 0 || self.auth.login_per_minute_per_account == 0
+        {
+            return Err(invalid(
+                "auth.login_per_minute_*",
+                "must be at least 1".into(),
             ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.filter).map_err(|e| {
@@ -315,6 +388,10 @@ mod tests {
         "PATRONUS_DATABASE_URL",
         "postgres://app:pw@127.0.0.1/patronus",
     );
+    const SECRET: (&str, &str) = (
+        "PATRONUS_SESSION_SECRET",
+        "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=",
+    );
 
     #[test]
     fn environment_overrides_defaults_and_flags_override_environment() {
@@ -327,6 +404,7 @@ mod tests {
             &overrides,
             &env(&[
                 DB,
+                SECRET,
                 ("PATRONUS_HTTP_LISTEN", "127.0.0.1:7000"),
                 ("PATRONUS_NATS_URL", "nats://127.0.0.1:4333"),
             ]),
@@ -362,7 +440,7 @@ mod tests {
             let err = ControllerConfig::load_with_env(
                 None,
                 &Overrides::default(),
-                &env(&[DB, (name, value)]),
+                &env(&[DB, SECRET, (name, value)]),
             )
             .unwrap_err();
             assert!(err.to_string().contains(setting), "{err}");
@@ -370,7 +448,7 @@ mod tests {
         let err = ControllerConfig::load_with_env(
             None,
             &Overrides::default(),
-            &env(&[DB, ("PATRONUS_HTTP_LISTEN", "nope")]),
+            &env(&[DB, SECRET, ("PATRONUS_HTTP_LISTEN", "nope")]),
         )
         .unwrap_err();
         assert!(err.to_string().contains("PATRONUS_HTTP_LISTEN"));
@@ -382,8 +460,27 @@ mod tests {
             listen: None,
             migrate_on_start: Some(true),
         };
-        let err = ControllerConfig::load_with_env(None, &overrides, &env(&[DB])).unwrap_err();
+        let err =
+            ControllerConfig::load_with_env(None, &overrides, &env(&[DB, SECRET])).unwrap_err();
         assert!(err.to_string().contains("owner_url"));
+    }
+
+    #[test]
+    fn session_secret_is_required_strong_and_never_printed() {
+        let err =
+            ControllerConfig::load_with_env(None, &Overrides::default(), &env(&[DB])).unwrap_err();
+        assert!(err.to_string().contains("PATRONUS_SESSION_SECRET"), "{err}");
+        let weak = ControllerConfig::load_with_env(
+            None,
+            &Overrides::default(),
+            &env(&[DB, ("PATRONUS_SESSION_SECRET", "c2hvcnQ=")]),
+        )
+        .unwrap_err();
+        assert!(weak.to_string().contains("auth.session_secret"), "{weak}");
+        let config =
+            ControllerConfig::load_with_env(None, &Overrides::default(), &env(&[DB, SECRET]))
+                .unwrap();
+        assert!(!format!("{config:?}").contains(SECRET.1));
     }
 
     #[test]

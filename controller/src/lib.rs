@@ -4,6 +4,9 @@
 //! site's [`patronus_proto::SiteIntent`] and publishes it over NATS JetStream, and serves
 //! operators over HTTP. Modules:
 //!
+//! - [`admin`]: first-run bootstrap of an MSP and its admin.
+//! - [`api`]: the REST API under `/api/v1` (authentication, tenancy, resources).
+//! - [`auth`]: roles, password hashing, secrets and session tokens.
 //! - [`config`]: the one typed configuration (TOML file, environment, flags), validated at start.
 //! - [`db`]: the PostgreSQL pool, tenant-scoped transactions (row-level security) and the
 //!   embedded migrations.
@@ -11,6 +14,9 @@
 //! - [`server`]: the actix-web application and its lifecycle.
 //! - [`topology`]: the pure topology engine (who peers with whom, over which uplinks).
 
+pub mod admin;
+pub mod api;
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod health;

@@ -43,6 +43,24 @@ enum Command {
         #[command(subcommand)]
         action: MigrateAction,
     },
+    /// First-run administration.
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Create an MSP and its first admin; reads the password from standard input.
+    Create {
+        /// Name of the new MSP.
+        #[arg(long)]
+        msp: String,
+        /// E-mail address (login) of its first admin.
+        #[arg(long)]
+        email: String,
+    },
 }
 
 #[derive(Subcommand, Clone, Copy)]
@@ -80,7 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen: *listen,
             migrate_on_start: migrate.then_some(true),
         },
-        Command::Migrate { .. } => Overrides::default(),
+        Command::Migrate { .. } | Command::Admin { .. } => Overrides::default(),
     };
     let config = ControllerConfig::load(cli.config.as_deref(), &overrides)?;
     init_tracing(&config);
@@ -102,6 +120,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let state = AppState::connect(&config).await?;
             server::serve(config, state).await?;
             tracing::info!("controller stopped");
+        }
+        Command::Admin {
+            action: AdminAction::Create { msp, email },
+        } => {
+            let password = read_password()?;
+            let pool = patronus_controller::db::pool(&config.database.url, 1)?;
+            let created =
+                patronus_controller::admin::create_msp(&pool, &msp, &email, &password).await?;
+            println!(
+                "created MSP {msp:?} ({}) with admin {email} ({})",
+                created.msp_id, created.operator_id
+            );
         }
         Command::Migrate { action } => {
             let url = owner_url(&config)?;
@@ -134,6 +164,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The password, from standard input (one line). Never echoed back or logged.
+fn read_password() -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    if std::io::stdin().is_terminal() {
+        eprint!("password for the new admin (input is visible; pipe it in to avoid that): ");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    let password = line.trim_end_matches(['\n', '\r']).to_owned();
+    patronus_controller::auth::check_password_policy(&password)?;
+    Ok(password)
 }
 
 fn main() -> ExitCode {

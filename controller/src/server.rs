@@ -1,12 +1,16 @@
 //! The HTTP server: shared state, the actix-web application, and its lifecycle (graceful
 //! shutdown on SIGINT/SIGTERM, in-flight requests get `http.shutdown_grace_s`).
 
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::{middleware, web, App, HttpServer};
 use tokio::sync::OnceCell;
 
-use crate::config::{redact_url, ControllerConfig};
+use crate::auth::SessionKeys;
+use crate::config::{redact_url, AuthConfig, ControllerConfig};
 use crate::db::{self, DbError, DbPool};
 use crate::health;
+
+/// Core NATS subject on which replicas signal that a tenant's intents need recompiling.
+pub const INTENTS_CHANGED_SUBJECT: &str = "patronus.internal.intents-changed";
 
 /// What every request handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -15,6 +19,8 @@ pub struct AppState {
     redis_client: redis::Client,
     redis_conn: std::sync::Arc<OnceCell<redis::aio::ConnectionManager>>,
     pub nats: async_nats::Client,
+    pub session_keys: SessionKeys,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +31,8 @@ pub enum StartError {
     Redis(#[from] redis::RedisError),
     #[error("nats: {0}")]
     Nats(String),
+    #[error("auth.session_secret: {0}")]
+    SessionSecret(#[from] crate::auth::AuthError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -50,7 +58,21 @@ impl AppState {
             redis_client,
             redis_conn: Default::default(),
             nats,
+            session_keys: SessionKeys::from_base64(&config.auth.session_secret.0)?,
+            auth: config.auth.clone(),
         })
+    }
+
+    /// Tell the intent publisher (whichever replica holds its lease) that something affecting
+    /// this tenant's intents changed. Best effort: the publisher also reconciles periodically.
+    pub async fn intents_changed(&self, tenant: patronus_proto::TenantId) {
+        if let Err(e) = self
+            .nats
+            .publish(INTENTS_CHANGED_SUBJECT, tenant.to_string().into())
+            .await
+        {
+            tracing::warn!(tenant = %tenant, error = %e, "could not signal an intent change; the periodic reconcile will pick it up");
+        }
     }
 
     /// The shared Redis connection (reconnects by itself once established).
@@ -62,16 +84,10 @@ impl AppState {
     }
 }
 
-/// Any path we do not serve gets the standard JSON error.
-async fn not_found() -> HttpResponse {
-    HttpResponse::NotFound().json(serde_json::json!({
-        "error": "not_found",
-        "detail": "no such endpoint; see /api/v1/openapi.json once the API is served",
-    }))
-}
-
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(health::healthz).service(health::readyz);
+    cfg.service(health::healthz)
+        .service(health::readyz)
+        .configure(crate::api::configure);
 }
 
 /// Serve until SIGINT/SIGTERM.
@@ -80,9 +96,10 @@ pub async fn serve(config: ControllerConfig, state: AppState) -> Result<(), Star
     let data = web::Data::new(state);
     let server = HttpServer::new(move || {
         App::new()
+            .wrap(middleware::from_fn(crate::api::request_id))
             .app_data(data.clone())
             .configure(configure)
-            .default_service(web::to(not_found))
+            .default_service(web::to(crate::api::not_found))
     })
     .shutdown_timeout(config.shutdown_grace().as_secs())
     .bind(addr)

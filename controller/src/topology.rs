@@ -89,8 +89,13 @@ pub enum TopologyError {
     UnknownSite { list: &'static str, site: SiteId },
     #[error("{mode} needs at least one hub in hub_sites")]
     NoHubs { mode: &'static str },
-    #[error("spoke {spoke} finds no hub with room under max_peers {max_peers}; add hubs, raise max_peers or exempt hubs")]
-    HubsFull { spoke: SiteId, max_peers: usize },
+    #[error("spoke {spoke} finds {found} of the {needed} hubs it needs with room under max_peers {max_peers}; add hubs, raise max_peers or exempt hubs from it")]
+    HubsFull {
+        spoke: SiteId,
+        found: usize,
+        needed: usize,
+        max_peers: usize,
+    },
     #[error("a full mesh of {members} sites gives each {needed} peers, above max_peers {max_peers}; raise max_peers or use hub_and_spoke or hybrid")]
     MeshExceedsMaxPeers {
         members: usize,
@@ -324,9 +329,13 @@ pub fn compute(
             .collect();
         ranked.sort_by_key(|&(distance, load, rank, hub)| (distance, load, rank, hub.id));
         let chosen: Vec<SiteId> = ranked.iter().take(per_spoke).map(|r| r.3.id).collect();
-        if chosen.is_empty() && !hub_list.is_empty() {
+        // Redundancy is part of the contract: a spoke gets all the hubs it should, or the
+        // configuration is refused, never silently a single point of failure.
+        if chosen.len() < per_spoke {
             return Err(TopologyError::HubsFull {
                 spoke: spoke.id,
+                found: chosen.len(),
+                needed: per_spoke,
                 max_peers: settings.max_peers,
             });
         }

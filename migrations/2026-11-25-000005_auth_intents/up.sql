@@ -51,10 +51,10 @@ $$;
 
 -- Login: the operator with this e-mail (case-insensitive), if any.
 CREATE FUNCTION patronus_operator_for_login(login_email text)
-    RETURNS TABLE (id uuid, msp_id uuid, tenant_id uuid, role text, password_hash text, disabled boolean)
+    RETURNS TABLE (id uuid, msp_id uuid, tenant_id uuid, email text, role text, password_hash text, disabled boolean)
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public, pg_temp
 AS $$
-    SELECT o.id, o.msp_id, o.tenant_id, o.role, o.password_hash, o.disabled_at IS NOT NULL
+    SELECT o.id, o.msp_id, o.tenant_id, o.email, o.role, o.password_hash, o.disabled_at IS NOT NULL
     FROM operators o WHERE lower(o.email) = lower(login_email)
 $$;
 

@@ -21,6 +21,7 @@ pub struct TestEnv {
     pub database_owner_url: String,
     pub redis_url: String,
     pub nats_url: String,
+    pub session_secret: String,
 }
 
 fn parse_env_file(text: &str) -> HashMap<String, String> {
@@ -50,6 +51,7 @@ impl TestEnv {
             database_owner_url: get("PATRONUS_DATABASE_OWNER_URL")?,
             redis_url: get("PATRONUS_REDIS_URL")?,
             nats_url: get("PATRONUS_NATS_URL")?,
+            session_secret: get("PATRONUS_SESSION_SECRET")?,
         })
     }
 }
@@ -106,14 +108,25 @@ impl TestDatabase {
     }
 
     /// Drop the database (call at the end of a test; leftovers are swept after an hour).
+    ///
+    /// Connections the test dropped close asynchronously, and the owner role may not terminate
+    /// the application role's sessions, so this retries for a few seconds until they are gone.
     pub async fn drop_now(self) -> anyhow::Result<()> {
         let mut admin = AsyncPgConnection::establish(&self.admin_url).await?;
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await?;
+        let sql = format!("DROP DATABASE IF EXISTS {}", self.name);
+        for attempt in 0.. {
+            match admin.batch_execute(&sql).await {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if attempt < 100 && e.to_string().contains("being accessed by other users") =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("dropping test database {}", self.name));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -141,10 +154,7 @@ async fn sweep_stale(admin: &mut AsyncPgConnection, now: u64) {
             .and_then(|secs| secs.parse::<u64>().ok());
         if created.is_some_and(|t| now.saturating_sub(t) > STALE_AFTER_S) {
             let _ = admin
-                .batch_execute(&format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    db.datname
-                ))
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {}", db.datname))
                 .await;
         }
     }

@@ -6,6 +6,7 @@
 //! that forgets a `WHERE tenant_id = ...` still sees only its own tenant's rows.
 
 pub mod migrations;
+pub mod schema;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,0 +1,137 @@
+//! The REST API under `/api/v1`.
+//!
+//! Every route is mounted twice: at `/api/v1/...` (the caller's own tenant, or the one named
+//! in `X-Patronus-Tenant`) and at `/api/v1/tenants/{tenant}/...` (an MSP admin naming the
+//! tenant in the path). Modules:
+//! - [`error`]: the `{"error", "detail"}` error shape and how database errors map to it.
+//! - [`context`]: authentication, tenant resolution, scoped transactions, audit, pagination,
+//!   rate limits.
+//! - [`session`]: login, refresh, logout, me.
+//! - [`tenants`], [`operators`], [`tokens`]: MSP and tenant administration.
+//! - [`sites`], [`policies`], [`audit`]: the tenant's network and its history.
+
+pub mod audit;
+pub mod context;
+pub mod error;
+pub mod operators;
+pub mod policies;
+pub mod session;
+pub mod sites;
+pub mod tenants;
+pub mod tokens;
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{web, HttpMessage};
+use tracing::Instrument;
+
+use context::{RequestId, REQUEST_ID_HEADER};
+use error::ApiError;
+
+/// Largest JSON body accepted.
+pub const MAX_JSON_BYTES: usize = 256 * 1024;
+
+/// Give every request an id (the client's `X-Request-Id` if sane, else a new one), log it on
+/// every line of the request, and echo it in the response.
+pub async fn request_id(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.path());
+    let mut response = next.call(req).instrument(span).await?.map_into_boxed_body();
+    if response.status() == actix_web::http::StatusCode::METHOD_NOT_ALLOWED {
+        // actix answers an unrouted method with an empty body; give it the API's error shape.
+        let (request, _) = response.into_parts();
+        let error = ApiError::new(
+            actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this endpoint does not take that method",
+        );
+        response = ServiceResponse::new(request, actix_web::ResponseError::error_response(&error));
+    }
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), value);
+    }
+    Ok(response)
+}
+
+/// Any path or method the API does not serve.
+pub async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::not_found("endpoint (or method) under /api/v1"))
+}
+
+fn json_config() -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(MAX_JSON_BYTES)
+        .error_handler(|err, _req| {
+            let detail = match &err {
+                actix_web::error::JsonPayloadError::ContentType => {
+                    "send Content-Type: application/json".to_owned()
+                }
+                actix_web::error::JsonPayloadError::Overflow { limit }
+                | actix_web::error::JsonPayloadError::OverflowKnownLength { limit, .. } => {
+                    format!("body is over {limit} bytes")
+                }
+                other => other.to_string(),
+            };
+            ApiError::bad_request("invalid_body", detail).into()
+        })
+}
+
+fn query_config() -> web::QueryConfig {
+    web::QueryConfig::default()
+        .error_handler(|err, _req| ApiError::bad_request("invalid_query", err.to_string()).into())
+}
+
+fn path_config() -> web::PathConfig {
+    // A malformed id cannot name anything that exists.
+    web::PathConfig::default().error_handler(|_err, _req| ApiError::not_found("resource").into())
+}
+
+/// Routes that act within one tenant (or, for an MSP admin naming none, at the MSP level).
+fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(session::me)
+        .service(session::logout)
+        .configure(operators::routes)
+        .configure(tokens::routes)
+        .configure(sites::routes)
+        .configure(policies::routes)
+        .configure(audit::routes);
+}
+
+/// Mount the API.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(json_config())
+        .app_data(query_config())
+        .app_data(path_config())
+        .service(
+            web::scope("/api/v1")
+                .service(session::login)
+                .service(session::refresh)
+                .service(
+                    web::scope("/tenants/{tenant}")
+                        .configure(tenants::item_routes)
+                        .configure(routes)
+                        .default_service(web::to(not_found)),
+                )
+                .configure(tenants::collection_routes)
+                .configure(routes)
+                .default_service(web::to(not_found)),
+        );
+}

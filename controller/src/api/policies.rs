@@ -1,0 +1,544 @@
+//! Policies: routing, QoS, security and cost, as `patronus-proto` defines them.
+//!
+//! - `GET|POST /policies`, `GET|PUT|DELETE /policies/{id}`
+//!
+//! The body names the policy (`name`, `kind`, `priority`, `enabled`, `site_ids`) and carries
+//! the kind's own fields in `spec`. The controller compiles `spec` with the same types and
+//! validation the edge uses, so a policy the edge would refuse (a reversed port range, ports
+//! with ICMP, an unknown field) is refused here with 422 and the field named.
+
+use actix_web::{web, HttpResponse};
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use patronus_proto::policy::{CostPolicy, QosPolicy, RoutingPolicy, SecurityPolicy};
+use patronus_proto::PolicyId;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::context::{record_audit, Ctx};
+use super::error::{ApiError, ApiResult};
+use super::tenants::check_name;
+use crate::db::schema::{policies, sites};
+
+#[derive(Queryable, Selectable, Serialize, Debug, Clone)]
+#[diesel(table_name = policies)]
+pub struct PolicyRow {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub name: String,
+    pub kind: String,
+    pub priority: i32,
+    pub enabled: bool,
+    pub spec: Value,
+    pub site_ids: Option<Vec<Uuid>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    Routing,
+    Qos,
+    Security,
+    Cost,
+}
+
+impl PolicyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Routing => "routing",
+            PolicyKind::Qos => "qos",
+            PolicyKind::Security => "security",
+            PolicyKind::Cost => "cost",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            PolicyKind::Routing,
+            PolicyKind::Qos,
+            PolicyKind::Security,
+            PolicyKind::Cost,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == text)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyBody {
+    pub name: String,
+    pub kind: PolicyKind,
+    #[serde(default = "default_priority")]
+    pub priority: u16,
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
+    /// Sites it applies to; absent means every site of the tenant.
+    pub site_ids: Option<Vec<Uuid>>,
+    pub spec: Value,
+}
+
+fn default_priority() -> u16 {
+    100
+}
+
+fn default_enabled() -> bool {
+    true
+}
+
+/// A policy compiled into its proto type.
+#[derive(Debug, Clone)]
+pub enum CompiledPolicy {
+    Routing(RoutingPolicy),
+    Qos(QosPolicy),
+    Security(SecurityPolicy),
+    Cost(CostPolicy),
+}
+
+/// Keys of `spec` that the typed policy did not use (so a misspelt field is refused, not
+/// silently ignored). Keys with null or empty values are allowed to be dropped.
+fn unknown_keys(input: &Value, parsed: &Value, path: &str, out: &mut Vec<String>) {
+    if let (Value::Object(given), Value::Object(kept)) = (input, parsed) {
+        for (key, value) in given {
+            let here = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            match kept.get(key) {
+                Some(next) => unknown_keys(value, next, &here, out),
+                None => {
+                    let empty = value.is_null()
+                        || value.as_array().is_some_and(Vec::is_empty)
+                        || value.as_object().is_some_and(Map::is_empty);
+                    if !empty {
+                        out.push(here);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Compile a stored or submitted policy into its proto type, validated.
+pub fn compile(
+    id: Uuid,
+    name: &str,
+    kind: PolicyKind,
+    priority: u16,
+    enabled: bool,
+    spec: &Value,
+) -> ApiResult<CompiledPolicy> {
+    let Value::Object(fields) = spec else {
+        return Err(ApiError::unprocessable(
+            "invalid_policy",
+            "spec must be a JSON object",
+        ));
+    };
+    for reserved in ["id", "name", "priority", "enabled"] {
+        if fields.contains_key(reserved) {
+            return Err(ApiError::unprocessable(
+                "invalid_policy",
+                format!(
+                    "spec.{reserved}: give {reserved} at the top level of the policy, not in spec"
+                ),
+            ));
+        }
+    }
+    let mut full = fields.clone();
+    full.insert("id".into(), Value::String(id.to_string()));
+    full.insert("name".into(), Value::String(name.to_owned()));
+    if kind == PolicyKind::Qos && priority > u16::from(u8::MAX) {
+        return Err(ApiError::unprocessable(
+            "invalid_policy",
+            "priority of a qos policy is 0-255",
+        ));
+    }
+    if kind != PolicyKind::Cost {
+        full.insert("priority".into(), Value::from(priority));
+    }
+    if kind == PolicyKind::Routing {
+        full.insert("enabled".into(), Value::Bool(enabled));
+    }
+    let full = Value::Object(full);
+    let shape =
+        |e: serde_json::Error| ApiError::unprocessable("invalid_policy", format!("spec: {e}"));
+    let invalid = |e: patronus_proto::codec::ValidationError| {
+        let field = e
+            .field
+            .strip_prefix("policy.")
+            .unwrap_or(&e.field)
+            .to_owned();
+        ApiError::unprocessable("invalid_policy", format!("spec.{field}: {}", e.problem))
+    };
+    let (compiled, reparsed) = match kind {
+        PolicyKind::Routing => {
+            let p: RoutingPolicy = serde_json::from_value(full.clone()).map_err(shape)?;
+            p.validate("policy").map_err(invalid)?;
+            let v = serde_json::to_value(&p).map_err(ApiError::internal)?;
+            (CompiledPolicy::Routing(p), v)
+        }
+        PolicyKind::Qos => {
+            let p: QosPolicy = serde_json::from_value(full.clone()).map_err(shape)?;
+            p.validate("policy").map_err(invalid)?;
+            let v = serde_json::to_value(&p).map_err(ApiError::internal)?;
+            (CompiledPolicy::Qos(p), v)
+        }
+        PolicyKind::Security => {
+            let p: SecurityPolicy = serde_json::from_value(full.clone()).map_err(shape)?;
+            p.validate("policy").map_err(invalid)?;
+            let v = serde_json::to_value(&p).map_err(ApiError::internal)?;
+            (CompiledPolicy::Security(p), v)
+        }
+        PolicyKind::Cost => {
+            let p: CostPolicy = serde_json::from_value(full.clone()).map_err(shape)?;
+            p.validate("policy").map_err(invalid)?;
+            let v = serde_json::to_value(&p).map_err(ApiError::internal)?;
+            (CompiledPolicy::Cost(p), v)
+        }
+    };
+    let mut unknown = Vec::new();
+    unknown_keys(&full, &reparsed, "", &mut unknown);
+    if !unknown.is_empty() {
+        return Err(ApiError::unprocessable(
+            "invalid_policy",
+            format!("spec has unknown fields: {}", unknown.join(", ")),
+        ));
+    }
+    Ok(compiled)
+}
+
+impl CompiledPolicy {
+    pub fn id(&self) -> PolicyId {
+        match self {
+            CompiledPolicy::Routing(p) => p.id,
+            CompiledPolicy::Qos(p) => p.id,
+            CompiledPolicy::Security(p) => p.id,
+            CompiledPolicy::Cost(p) => p.id,
+        }
+    }
+}
+
+fn check_body(body: &PolicyBody) -> ApiResult<()> {
+    check_name("name", &body.name)?;
+    if body.site_ids.as_ref().is_some_and(|s| s.len() > 10_000) {
+        return Err(ApiError::unprocessable(
+            "invalid_value",
+            "site_ids: at most 10000 sites",
+        ));
+    }
+    Ok(())
+}
+
+async fn check_sites_exist(
+    conn: &mut diesel_async::AsyncPgConnection,
+    site_ids: &Option<Vec<Uuid>>,
+) -> ApiResult<()> {
+    if let Some(ids) = site_ids {
+        let mut unique = ids.clone();
+        unique.sort();
+        unique.dedup();
+        let found: i64 = sites::table
+            .filter(sites::id.eq_any(&unique))
+            .count()
+            .get_result(conn)
+            .await?;
+        if found != unique.len() as i64 {
+            return Err(ApiError::unprocessable(
+                "invalid_reference",
+                "site_ids names a site that does not exist in this tenant",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyQuery {
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+    pub kind: Option<PolicyKind>,
+}
+
+async fn list(ctx: Ctx, query: web::Query<PolicyQuery>) -> ApiResult<HttpResponse> {
+    let query = query.into_inner();
+    let page = super::context::Page::parse(query.limit, query.cursor.as_deref())?;
+    let rows = ctx
+        .tenant_tx(move |conn| {
+            Box::pin(async move {
+                let mut q = policies::table.select(PolicyRow::as_select()).into_boxed();
+                if let Some(kind) = query.kind {
+                    q = q.filter(policies::kind.eq(kind.as_str()));
+                }
+                if let Some((at, id)) = page.after {
+                    q = q.filter(
+                        policies::created_at
+                            .gt(at)
+                            .or(policies::created_at.eq(at).and(policies::id.gt(id))),
+                    );
+                }
+                Ok(q.order((policies::created_at, policies::id))
+                    .limit(page.limit + 1)
+                    .load::<PolicyRow>(conn)
+                    .await?)
+            })
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(page.finish(rows, |p| (p.created_at, p.id))))
+}
+
+async fn create(ctx: Ctx, body: web::Json<PolicyBody>) -> ApiResult<HttpResponse> {
+    ctx.require_write()?;
+    let tenant = ctx.tenant()?;
+    let body = body.into_inner();
+    check_body(&body)?;
+    let id = Uuid::new_v4();
+    compile(
+        id,
+        &body.name,
+        body.kind,
+        body.priority,
+        body.enabled,
+        &body.spec,
+    )?;
+    let audit = ctx.audit(
+        "policy.create",
+        "policy",
+        id,
+        serde_json::json!({ "name": body.name, "kind": body.kind, "priority": body.priority, "enabled": body.enabled, "spec": body.spec }),
+    );
+    let row = ctx
+        .tenant_tx(move |conn| {
+            Box::pin(async move {
+                check_sites_exist(conn, &body.site_ids).await?;
+                let row = diesel::insert_into(policies::table)
+                    .values((
+                        policies::id.eq(id),
+                        policies::tenant_id.eq(tenant.0),
+                        policies::name.eq(&body.name),
+                        policies::kind.eq(body.kind.as_str()),
+                        policies::priority.eq(i32::from(body.priority)),
+                        policies::enabled.eq(body.enabled),
+                        policies::spec.eq(&body.spec),
+                        policies::site_ids.eq(&body.site_ids),
+                    ))
+                    .returning(PolicyRow::as_returning())
+                    .get_result(conn)
+                    .await?;
+                record_audit(conn, audit).await?;
+                Ok(row)
+            })
+        })
+        .await?;
+    ctx.state.intents_changed(tenant).await;
+    Ok(HttpResponse::Created().json(row))
+}
+
+async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
+    let id = id.into_inner();
+    let row = ctx
+        .tenant_tx(move |conn| {
+            Box::pin(async move {
+                Ok(policies::table
+                    .find(id)
+                    .select(PolicyRow::as_select())
+                    .first(conn)
+                    .await
+                    .optional()?)
+            })
+        })
+        .await?;
+    row.map(|p| HttpResponse::Ok().json(p))
+        .ok_or_else(|| ApiError::not_found("policy"))
+}
+
+async fn replace(
+    ctx: Ctx,
+    id: web::Path<Uuid>,
+    body: web::Json<PolicyBody>,
+) -> ApiResult<HttpResponse> {
+    ctx.require_write()?;
+    let tenant = ctx.tenant()?;
+    let id = id.into_inner();
+    let body = body.into_inner();
+    check_body(&body)?;
+    compile(
+        id,
+        &body.name,
+        body.kind,
+        body.priority,
+        body.enabled,
+        &body.spec,
+    )?;
+    let audit = ctx.audit(
+        "policy.update",
+        "policy",
+        id,
+        serde_json::json!({ "name": body.name, "kind": body.kind, "priority": body.priority, "enabled": body.enabled, "spec": body.spec }),
+    );
+    let row = ctx
+        .tenant_tx(move |conn| {
+            Box::pin(async move {
+                check_sites_exist(conn, &body.site_ids).await?;
+                let row = diesel::update(policies::table.find(id))
+                    .set((
+                        policies::name.eq(&body.name),
+                        policies::kind.eq(body.kind.as_str()),
+                        policies::priority.eq(i32::from(body.priority)),
+                        policies::enabled.eq(body.enabled),
+                        policies::spec.eq(&body.spec),
+                        policies::site_ids.eq(&body.site_ids),
+                        policies::updated_at.eq(diesel::dsl::now),
+                    ))
+                    .returning(PolicyRow::as_returning())
+                    .get_result(conn)
+                    .await
+                    .optional()?
+                    .ok_or_else(|| ApiError::not_found("policy"))?;
+                record_audit(conn, audit).await?;
+                Ok(row)
+            })
+        })
+        .await?;
+    ctx.state.intents_changed(tenant).await;
+    Ok(HttpResponse::Ok().json(row))
+}
+
+async fn delete(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
+    ctx.require_write()?;
+    let tenant = ctx.tenant()?;
+    let id = id.into_inner();
+    let audit = ctx.audit("policy.delete", "policy", id, serde_json::json!({}));
+    let n = ctx
+        .tenant_tx(move |conn| {
+            Box::pin(async move {
+                let n = diesel::delete(policies::table.find(id))
+                    .execute(conn)
+                    .await?;
+                if n > 0 {
+                    record_audit(conn, audit).await?;
+                }
+                Ok(n)
+            })
+        })
+        .await?;
+    if n == 0 {
+        return Err(ApiError::not_found("policy"));
+    }
+    ctx.state.intents_changed(tenant).await;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/policies").get(list).post(create))
+        .service(
+            web::resource("/policies/{id}")
+                .get(get)
+                .put(replace)
+                .delete(delete),
+        );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn voip() -> Value {
+        json!({
+            "match": { "protocol": "udp", "dst_ports": [{ "start": 5060, "end": 5061 }] },
+            "app_class": "voip",
+            "path_preference": { "kind": "lowest_latency" },
+            "sla": { "max_latency_ms": 150.0 }
+        })
+    }
+
+    #[test]
+    fn a_routing_policy_compiles() {
+        let compiled =
+            compile(Uuid::nil(), "VoIP", PolicyKind::Routing, 200, true, &voip()).unwrap();
+        assert!(
+            matches!(compiled, CompiledPolicy::Routing(p) if p.priority == 200 && p.app_class.0 == "voip")
+        );
+    }
+
+    #[test]
+    fn bad_policies_name_the_field() {
+        let mut reversed = voip();
+        reversed["match"]["dst_ports"] = json!([{ "start": 9, "end": 1 }]);
+        let err = compile(Uuid::nil(), "x", PolicyKind::Routing, 1, true, &reversed).unwrap_err();
+        assert!(
+            err.detail.contains("spec.routing") || err.detail.contains("dst_ports"),
+            "{}",
+            err.detail
+        );
+
+        let mut misspelt = voip();
+        misspelt["match"]["dst_prots"] = json!([1]);
+        let err = compile(Uuid::nil(), "x", PolicyKind::Routing, 1, true, &misspelt).unwrap_err();
+        assert!(err.detail.contains("match.dst_prots"), "{}", err.detail);
+
+        let mut icmp_ports = voip();
+        icmp_ports["match"]["protocol"] = json!("icmp");
+        assert!(compile(Uuid::nil(), "x", PolicyKind::Routing, 1, true, &icmp_ports).is_err());
+
+        let mut reserved = voip();
+        reserved["priority"] = json!(5);
+        assert!(compile(Uuid::nil(), "x", PolicyKind::Routing, 1, true, &reserved).is_err());
+
+        assert!(compile(
+            Uuid::nil(),
+            "x",
+            PolicyKind::Routing,
+            1,
+            true,
+            &json!([1, 2])
+        )
+        .is_err());
+        assert!(compile(
+            Uuid::nil(),
+            "x",
+            PolicyKind::Qos,
+            1,
+            true,
+            &json!({ "classes": [] })
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn other_kinds_compile() {
+        assert!(compile(
+            Uuid::nil(),
+            "q",
+            PolicyKind::Qos,
+            1,
+            true,
+            &json!({ "classes": ["voip"], "dscp": 46 })
+        )
+        .is_ok());
+        assert!(compile(
+            Uuid::nil(),
+            "s",
+            PolicyKind::Security,
+            1,
+            true,
+            &json!({ "action": "deny" })
+        )
+        .is_ok());
+        assert!(compile(
+            Uuid::nil(),
+            "c",
+            PolicyKind::Cost,
+            1,
+            true,
+            &json!({ "max_cost_per_gb": 0.05, "prefer_unmetered": true })
+        )
+        .is_ok());
+    }
+}

@@ -1,0 +1,594 @@
+//! Sites and their uplinks.
+//!
+//! - `GET|POST /sites`, `GET|PATCH|DELETE /sites/{id}`
+//!
+//! A site gets its overlay address from the tenant's overlay network when it is created. LAN
+//! prefixes must be network addresses and must not overlap another site's, or routing between
+//! them would be ambiguous. Every change marks the tenant's intents for recompilation.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use actix_web::{web, HttpResponse};
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use ipnet::IpNet;
+use patronus_proto::intent::MAX_UPLINKS;
+use patronus_proto::policy::LinkKind;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::context::{record_audit, Ctx};
+use super::error::{ApiError, ApiResult};
+use super::tenants::check_name;
+use crate::db::schema::{endpoints, sites, tenants};
+
+#[derive(Queryable, Selectable, Serialize, Debug, Clone)]
+#[diesel(table_name = sites)]
+pub struct SiteRow {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub name: String,
+    pub region: Option<String>,
+    pub role: String,
+    pub status: String,
+    pub wg_public_key: Option<String>,
+    pub overlay_address: Option<IpNet>,
+    pub lan_prefixes: Vec<IpNet>,
+    pub listen_port_base: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub enrolled_at: Option<DateTime<Utc>>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Queryable, Selectable, Serialize, Debug, Clone)]
+#[diesel(table_name = endpoints)]
+pub struct UplinkRow {
+    pub id: Uuid,
+    pub site_id: Uuid,
+    pub uplink_index: i16,
+    pub name: String,
+    pub address: IpNet,
+    pub interface_type: String,
+    pub bandwidth_mbps: Option<i32>,
+    pub cost_per_gb: f64,
+    pub metered: bool,
+}
+
+#[derive(Serialize)]
+pub struct Site {
+    #[serde(flatten)]
+    pub site: SiteRow,
+    pub uplinks: Vec<UplinkRow>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteRole {
+    Edge,
+    Hub,
+}
+
+impl SiteRole {
+    fn as_str(self) -> &'static str {
+        match self {
+            SiteRole::Edge => "edge",
+            SiteRole::Hub => "hub",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUplink {
+    pub name: String,
+    pub address: IpAddr,
+    pub interface_type: LinkKind,
+    pub bandwidth_mbps: Option<u32>,
+    #[serde(default)]
+    pub cost_per_gb: f64,
+    #[serde(default)]
+    pub metered: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSite {
+    pub name: String,
+    pub region: Option<String>,
+    pub role: Option<SiteRole>,
+    #[serde(default)]
+    pub lan_prefixes: Vec<IpNet>,
+    pub listen_port_base: Option<u16>,
+    #[serde(default)]
+    pub uplinks: Vec<CreateUplink>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSite {
+    pub name: Option<String>,
+    /// An empty string clears the region.
+    pub region: Option<String>,
+    pub role: Option<SiteRole>,
+    pub lan_prefixes: Option<Vec<IpNet>>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SiteQuery {
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+    pub status: Option<String>,
+    pub region: Option<String>,
+}
+
+const SITE_STATUSES: [&str; 5] = ["pending", "active", "inactive", "degraded", "revoked"];
+/// Most LAN prefixes per site (the intent's limit).
+const MAX_LAN_PREFIXES: usize = patronus_proto::intent::MAX_PREFIXES;
+
+fn link_kind_str(kind: LinkKind) -> &'static str {
+    match kind {
+        LinkKind::Fiber => "fiber",
+        LinkKind::Cable => "cable",
+        LinkKind::Dsl => "dsl",
+        LinkKind::Ethernet => "ethernet",
+        LinkKind::Mpls => "mpls",
+        LinkKind::Lte => "lte",
+        LinkKind::FiveG => "five_g",
+        LinkKind::Starlink => "starlink",
+        LinkKind::Satellite => "satellite",
+        LinkKind::Other => "other",
+    }
+}
+
+/// The first host address of `network` not in `used` (skipping the network address itself).
+pub fn allocate_overlay(network: IpNet, used: &HashSet<IpAddr>) -> Option<IpAddr> {
+    network
+        .hosts()
+        .filter(|a| *a != network.network())
+        .find(|a| !used.contains(a))
+}
+
+fn check_region(region: &str) -> ApiResult<()> {
+    let ok = !region.is_empty()
+        && region.len() <= 64
+        && region
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::unprocessable(
+            "invalid_value",
+            "region must be 1-64 characters of letters, digits, - and _ (e.g. us-east)",
+        ))
+    }
+}
+
+fn check_lan_prefixes(prefixes: &[IpNet], overlay: IpNet) -> ApiResult<()> {
+    if prefixes.len() > MAX_LAN_PREFIXES {
+        return Err(ApiError::unprocessable(
+            "invalid_value",
+            format!("at most {MAX_LAN_PREFIXES} LAN prefixes per site"),
+        ));
+    }
+    for (i, p) in prefixes.iter().enumerate() {
+        if p.trunc() != *p {
+            return Err(ApiError::unprocessable(
+                "invalid_value",
+                format!(
+                    "lan_prefixes[{i}]: {p} has host bits set; did you mean {}?",
+                    p.trunc()
+                ),
+            ));
+        }
+        if p.contains(&overlay.network()) || overlay.contains(&p.network()) {
+            return Err(ApiError::unprocessable(
+                "invalid_value",
+                format!("lan_prefixes[{i}]: {p} overlaps the tenant's overlay network {overlay}"),
+            ));
+        }
+        for q in &prefixes[i + 1..] {
+            if p.contains(&q.network()) || q.contains(&p.network()) {
+                return Err(ApiError::unprocessable(
+                    "invalid_value",
+                    format!("lan_prefixes: {p} overlaps {q}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuse prefixes that overlap another site's LAN in the same tenant.
+async fn check_no_lan_conflict(
+    conn: &mut AsyncPgConnection,
+    site: Option<Uuid>,
+    prefixes: &[IpNet],
+) -> ApiResult<()> {
+    let mut query = sites::table
+        .select((sites::name, sites::lan_prefixes))
+        .into_boxed();
+    if let Some(site) = site {
+        query = query.filter(sites::id.ne(site));
+    }
+    let others: Vec<(String, Vec<IpNet>)> = query.load(conn).await?;
+    for (name, theirs) in others {
+        for p in prefixes {
+            if let Some(q) = theirs
+                .iter()
+                .find(|q| p.contains(&q.network()) || q.contains(&p.network()))
+            {
+                return Err(ApiError::conflict(format!(
+                    "{p} overlaps {q} of site {name:?}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn load_site(conn: &mut AsyncPgConnection, id: Uuid) -> ApiResult<Option<Site>> {
+    let Some(site) = sites::table
+        .find(id)
+        .select(SiteRow::as_select())
+        .first(conn)
+        .await
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let uplinks = endpoints::table
+        .filter(endpoints::site_id.eq(id))
+        .order(endpoints::uplink_index)
+        .select(UplinkRow::as_select())
+        .load(conn)
+        .await?;
+    Ok(Some(Site { site, uplinks }))
+}
+
+async fn list(ctx: Ctx, query: web::Query<SiteQuery>) -> ApiResult<HttpResponse> {
+    let query = query.into_inner();
+    let page = super::context::Page::parse(query.limit, query.cursor.as_deref())?;
+    if let Some(status) = &query.status {
+        if !SITE_STATUSES.contains(&status.as_str()) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("status must be one of {}", SITE_STATUSES.join(", ")),
+            ));
+        }
+    }
+    let sites = ctx
+        .tenant_tx(move |conn| {
+            Box::pin(async move {
+                let mut q = sites::table.select(SiteRow::as_select()).into_boxed();
+                if let Some(status) = query.status {
+                    q = q.filter(sites::status.eq(status));
+                }
+                if let Some(region) = query.region {
+                    q = q.filter(sites::region.eq(region));
+                }
+                if let Some((at, id)) = page.after {
+                    q = q.filter(
+                        sites::created_at
+                            .gt(at)
+                            .or(sites::created_at.eq(at).and(sites::id.gt(id))),
+                    );
+                }
+                let rows: Vec<SiteRow> = q
+                    .order((sites::created_at, sites::id))
+                    .limit(page.limit + 1)
+                    .load(conn)
+                    .await?;
+                let ids: Vec<Uuid> = rows.iter().map(|s| s.id).collect();
+                let uplinks: Vec<UplinkRow> = endpoints::table
+                    .filter(endpoints::site_id.eq_any(&ids))
+                    .order((endpoints::site_id, endpoints::uplink_index))
+                    .select(UplinkRow::as_select())
+                    .load(conn)
+                    .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|site| {
+                        let mine = uplinks
+                            .iter()
+                            .filter(|u| u.site_id == site.id)
+                            .cloned()
+                            .collect();
+                        Site {
+                            site,
+                            uplinks: mine,
+                        }
+                    })
+                    .collect::<Vec<_>>())
+            })
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(page.finish(sites, |s| (s.site.created_at, s.site.id))))
+}
+
+async fn create(ctx: Ctx, body: web::Json<CreateSite>) -> ApiResult<HttpResponse> {
+    ctx.require_write()?;
+    let tenant = ctx.tenant()?;
+    let body = body.into_inner();
+    check_name("name", &body.name)?;
+    if let Some(region) = &body.region {
+        check_region(region)?;
+    }
+    if body.uplinks.len() > usize::from(MAX_UPLINKS) {
+        return Err(ApiError::unprocessable(
+            "invalid_value",
+            format!("at most {MAX_UPLINKS} uplinks per site"),
+        ));
+    }
+    let mut uplink_names = HashSet::new();
+    for (i, uplink) in body.uplinks.iter().enumerate() {
+        check_name(&format!("uplinks[{i}].name"), &uplink.name)?;
+        if !uplink_names.insert(uplink.name.as_str()) {
+            return Err(ApiError::unprocessable(
+                "invalid_value",
+                format!("uplinks[{i}].name repeats {:?}", uplink.name),
+            ));
+        }
+        if !(uplink.cost_per_gb.is_finite() && uplink.cost_per_gb >= 0.0) {
+            return Err(ApiError::unprocessable(
+                "invalid_value",
+                format!("uplinks[{i}].cost_per_gb must be 0 or more"),
+            ));
+        }
+        if uplink.bandwidth_mbps == Some(0)
+            || uplink.bandwidth_mbps.is_some_and(|b| b > i32::MAX as u32)
+        {
+            return Err(ApiError::unprocessable(
+                "invalid_value",
+                format!("uplinks[{i}].bandwidth_mbps must be above 0"),
+            ));
+        }
+    }
+    let port_base = i32::from(body.listen_port_base.unwrap_or(51820));
+    if !(1024..=65471).contains(&port_base) {
+        return Err(ApiError::unprocessable(
+            "invalid_value",
+            "listen_port_base must be 1024-65471",
+        ));
+    }
+    let id = Uuid::new_v4();
+    let audit = ctx.audit(
+        "site.create",
+        "site",
+        id,
+        serde_json::json!({ "name": body.name }),
+    );
+    let site = ctx
+        .tenant_tx(move |conn| {
+            Box::pin(async move {
+                let overlay: IpNet = tenants::table
+                    .find(tenant.0)
+                    .select(tenants::overlay_network)
+                    .first(conn)
+                    .await?;
+                check_lan_prefixes(&body.lan_prefixes, overlay)?;
+                check_no_lan_conflict(conn, None, &body.lan_prefixes).await?;
+                // Serialise address allocation within the tenant; the unique constraint is the
+                // backstop.
+                diesel::sql_query(
+                    "SELECT pg_advisory_xact_lock(hashtext(patronus_current_tenant()::text))",
+                )
+                .execute(conn)
+                .await?;
+                let used: HashSet<IpAddr> = sites::table
+                    .select(sites::overlay_address)
+                    .load::<Option<IpNet>>(conn)
+                    .await?
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.addr())
+                    .collect();
+                let address = allocate_overlay(overlay, &used).ok_or_else(|| {
+                    ApiError::conflict(format!("the overlay network {overlay} is full; widen it"))
+                })?;
+                let address =
+                    IpNet::new(address, overlay.max_prefix_len()).map_err(ApiError::internal)?;
+                diesel::insert_into(sites::table)
+                    .values((
+                        sites::id.eq(id),
+                        sites::tenant_id.eq(tenant.0),
+                        sites::name.eq(&body.name),
+                        sites::region.eq(&body.region),
+                        sites::role.eq(body.role.unwrap_or(SiteRole::Edge).as_str()),
+                        sites::overlay_address.eq(Some(address)),
+                        sites::lan_prefixes.eq(&body.lan_prefixes),
+                        sites::listen_port_base.eq(port_base),
+                    ))
+                    .execute(conn)
+                    .await?;
+                for (index, uplink) in body.uplinks.iter().enumerate() {
+                    let address = IpNet::from(uplink.address);
+                    diesel::insert_into(endpoints::table)
+                        .values((
+                            endpoints::tenant_id.eq(tenant.0),
+                            endpoints::site_id.eq(id),
+                            endpoints::uplink_index.eq(index as i16),
+                            endpoints::name.eq(&uplink.name),
+                            endpoints::address.eq(address),
+                            endpoints::interface_type.eq(link_kind_str(uplink.interface_type)),
+                            endpoints::bandwidth_mbps.eq(uplink.bandwidth_mbps.map(|b| b as i32)),
+                            endpoints::cost_per_gb.eq(uplink.cost_per_gb),
+                            endpoints::metered.eq(uplink.metered),
+                        ))
+                        .execute(conn)
+                        .await?;
+                }
+                record_audit(conn, audit).await?;
+                load_site(conn, id)
+                    .await?
+                    .ok_or_else(|| ApiError::internal("site vanished"))
+            })
+        })
+        .await?;
+    tracing::info!(tenant = %tenant, site = %id, "site created");
+    ctx.state.intents_changed(tenant).await;
+    Ok(HttpResponse::Created().json(site))
+}
+
+async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
+    let id = id.into_inner();
+    let site = ctx
+        .tenant_tx(move |conn| Box::pin(async move { load_site(conn, id).await }))
+        .await?;
+    site.map(|s| HttpResponse::Ok().json(s))
+        .ok_or_else(|| ApiError::not_found("site"))
+}
+
+async fn update(
+    ctx: Ctx,
+    id: web::Path<Uuid>,
+    body: web::Json<UpdateSite>,
+) -> ApiResult<HttpResponse> {
+    ctx.require_write()?;
+    let tenant = ctx.tenant()?;
+    let id = id.into_inner();
+    let body = body.into_inner();
+    if let Some(name) = &body.name {
+        check_name("name", name)?;
+    }
+    if let Some(region) = body.region.as_deref().filter(|r| !r.is_empty()) {
+        check_region(region)?;
+    }
+    let audit = ctx.audit(
+        "site.update",
+        "site",
+        id,
+        serde_json::json!({ "name": body.name, "region": body.region, "role": body.role.map(SiteRole::as_str), "lan_prefixes": body.lan_prefixes }),
+    );
+    let site = ctx
+        .tenant_tx(move |conn| {
+            Box::pin(async move {
+                if load_site(conn, id).await?.is_none() {
+                    return Err(ApiError::not_found("site"));
+                }
+                let target = sites::table.find(id);
+                if let Some(name) = body.name {
+                    diesel::update(target)
+                        .set(sites::name.eq(name))
+                        .execute(conn)
+                        .await?;
+                }
+                if let Some(region) = body.region {
+                    let region = (!region.is_empty()).then_some(region);
+                    diesel::update(target)
+                        .set(sites::region.eq(region))
+                        .execute(conn)
+                        .await?;
+                }
+                if let Some(role) = body.role {
+                    diesel::update(target)
+                        .set(sites::role.eq(role.as_str()))
+                        .execute(conn)
+                        .await?;
+                }
+                if let Some(prefixes) = body.lan_prefixes {
+                    let overlay: IpNet = tenants::table
+                        .find(tenant.0)
+                        .select(tenants::overlay_network)
+                        .first(conn)
+                        .await?;
+                    check_lan_prefixes(&prefixes, overlay)?;
+                    check_no_lan_conflict(conn, Some(id), &prefixes).await?;
+                    diesel::update(target)
+                        .set(sites::lan_prefixes.eq(prefixes))
+                        .execute(conn)
+                        .await?;
+                }
+                diesel::update(target)
+                    .set(sites::updated_at.eq(diesel::dsl::now))
+                    .execute(conn)
+                    .await?;
+                record_audit(conn, audit).await?;
+                load_site(conn, id)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found("site"))
+            })
+        })
+        .await?;
+    ctx.state.intents_changed(tenant).await;
+    Ok(HttpResponse::Ok().json(site))
+}
+
+async fn delete(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
+    ctx.require_write()?;
+    let tenant = ctx.tenant()?;
+    let id = id.into_inner();
+    let audit = ctx.audit("site.delete", "site", id, serde_json::json!({}));
+    let deleted = ctx
+        .tenant_tx(move |conn| {
+            Box::pin(async move {
+                let n = diesel::delete(sites::table.find(id)).execute(conn).await?;
+                if n > 0 {
+                    record_audit(conn, audit).await?;
+                }
+                Ok(n)
+            })
+        })
+        .await?;
+    if deleted == 0 {
+        return Err(ApiError::not_found("site"));
+    }
+    tracing::info!(tenant = %tenant, site = %id, "site deleted");
+    ctx.state.intents_changed(tenant).await;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/sites").get(list).post(create))
+        .service(
+            web::resource("/sites/{id}")
+                .get(get)
+                .patch(update)
+                .delete(delete),
+        );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_allocation_skips_the_network_and_used_addresses() {
+        let net: IpNet = "100.64.0.0/29".parse().unwrap();
+        let mut used = HashSet::new();
+        assert_eq!(
+            allocate_overlay(net, &used),
+            Some("100.64.0.1".parse().unwrap())
+        );
+        used.insert("100.64.0.1".parse().unwrap());
+        used.insert("100.64.0.2".parse().unwrap());
+        assert_eq!(
+            allocate_overlay(net, &used),
+            Some("100.64.0.3".parse().unwrap())
+        );
+        for i in 3..=6 {
+            used.insert(format!("100.64.0.{i}").parse().unwrap());
+        }
+        assert_eq!(allocate_overlay(net, &used), None);
+    }
+
+    #[test]
+    fn lan_prefixes_are_checked() {
+        let overlay: IpNet = "100.64.0.0/16".parse().unwrap();
+        assert!(check_lan_prefixes(&["10.1.0.0/24".parse().unwrap()], overlay).is_ok());
+        assert!(check_lan_prefixes(&["10.1.0.1/24".parse().unwrap()], overlay).is_err());
+        assert!(check_lan_prefixes(&["100.64.1.0/24".parse().unwrap()], overlay).is_err());
+        assert!(check_lan_prefixes(
+            &[
+                "10.0.0.0/8".parse().unwrap(),
+                "10.1.0.0/24".parse().unwrap()
+            ],
+            overlay
+        )
+        .is_err());
+    }
+}

@@ -1,0 +1,882 @@
+//! The REST API against the real PostgreSQL, Redis and NATS: sign-in, tenancy, CRUD, bad input,
+//! roles, rate limits, API tokens and the audit trail. Each test has its own database.
+
+use std::net::SocketAddr;
+
+use actix_web::dev::ServiceResponse;
+use actix_web::http::{Method, StatusCode};
+use actix_web::{middleware, test, web, App};
+use patronus_controller::config::{ControllerConfig, Secret};
+use patronus_controller::server::{configure, AppState};
+use patronus_test_support::{TestDatabase, TestEnv};
+use serde_json::{json, Value};
+
+struct Harness {
+    database: TestDatabase,
+    state: AppState,
+    /// A unique source address per test, so rate limits of parallel tests do not collide.
+    peer: SocketAddr,
+}
+
+async fn harness() -> anyhow::Result<Harness> {
+    let env = TestEnv::load()?;
+    let database = TestDatabase::create(&env).await?;
+    patronus_controller::db::migrations::run_pending(&database.owner_url).await?;
+    let mut config = ControllerConfig::default();
+    config.database.url = database.app_url.clone();
+    config.redis.url = env.redis_url.clone();
+    config.nats.url = env.nats_url.clone();
+    config.auth.session_secret = Secret(env.session_secret.clone());
+    config.validate()?;
+    let state = AppState::connect(&config).await?;
+    let octets = uuid::Uuid::new_v4().as_bytes()[..3].to_vec();
+    let peer = SocketAddr::from(([10, octets[0], octets[1], octets[2]], 40000));
+    Ok(Harness {
+        database,
+        state,
+        peer,
+    })
+}
+
+impl Harness {
+    /// Close every connection of the test, then drop its database.
+    async fn finish(self) -> anyhow::Result<()> {
+        self.state.db.close();
+        drop(self.state);
+        self.database.drop_now().await
+    }
+}
+
+macro_rules! app {
+    ($h:expr) => {
+        test::init_service(
+            App::new()
+                .wrap(middleware::from_fn(patronus_controller::api::request_id))
+                .app_data(web::Data::new($h.state.clone()))
+                .configure(configure),
+        )
+        .await
+    };
+}
+
+/// Send a request; returns status and JSON body (Null when empty).
+macro_rules! call {
+    ($app:expr, $h:expr, $method:expr, $path:expr, $token:expr, $body:expr) => {{
+        let mut req = test::TestRequest::default()
+            .method($method)
+            .uri($path)
+            .peer_addr($h.peer);
+        if let Some(token) = $token {
+            req = req.insert_header(("Authorization", format!("Bearer {token}")));
+        }
+        let body: Option<Value> = $body;
+        if let Some(body) = body {
+            req = req.set_json(body);
+        }
+        let resp: ServiceResponse = test::call_service(&$app, req.to_request()).await;
+        let status = resp.status();
+        let bytes = test::read_body(resp).await;
+        let json: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({ "raw": String::from_utf8_lossy(&bytes) }))
+        };
+        (status, json)
+    }};
+}
+
+const PASSWORD: &str = "a long enough password";
+
+/// An MSP with tenants A and B, an admin for each and a viewer in A. Returns session tokens.
+struct World {
+    msp_admin: String,
+    tenant_a: String,
+    tenant_b: String,
+    admin_a: String,
+    admin_b: String,
+    viewer_a: String,
+}
+
+async fn login(
+    app: &impl actix_web::dev::Service<
+        actix_http::Request,
+        Response = ServiceResponse,
+        Error = actix_web::Error,
+    >,
+    h: &Harness,
+    email: &str,
+) -> String {
+    let (status, body) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/auth/login",
+        None::<&str>,
+        Some(json!({ "email": email, "password": PASSWORD }))
+    );
+    assert_eq!(status, StatusCode::OK, "login {email}: {body}");
+    body["session_token"].as_str().unwrap().to_owned()
+}
+
+async fn world(
+    app: &impl actix_web::dev::Service<
+        actix_http::Request,
+        Response = ServiceResponse,
+        Error = actix_web::Error,
+    >,
+    h: &Harness,
+) -> World {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let admin_email = format!("root-{tag}@msp.example");
+    patronus_controller::admin::create_msp(
+        &h.state.db,
+        &format!("MSP {tag}"),
+        &admin_email,
+        PASSWORD,
+    )
+    .await
+    .expect("bootstrap");
+    let msp_admin = login(app, h, &admin_email).await;
+    let mut tenants = Vec::new();
+    for slug in ["alpha", "bravo"] {
+        let (status, body) = call!(
+            app,
+            h,
+            Method::POST,
+            "/api/v1/tenants",
+            Some(&msp_admin),
+            Some(json!({ "name": format!("Tenant {slug}"), "slug": slug }))
+        );
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        tenants.push(body["id"].as_str().unwrap().to_owned());
+    }
+    let mut tokens = Vec::new();
+    for (tenant, who, role) in [
+        (&tenants[0], "admin-a", "tenant_admin"),
+        (&tenants[1], "admin-b", "tenant_admin"),
+        (&tenants[0], "viewer-a", "tenant_viewer"),
+    ] {
+        let email = format!("{who}-{tag}@example.com");
+        let (status, body) = call!(
+            app,
+            h,
+            Method::POST,
+            &format!("/api/v1/tenants/{tenant}/operators"),
+            Some(&msp_admin),
+            Some(json!({ "email": email, "password": PASSWORD, "role": role }))
+        );
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        tokens.push(login(app, h, &email).await);
+    }
+    World {
+        msp_admin,
+        tenant_a: tenants[0].clone(),
+        tenant_b: tenants[1].clone(),
+        admin_a: tokens[0].clone(),
+        admin_b: tokens[1].clone(),
+        viewer_a: tokens[2].clone(),
+    }
+}
+
+fn site_body(name: &str, lan: &str) -> Value {
+    json!({
+        "name": name,
+        "region": "eu-west",
+        "lan_prefixes": [lan],
+        "uplinks": [
+            { "name": "fiber", "address": "198.18.1.1", "interface_type": "fiber", "bandwidth_mbps": 1000, "cost_per_gb": 0.01 },
+            { "name": "lte", "address": "198.18.2.1", "interface_type": "lte", "cost_per_gb": 0.1, "metered": true }
+        ]
+    })
+}
+
+fn voip_policy() -> Value {
+    json!({
+        "name": "VoIP",
+        "kind": "routing",
+        "priority": 200,
+        "spec": {
+            "match": { "protocol": "udp", "dst_ports": [{ "start": 5060, "end": 5061 }] },
+            "app_class": "voip",
+            "path_preference": { "kind": "lowest_latency" }
+        }
+    })
+}
+
+#[actix_web::test]
+async fn login_refresh_and_logout() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let app = app!(h);
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let email = format!("boss-{tag}@msp.example");
+    patronus_controller::admin::create_msp(&h.state.db, &format!("MSP {tag}"), &email, PASSWORD)
+        .await?;
+
+    let (status, body) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/auth/login",
+        None::<&str>,
+        Some(json!({ "email": email, "password": "wrong password here" }))
+    );
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"], "unauthorized");
+    let (status, unknown) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/auth/login",
+        None::<&str>,
+        Some(json!({ "email": "nobody@nowhere.example", "password": PASSWORD }))
+    );
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        unknown["detail"], body["detail"],
+        "unknown and wrong-password logins must look alike"
+    );
+
+    let (status, pair) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/auth/login",
+        None::<&str>,
+        Some(json!({ "email": email.to_uppercase(), "password": PASSWORD }))
+    );
+    assert_eq!(status, StatusCode::OK, "{pair}");
+    let session = pair["session_token"].as_str().unwrap().to_owned();
+    let refresh = pair["refresh_token"].as_str().unwrap().to_owned();
+    assert_eq!(pair["operator"]["role"], "msp_admin");
+
+    let (status, me) = call!(app, h, Method::GET, "/api/v1/auth/me", Some(&session), None);
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        me["label"], email,
+        "the label is the stored e-mail, not what was typed"
+    );
+
+    let (status, next) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/auth/refresh",
+        None::<&str>,
+        Some(json!({ "refresh_token": refresh }))
+    );
+    assert_eq!(status, StatusCode::OK, "{next}");
+    let (status, _) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/auth/refresh",
+        None::<&str>,
+        Some(json!({ "refresh_token": refresh }))
+    );
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a refresh token works once"
+    );
+
+    let new_session = next["session_token"].as_str().unwrap().to_owned();
+    let (status, _) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/auth/logout",
+        Some(&new_session),
+        None
+    );
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/auth/me",
+        Some(&new_session),
+        None
+    );
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+
+    let (status, body) = call!(app, h, Method::GET, "/api/v1/sites", None::<&str>, None);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body["detail"].as_str().unwrap().contains("Bearer"));
+    let (status, _) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/sites",
+        Some("garbage.token.here"),
+        None
+    );
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    drop(app);
+    h.finish().await
+}
+
+#[actix_web::test]
+async fn one_tenant_never_sees_another() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let app = app!(h);
+    let w = world(&app, &h).await;
+
+    let (status, site) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/sites",
+        Some(&w.admin_a),
+        Some(site_body("hq", "10.1.0.0/24"))
+    );
+    assert_eq!(status, StatusCode::CREATED, "{site}");
+    let site_id = site["id"].as_str().unwrap().to_owned();
+    assert_eq!(site["uplinks"].as_array().unwrap().len(), 2);
+    assert_eq!(site["overlay_address"], "100.64.0.1/32");
+    let (status, policy) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/policies",
+        Some(&w.admin_a),
+        Some(voip_policy())
+    );
+    assert_eq!(status, StatusCode::CREATED, "{policy}");
+    let policy_id = policy["id"].as_str().unwrap().to_owned();
+
+    // Tenant B: every route to A's resources is 404, lists never show them.
+    for (method, path) in [
+        (Method::GET, format!("/api/v1/sites/{site_id}")),
+        (Method::PATCH, format!("/api/v1/sites/{site_id}")),
+        (Method::DELETE, format!("/api/v1/sites/{site_id}")),
+        (Method::GET, format!("/api/v1/policies/{policy_id}")),
+        (Method::PUT, format!("/api/v1/policies/{policy_id}")),
+        (Method::DELETE, format!("/api/v1/policies/{policy_id}")),
+        (Method::GET, format!("/api/v1/tenants/{}/sites", w.tenant_a)),
+        (Method::GET, format!("/api/v1/tenants/{}", w.tenant_a)),
+    ] {
+        let body = match method {
+            Method::PATCH => Some(json!({ "name": "stolen" })),
+            Method::PUT => Some(voip_policy()),
+            _ => None,
+        };
+        let (status, resp) = call!(app, h, method.clone(), &path, Some(&w.admin_b), body);
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {resp}");
+        assert_eq!(resp["error"], "not_found");
+    }
+    let (status, list) = call!(app, h, Method::GET, "/api/v1/sites", Some(&w.admin_b), None);
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["items"].as_array().unwrap().len(), 0);
+    let (_, list) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/policies",
+        Some(&w.admin_b),
+        None
+    );
+    assert_eq!(list["items"].as_array().unwrap().len(), 0);
+    let (_, audit) = call!(app, h, Method::GET, "/api/v1/audit", Some(&w.admin_b), None);
+    assert!(
+        audit["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["tenant_id"] == json!(w.tenant_b)),
+        "{audit}"
+    );
+
+    // A's site is untouched, and A sees it.
+    let (status, same) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/sites/{site_id}"),
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(same["name"], "hq");
+
+    // The MSP admin reaches both, by path prefix or header, and must name one.
+    let (status, body) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/sites",
+        Some(&w.msp_admin),
+        None
+    );
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "tenant_required");
+    let (status, list) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/tenants/{}/sites", w.tenant_a),
+        Some(&w.msp_admin),
+        None
+    );
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    let req = test::TestRequest::get()
+        .uri("/api/v1/sites")
+        .peer_addr(h.peer)
+        .insert_header(("Authorization", format!("Bearer {}", w.msp_admin)))
+        .insert_header(("X-Patronus-Tenant", w.tenant_b.clone()))
+        .to_request();
+    let resp: Value = test::call_and_read_body_json(&app, req).await;
+    assert_eq!(resp["items"].as_array().unwrap().len(), 0);
+    let (_, tenants) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/tenants",
+        Some(&w.msp_admin),
+        None
+    );
+    assert_eq!(tenants["items"].as_array().unwrap().len(), 2);
+    let (_, tenants) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/tenants",
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(tenants["items"].as_array().unwrap().len(), 1);
+    // A tenant that does not exist, or of another MSP, is 404 too.
+    let (status, _) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/tenants/{}/sites", uuid::Uuid::new_v4()),
+        Some(&w.msp_admin),
+        None
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    drop(app);
+    h.finish().await
+}
+
+#[actix_web::test]
+async fn bad_input_gets_a_json_error_and_changes_nothing() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let app = app!(h);
+    let w = world(&app, &h).await;
+    let (status, _) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/sites",
+        Some(&w.admin_a),
+        Some(site_body("hq", "10.1.0.0/24"))
+    );
+    assert_eq!(status, StatusCode::CREATED);
+
+    let mut reversed = voip_policy();
+    reversed["spec"]["match"]["dst_ports"] = json!([{ "start": 9, "end": 1 }]);
+    let mut misspelt = voip_policy();
+    misspelt["spec"]["app_clas"] = json!("voip");
+    let mut bad_kind = voip_policy();
+    bad_kind["kind"] = json!("teleport");
+    let cases: Vec<(&str, &str, Value, StatusCode, &str)> = vec![
+        (
+            "POST",
+            "/api/v1/sites",
+            json!({ "name": "x", "colour": "red" }),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/api/v1/sites",
+            json!({ "region": "eu" }),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/api/v1/sites",
+            json!({ "name": "" }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/api/v1/sites",
+            json!({ "name": "y", "lan_prefixes": ["10.1.0.1/24"] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/api/v1/sites",
+            json!({ "name": "y", "lan_prefixes": ["10.1.0.0/25"] }),
+            StatusCode::CONFLICT,
+            "conflict",
+        ),
+        (
+            "POST",
+            "/api/v1/sites",
+            json!({ "name": "y", "lan_prefixes": ["not a prefix"] }),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/api/v1/sites",
+            json!({ "name": "hq" }),
+            StatusCode::CONFLICT,
+            "conflict",
+        ),
+        (
+            "POST",
+            "/api/v1/sites",
+            json!({ "name": "y", "listen_port_base": 80 }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/api/v1/sites",
+            json!({ "name": "y", "uplinks": [{ "name": "a", "address": "198.18.0.1", "interface_type": "fiber", "cost_per_gb": -1.0 }] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/api/v1/policies",
+            reversed,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_policy",
+        ),
+        (
+            "POST",
+            "/api/v1/policies",
+            misspelt,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_policy",
+        ),
+        (
+            "POST",
+            "/api/v1/policies",
+            bad_kind,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/api/v1/policies",
+            json!({ "name": "p", "kind": "routing", "spec": {}, "site_ids": [uuid::Uuid::new_v4()] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_policy",
+        ),
+        (
+            "GET",
+            "/api/v1/sites?limit=0",
+            Value::Null,
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "GET",
+            "/api/v1/sites?limit=5000",
+            Value::Null,
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "GET",
+            "/api/v1/sites?cursor=zzz",
+            Value::Null,
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "GET",
+            "/api/v1/sites?colour=red",
+            Value::Null,
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "GET",
+            "/api/v1/sites/not-a-uuid",
+            Value::Null,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "GET",
+            "/api/v1/nothing-here",
+            Value::Null,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/api/v1/operators",
+            json!({ "email": "weak@example.com", "password": "short", "role": "tenant_admin" }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "weak_password",
+        ),
+        (
+            "POST",
+            "/api/v1/api-tokens",
+            json!({ "name": "t", "role": "msp_admin" }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+        ),
+    ];
+    let count = |v: &Value| v["items"].as_array().map_or(0, Vec::len);
+    let (_, sites_before) = call!(app, h, Method::GET, "/api/v1/sites", Some(&w.admin_a), None);
+    let (_, policies_before) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/policies",
+        Some(&w.admin_a),
+        None
+    );
+    for (method, path, body, expected, code) in cases {
+        let body = (!body.is_null()).then_some(body);
+        let (status, resp) = call!(
+            app,
+            h,
+            Method::from_bytes(method.as_bytes()).unwrap(),
+            path,
+            Some(&w.admin_a),
+            body.clone()
+        );
+        assert_eq!(status, expected, "{method} {path} {body:?}: {resp}");
+        assert_eq!(resp["error"], code, "{method} {path}: {resp}");
+        assert!(
+            resp["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{resp}"
+        );
+    }
+    // Malformed JSON, and the wrong content type.
+    let req = test::TestRequest::post()
+        .uri("/api/v1/sites")
+        .peer_addr(h.peer)
+        .insert_header(("Authorization", format!("Bearer {}", w.admin_a)))
+        .insert_header(("Content-Type", "application/json"))
+        .set_payload("{\"name\": ")
+        .to_request();
+    let resp = test::call_service(&app, req).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let (_, sites_after) = call!(app, h, Method::GET, "/api/v1/sites", Some(&w.admin_a), None);
+    let (_, policies_after) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/policies",
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(count(&sites_before), count(&sites_after));
+    assert_eq!(count(&policies_before), count(&policies_after));
+    drop(app);
+    h.finish().await
+}
+
+#[actix_web::test]
+async fn viewers_read_but_cannot_write() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let app = app!(h);
+    let w = world(&app, &h).await;
+    let (status, _) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/sites",
+        Some(&w.viewer_a),
+        None
+    );
+    assert_eq!(status, StatusCode::OK);
+    for (method, path, body) in [
+        (Method::POST, "/api/v1/sites", site_body("v", "10.9.0.0/24")),
+        (Method::POST, "/api/v1/policies", voip_policy()),
+        (
+            Method::POST,
+            "/api/v1/api-tokens",
+            json!({ "name": "t", "role": "tenant_viewer" }),
+        ),
+        (
+            Method::POST,
+            "/api/v1/operators",
+            json!({ "email": "x@example.com", "password": PASSWORD, "role": "tenant_admin" }),
+        ),
+    ] {
+        let (status, resp) = call!(app, h, method, path, Some(&w.viewer_a), Some(body));
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {resp}");
+        assert_eq!(resp["error"], "forbidden");
+    }
+    // Tenant admins cannot create tenants or MSP admins.
+    let (status, _) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/tenants",
+        Some(&w.admin_a),
+        Some(json!({ "name": "x", "slug": "x" }))
+    );
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    drop(app);
+    h.finish().await
+}
+
+#[actix_web::test]
+async fn api_tokens_work_until_revoked_and_changes_are_audited() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let app = app!(h);
+    let w = world(&app, &h).await;
+    let (status, created) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/api-tokens",
+        Some(&w.admin_a),
+        Some(json!({ "name": "ci", "role": "tenant_admin", "expires_in_days": 30 }))
+    );
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let secret = created["secret"].as_str().unwrap().to_owned();
+    let token_id = created["id"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("pat_"));
+
+    let (status, site) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/sites",
+        Some(&secret),
+        Some(site_body("branch", "10.2.0.0/24"))
+    );
+    assert_eq!(status, StatusCode::CREATED, "{site}");
+    let (status, listed) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/api-tokens",
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        !listed.to_string().contains(&secret),
+        "the secret is shown once only"
+    );
+    // A token cannot mint tokens, nor see another tenant.
+    let (status, _) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/api-tokens",
+        Some(&secret),
+        Some(json!({ "name": "x", "role": "tenant_viewer" }))
+    );
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/tenants/{}/sites", w.tenant_b),
+        Some(&secret),
+        None
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, _) = call!(
+        app,
+        h,
+        Method::DELETE,
+        &format!("/api/v1/api-tokens/{token_id}"),
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call!(app, h, Method::GET, "/api/v1/sites", Some(&secret), None);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let (status, audit) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/audit?limit=100",
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::OK);
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "api_token.create",
+        "site.create",
+        "api_token.revoke",
+        "operator.create",
+    ] {
+        assert!(
+            actions.contains(&expected),
+            "{expected} missing from {actions:?}"
+        );
+    }
+    let site_entry = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "site.create")
+        .unwrap();
+    assert_eq!(site_entry["actor_kind"], "api_token");
+    assert_eq!(site_entry["actor_label"], "ci");
+    assert!(site_entry["request_id"]
+        .as_str()
+        .is_some_and(|r| !r.is_empty()));
+    drop(app);
+    h.finish().await
+}
+
+#[actix_web::test]
+async fn login_attempts_are_rate_limited() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let app = app!(h);
+    let email = format!("target-{}@example.com", uuid::Uuid::new_v4().simple());
+    let limit = h.state.auth.login_per_minute_per_account;
+    let mut limited = None;
+    for attempt in 0..=limit + 1 {
+        let req = test::TestRequest::post()
+            .uri("/api/v1/auth/login")
+            .peer_addr(h.peer)
+            .set_json(json!({ "email": email, "password": "wrong password guess" }))
+            .to_request();
+        let resp = test::call_service(&app, req).await;
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            let retry = resp
+                .headers()
+                .get("Retry-After")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            assert!(
+                retry.is_some_and(|s| (1..=60).contains(&s)),
+                "Retry-After: {retry:?}"
+            );
+            let body: Value = test::read_body_json(resp).await;
+            assert_eq!(body["error"], "rate_limited");
+            limited = Some(attempt);
+            break;
+        }
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        limited,
+        Some(limit),
+        "the attempt after {limit} failures is refused"
+    );
+    drop(app);
+    h.finish().await
+}

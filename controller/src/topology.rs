@@ -151,6 +151,62 @@ impl Topology {
         }
     }
 
+    /// The one path traffic between `a` and `b` takes, both ways: `[a, ..., b]`, or `None` if
+    /// they cannot reach each other.
+    ///
+    /// WireGuard routes by source too (a peer only accepts packets from its allowed IPs), so
+    /// transit must be symmetric and consistent: `route(b, a)` is `route(a, b)` reversed, and
+    /// every hop on the way computes the rest of the same path (`route(path[1], b) ==
+    /// path[1..]`). The rule, for a pair that does not peer directly (`a < b` by id):
+    /// 1. through `a`'s primary hub if `a` is a spoke and that hub peers `b`;
+    /// 2. else through `b`'s primary hub if `b` is a spoke and that hub peers `a`;
+    /// 3. else through the lowest-id hub peering both;
+    /// 4. else (two spokes with no hub in common) `a` → primary(a) → primary(b) → `b`.
+    pub fn route(&self, a: SiteId, b: SiteId) -> Option<Vec<SiteId>> {
+        if a == b {
+            return Some(vec![a]);
+        }
+        if self.is_peered(a, b) {
+            return Some(vec![a, b]);
+        }
+        let (low, high) = ordered(a, b);
+        let primary = |s: SiteId| {
+            self.spoke_hubs
+                .get(&s)
+                .and_then(|hubs| hubs.first().copied())
+        };
+        let via = if let Some(hub) = primary(low).filter(|h| self.is_peered(*h, high)) {
+            vec![hub]
+        } else if let Some(hub) = primary(high).filter(|h| self.is_peered(*h, low)) {
+            vec![hub]
+        } else if let Some(hub) = self
+            .hubs
+            .iter()
+            .copied()
+            .find(|h| self.is_peered(*h, low) && self.is_peered(*h, high))
+        {
+            vec![hub]
+        } else {
+            match (primary(low), primary(high)) {
+                (Some(hl), Some(hh)) if self.is_peered(hl, hh) => vec![hl, hh],
+                _ => return None,
+            }
+        };
+        let mut path = Vec::with_capacity(via.len() + 2);
+        path.push(low);
+        path.extend(via);
+        path.push(high);
+        if a != low {
+            path.reverse();
+        }
+        Some(path)
+    }
+
+    /// The peer `src` hands traffic for `dst` to (the second site of [`Topology::route`]).
+    pub fn next_hop(&self, src: SiteId, dst: SiteId) -> Option<SiteId> {
+        self.route(src, dst).and_then(|path| path.get(1).copied())
+    }
+
     /// The peers `src` can hand traffic for `dst` to, preferred first; empty if none.
     pub fn next_hops(&self, src: SiteId, dst: SiteId) -> Vec<SiteId> {
         if src == dst {
@@ -597,6 +653,31 @@ mod tests {
                         if a.id != b.id {
                             let hops = route(&t, a.id, b.id, None);
                             prop_assert!(hops.is_some_and(|h| h <= 3), "{:?} -> {:?}: {:?}", a.id, b.id, hops);
+                        }
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn routes_are_symmetric_consistent_and_use_only_peerings((sites, settings) in arb_case()) {
+            if let Ok(t) = compute(&sites, &settings) {
+                for a in &sites {
+                    for b in &sites {
+                        if a.id == b.id {
+                            continue;
+                        }
+                        let path = t.route(a.id, b.id);
+                        prop_assert!(path.is_some(), "{:?} -> {:?} has no route", a.id, b.id);
+                        let path = path.unwrap_or_default();
+                        prop_assert!(path.len() <= 4, "route longer than three hops: {:?}", path);
+                        prop_assert!(path.windows(2).all(|w| t.is_peered(w[0], w[1])), "route uses a missing peering: {:?}", path);
+                        let mut back = t.route(b.id, a.id).unwrap_or_default();
+                        back.reverse();
+                        prop_assert_eq!(&back, &path, "route is not symmetric");
+                        // Every hop continues the same path (WireGuard allowed-IPs agree).
+                        for i in 1..path.len() - 1 {
+                            prop_assert_eq!(t.route(path[i], b.id).unwrap_or_default(), path[i..].to_vec());
                         }
                     }
                 }

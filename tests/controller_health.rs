@@ -8,13 +8,8 @@ use patronus_controller::server::{configure, AppState};
 use patronus_test_support::TestEnv;
 
 fn config(env: &TestEnv) -> ControllerConfig {
-    let mut config = ControllerConfig::default();
-    config.database.url = env.database_url.clone();
-    config.redis.url = env.redis_url.clone();
-    config.nats.url = env.nats_url.clone();
-    config.auth.session_secret = patronus_controller::config::Secret(env.session_secret.clone());
-    config.validate().expect("test config is valid");
-    config
+    env.controller_config(&env.database_url)
+        .expect("test config is valid")
 }
 
 async fn wait_for_nats(state: &AppState) {

@@ -18,6 +18,32 @@ pub struct ControllerConfig {
     pub nats: NatsConfig,
     pub log: LogConfig,
     pub auth: AuthConfig,
+    pub intents: IntentsConfig,
+}
+
+/// The intent publisher.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntentsConfig {
+    /// Base64 of at least 32 random bytes: probe HMAC keys of site pairs derive from it.
+    pub probe_secret: Secret,
+    /// Changes within this window give one publish.
+    pub debounce_ms: u64,
+    /// Every tenant is republished (a no-op when unchanged) this often.
+    pub reconcile_interval_s: u64,
+    /// Lifetime of the publisher lease; another replica takes over within it.
+    pub lease_ttl_ms: u64,
+}
+
+impl Default for IntentsConfig {
+    fn default() -> Self {
+        Self {
+            probe_secret: Secret::default(),
+            debounce_ms: 100,
+            reconcile_interval_s: 60,
+            lease_ttl_ms: 5000,
+        }
+    }
 }
 
 /// A secret setting: never printed by `Debug`.
@@ -261,6 +287,9 @@ impl ControllerConfig {
         if let Some(v) = env("PATRONUS_SESSION_SECRET") {
             self.auth.session_secret = Secret(v);
         }
+        if let Some(v) = env("PATRONUS_PROBE_SECRET") {
+            self.intents.probe_secret = Secret(v);
+        }
         Ok(())
     }
 
@@ -328,6 +357,29 @@ impl ControllerConfig {
                 "must be at least 1".into(),
             ));
         }
+        let probe = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            self.intents.probe_secret.0.trim(),
+        )
+        .unwrap_or_default();
+        if probe.len() < 32 {
+            return Err(invalid(
+                "intents.probe_secret",
+                "not set or under 32 bytes; set PATRONUS_PROBE_SECRET to base64 of 32 random bytes (scripts/setup generates one)".into(),
+            ));
+        }
+        if !(10..=10_000).contains(&self.intents.debounce_ms) {
+            return Err(invalid("intents.debounce_ms", "must be 10-10000".into()));
+        }
+        if !(5..=3600).contains(&self.intents.reconcile_interval_s) {
+            return Err(invalid(
+                "intents.reconcile_interval_s",
+                "must be 5-3600".into(),
+            ));
+        }
+        if !(500..=60_000).contains(&self.intents.lease_ttl_ms) {
+            return Err(invalid("intents.lease_ttl_ms", "must be 500-60000".into()));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.filter).map_err(|e| {
             invalid(
                 "log.filter",
@@ -392,6 +444,10 @@ mod tests {
         "PATRONUS_SESSION_SECRET",
         "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=",
     );
+    const PROBE: (&str, &str) = (
+        "PATRONUS_PROBE_SECRET",
+        "CAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAg=",
+    );
 
     #[test]
     fn environment_overrides_defaults_and_flags_override_environment() {
@@ -405,6 +461,7 @@ mod tests {
             &env(&[
                 DB,
                 SECRET,
+                PROBE,
                 ("PATRONUS_HTTP_LISTEN", "127.0.0.1:7000"),
                 ("PATRONUS_NATS_URL", "nats://127.0.0.1:4333"),
             ]),
@@ -440,7 +497,7 @@ mod tests {
             let err = ControllerConfig::load_with_env(
                 None,
                 &Overrides::default(),
-                &env(&[DB, SECRET, (name, value)]),
+                &env(&[DB, SECRET, PROBE, (name, value)]),
             )
             .unwrap_err();
             assert!(err.to_string().contains(setting), "{err}");
@@ -448,7 +505,7 @@ mod tests {
         let err = ControllerConfig::load_with_env(
             None,
             &Overrides::default(),
-            &env(&[DB, SECRET, ("PATRONUS_HTTP_LISTEN", "nope")]),
+            &env(&[DB, SECRET, PROBE, ("PATRONUS_HTTP_LISTEN", "nope")]),
         )
         .unwrap_err();
         assert!(err.to_string().contains("PATRONUS_HTTP_LISTEN"));
@@ -460,8 +517,8 @@ mod tests {
             listen: None,
             migrate_on_start: Some(true),
         };
-        let err =
-            ControllerConfig::load_with_env(None, &overrides, &env(&[DB, SECRET])).unwrap_err();
+        let err = ControllerConfig::load_with_env(None, &overrides, &env(&[DB, SECRET, PROBE]))
+            .unwrap_err();
         assert!(err.to_string().contains("owner_url"));
     }
 
@@ -477,9 +534,12 @@ mod tests {
         )
         .unwrap_err();
         assert!(weak.to_string().contains("auth.session_secret"), "{weak}");
-        let config =
-            ControllerConfig::load_with_env(None, &Overrides::default(), &env(&[DB, SECRET]))
-                .unwrap();
+        let config = ControllerConfig::load_with_env(
+            None,
+            &Overrides::default(),
+            &env(&[DB, SECRET, PROBE]),
+        )
+        .unwrap();
         assert!(!format!("{config:?}").contains(SECRET.1));
     }
 

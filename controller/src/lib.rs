@@ -11,6 +11,9 @@
 //! - [`db`]: the PostgreSQL pool, tenant-scoped transactions (row-level security) and the
 //!   embedded migrations.
 //! - [`health`]: `/healthz` and `/readyz`.
+//! - [`intents`]: compile each site's intent and publish it (singleton, under a Redis lease).
+//! - [`lease`]: Redis leases for singleton work shared by replicas.
+//! - [`metrics`]: Prometheus text at `/metrics`.
 //! - [`server`]: the actix-web application and its lifecycle.
 //! - [`topology`]: the pure topology engine (who peers with whom, over which uplinks).
 
@@ -20,5 +23,8 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod health;
+pub mod intents;
+pub mod lease;
+pub mod metrics;
 pub mod server;
 pub mod topology;

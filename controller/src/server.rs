@@ -5,9 +5,10 @@ use actix_web::{middleware, web, App, HttpServer};
 use tokio::sync::OnceCell;
 
 use crate::auth::SessionKeys;
-use crate::config::{redact_url, AuthConfig, ControllerConfig};
+use crate::config::{redact_url, AuthConfig, ControllerConfig, IntentsConfig};
 use crate::db::{self, DbError, DbPool};
 use crate::health;
+use crate::metrics::Metrics;
 
 /// Core NATS subject on which replicas signal that a tenant's intents need recompiling.
 pub const INTENTS_CHANGED_SUBJECT: &str = "patronus.internal.intents-changed";
@@ -21,6 +22,13 @@ pub struct AppState {
     pub nats: async_nats::Client,
     pub session_keys: SessionKeys,
     pub auth: AuthConfig,
+    pub intents: IntentsConfig,
+    /// Decoded `intents.probe_secret`.
+    pub probe_secret: std::sync::Arc<Vec<u8>>,
+    /// Identifies this process as a lease holder: host, pid and a random suffix.
+    pub replica_id: String,
+    pub metrics: std::sync::Arc<Metrics>,
+    intents_bucket: std::sync::Arc<OnceCell<async_nats::jetstream::kv::Store>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +39,8 @@ pub enum StartError {
     Redis(#[from] redis::RedisError),
     #[error("nats: {0}")]
     Nats(String),
+    #[error("intents.probe_secret is not base64")]
+    ProbeSecret,
     #[error("auth.session_secret: {0}")]
     SessionSecret(#[from] crate::auth::AuthError),
     #[error("cannot listen on {addr}: {source}")]
@@ -60,6 +70,24 @@ impl AppState {
             nats,
             session_keys: SessionKeys::from_base64(&config.auth.session_secret.0)?,
             auth: config.auth.clone(),
+            intents: config.intents.clone(),
+            probe_secret: std::sync::Arc::new(
+                base64::Engine::decode(
+                    &base64::engine::general_purpose::STANDARD,
+                    config.intents.probe_secret.0.trim(),
+                )
+                .map_err(|_| StartError::ProbeSecret)?,
+            ),
+            replica_id: format!(
+                "{}-{}-{}",
+                std::fs::read_to_string("/etc/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "host".into()),
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+            metrics: Default::default(),
+            intents_bucket: Default::default(),
         })
     }
 
@@ -75,6 +103,19 @@ impl AppState {
         }
     }
 
+    /// The JetStream KV bucket of intents (opened, and created if needed, on first use).
+    pub async fn intents_bucket(
+        &self,
+    ) -> Result<async_nats::jetstream::kv::Store, crate::intents::publish::PublishError> {
+        self.intents_bucket
+            .get_or_try_init(|| async {
+                let js = async_nats::jetstream::new(self.nats.clone());
+                crate::intents::publish::open_bucket(&js).await
+            })
+            .await
+            .cloned()
+    }
+
     /// The shared Redis connection (reconnects by itself once established).
     pub async fn redis(&self) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
         self.redis_conn
@@ -87,6 +128,7 @@ impl AppState {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(health::healthz)
         .service(health::readyz)
+        .service(crate::metrics::metrics)
         .configure(crate::api::configure);
 }
 
@@ -94,9 +136,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 pub async fn serve(config: ControllerConfig, state: AppState) -> Result<(), StartError> {
     let addr = config.http.listen;
     let data = web::Data::new(state);
+    let app_data = data.clone();
     let server = HttpServer::new(move || {
+        let data = app_data.clone();
         App::new()
             .wrap(middleware::from_fn(crate::api::request_id))
+            .wrap(middleware::from_fn(crate::metrics::record))
             .app_data(data.clone())
             .configure(configure)
             .default_service(web::to(crate::api::not_found))

@@ -22,6 +22,7 @@ pub struct TestEnv {
     pub redis_url: String,
     pub nats_url: String,
     pub session_secret: String,
+    pub probe_secret: String,
 }
 
 fn parse_env_file(text: &str) -> HashMap<String, String> {
@@ -52,7 +53,26 @@ impl TestEnv {
             redis_url: get("PATRONUS_REDIS_URL")?,
             nats_url: get("PATRONUS_NATS_URL")?,
             session_secret: get("PATRONUS_SESSION_SECRET")?,
+            probe_secret: get("PATRONUS_PROBE_SECRET")?,
         })
+    }
+}
+
+impl TestEnv {
+    /// A valid controller configuration for `database_url`, pointing at the real services.
+    pub fn controller_config(
+        &self,
+        database_url: &str,
+    ) -> anyhow::Result<patronus_controller::config::ControllerConfig> {
+        use patronus_controller::config::{ControllerConfig, Secret};
+        let mut config = ControllerConfig::default();
+        config.database.url = database_url.to_owned();
+        config.redis.url = self.redis_url.clone();
+        config.nats.url = self.nats_url.clone();
+        config.auth.session_secret = Secret(self.session_secret.clone());
+        config.intents.probe_secret = Secret(self.probe_secret.clone());
+        config.validate()?;
+        Ok(config)
     }
 }
 

@@ -538,6 +538,20 @@ async fn delete(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
         return Err(ApiError::not_found("site"));
     }
     tracing::info!(tenant = %tenant, site = %id, "site deleted");
+    // Its intent key goes now (its site_intents row went with it); peers are recompiled.
+    match ctx.state.intents_bucket().await {
+        Ok(bucket) => {
+            if let Err(e) =
+                crate::intents::publish::purge_site(&bucket, tenant, patronus_proto::SiteId(id))
+                    .await
+            {
+                tracing::warn!(tenant = %tenant, site = %id, error = %e, "could not purge the deleted site's intent");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(tenant = %tenant, site = %id, error = %e, "intents bucket unavailable")
+        }
+    }
     ctx.state.intents_changed(tenant).await;
     Ok(HttpResponse::NoContent().finish())
 }

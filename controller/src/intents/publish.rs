@@ -1,0 +1,242 @@
+//! Publishing a tenant's intents to the JetStream KV bucket `intents`.
+//!
+//! For each site: compile, compare the content digest with the last published one
+//! (`site_intents`), and only if it changed take a new revision from `intent_revision_seq`,
+//! put the intent under `<tenant>.<site>`, and record revision and digest. The KV write comes
+//! first: if recording fails the next round republishes the same content under a newer
+//! revision, which the edge applies as a no-op; the reverse order could lose a publish.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, kv, stream};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Integer};
+use diesel_async::RunQueryDsl;
+use patronus_proto::subjects::{intent_key, INTENTS_BUCKET};
+use patronus_proto::{codec, SiteId, TenantId};
+use uuid::Uuid;
+
+use super::compile::{compile, CompileError};
+use super::store::{load_snapshot, sync_paths, PathKey, StoreError};
+use crate::db::{self, schema::site_intents, DbPool, Scope};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Compile(#[from] CompileError),
+    #[error("database: {0}")]
+    Db(#[from] db::DbError),
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+impl From<diesel::result::Error> for PublishError {
+    fn from(e: diesel::result::Error) -> Self {
+        PublishError::Db(db::DbError::Query(e))
+    }
+}
+
+/// Open the `intents` bucket, creating its stream if needed. (nats-server 2.9 answers the
+/// account query `create_key_value` relies on in a form async-nats cannot parse, so the KV's
+/// stream is created here with the settings a KV bucket has.)
+pub async fn open_bucket(js: &jetstream::Context) -> Result<kv::Store, PublishError> {
+    let config = stream::Config {
+        name: format!("KV_{INTENTS_BUCKET}"),
+        description: Some("last intent of every site".into()),
+        subjects: vec![format!("$KV.{INTENTS_BUCKET}.>")],
+        max_messages_per_subject: 1,
+        max_message_size: patronus_proto::codec::MAX_MESSAGE_BYTES as i32,
+        discard: stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: 1,
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    js.get_or_create_stream(config)
+        .await
+        .map_err(|e| PublishError::Nats(format!("creating the {INTENTS_BUCKET} stream: {e}")))?;
+    js.get_key_value(INTENTS_BUCKET)
+        .await
+        .map_err(|e| PublishError::Nats(format!("opening the {INTENTS_BUCKET} bucket: {e}")))
+}
+
+/// What one publish of a tenant did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// Sites published, with their new revision.
+    pub published: Vec<(SiteId, u64)>,
+    /// Sites whose intent had not changed.
+    pub unchanged: usize,
+    /// Sites whose intent was withdrawn (deleted, revoked, no longer eligible).
+    pub withdrawn: usize,
+}
+
+#[derive(QueryableByName)]
+struct Revision {
+    #[diesel(sql_type = BigInt)]
+    revision: i64,
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Compile and publish every changed intent of one tenant.
+pub async fn publish_tenant(
+    pool: &DbPool,
+    bucket: &kv::Store,
+    tenant: TenantId,
+    probe_secret: &[u8],
+) -> Result<PublishOutcome, PublishError> {
+    let mut conn = pool.get().await.map_err(db::DbError::from)?;
+    let secret = probe_secret.to_vec();
+    // Compile, bringing the paths table in step with the topology first.
+    let (compiled, published_digests) = db::in_scope(&mut conn, Scope::Tenant(tenant), move |conn| {
+        Box::pin(async move {
+            let mut snapshot = load_snapshot(conn, tenant).await?;
+            let mut compiled = compile(&snapshot, &secret, now_unix_ms())?;
+            let wanted: BTreeSet<PathKey> = compiled
+                .topology
+                .peerings
+                .iter()
+                .flat_map(|((a, b), paths)| {
+                    paths
+                        .iter()
+                        .flat_map(move |(ua, ub)| [(*a, *ua, *b, *ub), (*b, *ub, *a, *ua)])
+                })
+                .collect();
+            let (created, deleted) = sync_paths(conn, tenant, &wanted).await?;
+            if created > 0 || deleted > 0 || !compiled.missing_paths.is_empty() {
+                tracing::info!(tenant = %tenant, created, deleted, "paths synced with topology");
+                snapshot = load_snapshot(conn, tenant).await?;
+                compiled = compile(&snapshot, &secret, now_unix_ms())?;
+            }
+            let digests: HashMap<Uuid, Vec<u8>> = site_intents::table
+                .select((site_intents::site_id, site_intents::digest))
+                .load::<(Uuid, Vec<u8>)>(conn)
+                .await?
+                .into_iter()
+                .collect();
+            Ok::<_, PublishError>((compiled, digests))
+        })
+    })
+    .await?;
+
+    let mut outcome = PublishOutcome::default();
+    let compiled_sites: BTreeSet<Uuid> = compiled.intents.iter().map(|i| i.site.0).collect();
+    let withdrawn: Vec<Uuid> = published_digests
+        .keys()
+        .copied()
+        .filter(|id| !compiled_sites.contains(id))
+        .collect();
+    let changed: Vec<_> = compiled
+        .intents
+        .into_iter()
+        .filter_map(|intent| {
+            let digest = intent.content_digest();
+            if published_digests
+                .get(&intent.site.0)
+                .is_some_and(|d| d.as_slice() == digest)
+            {
+                outcome.unchanged += 1;
+                None
+            } else {
+                Some((intent, digest))
+            }
+        })
+        .collect();
+
+    if !changed.is_empty() {
+        let count = changed.len() as i32;
+        let revisions: Vec<Revision> = diesel::sql_query(
+            "SELECT nextval('intent_revision_seq') AS revision FROM generate_series(1, $1)",
+        )
+        .bind::<Integer, _>(count)
+        .load(&mut conn)
+        .await?;
+        let mut recorded = Vec::with_capacity(changed.len());
+        for ((mut intent, digest), revision) in changed.into_iter().zip(revisions) {
+            let revision = u64::try_from(revision.revision).unwrap_or(0);
+            intent.revision = revision;
+            let key = intent_key(tenant, intent.site);
+            bucket
+                .put(&key, codec::encode(&intent).into())
+                .await
+                .map_err(|e| PublishError::Nats(format!("putting {key}: {e}")))?;
+            tracing::info!(tenant = %tenant, site = %intent.site, revision, "intent published");
+            outcome.published.push((intent.site, revision));
+            recorded.push((intent.site, revision, digest));
+        }
+        db::in_scope(&mut conn, Scope::Tenant(tenant), move |conn| {
+            Box::pin(async move {
+                for (site, revision, digest) in recorded {
+                    diesel::insert_into(site_intents::table)
+                        .values((
+                            site_intents::tenant_id.eq(tenant.0),
+                            site_intents::site_id.eq(site.0),
+                            site_intents::revision.eq(revision as i64),
+                            site_intents::digest.eq(digest.to_vec()),
+                        ))
+                        .on_conflict(site_intents::site_id)
+                        .do_update()
+                        .set((
+                            site_intents::revision.eq(revision as i64),
+                            site_intents::digest.eq(digest.to_vec()),
+                            site_intents::published_at.eq(diesel::dsl::now),
+                        ))
+                        .execute(conn)
+                        .await?;
+                }
+                Ok::<_, PublishError>(())
+            })
+        })
+        .await?;
+    }
+    // Sites that no longer get an intent (revoked, un-enrolled, hub list changed...): their
+    // key goes, so a stale intent cannot be applied by a returning edge.
+    for site in &withdrawn {
+        let key = intent_key(tenant, SiteId(*site));
+        bucket
+            .purge(&key)
+            .await
+            .map_err(|e| PublishError::Nats(format!("purging {key}: {e}")))?;
+        tracing::info!(tenant = %tenant, site = %site, "intent withdrawn");
+    }
+    if !withdrawn.is_empty() {
+        outcome.withdrawn = withdrawn.len();
+        db::in_scope(&mut conn, Scope::Tenant(tenant), move |conn| {
+            Box::pin(async move {
+                diesel::delete(
+                    site_intents::table.filter(site_intents::site_id.eq_any(&withdrawn)),
+                )
+                .execute(conn)
+                .await?;
+                Ok::<_, PublishError>(())
+            })
+        })
+        .await?;
+    }
+    Ok(outcome)
+}
+
+/// Remove a deleted site's intent key (its `site_intents` row went with the site).
+pub async fn purge_site(
+    bucket: &kv::Store,
+    tenant: TenantId,
+    site: SiteId,
+) -> Result<(), PublishError> {
+    let key = intent_key(tenant, site);
+    bucket
+        .purge(&key)
+        .await
+        .map_err(|e| PublishError::Nats(format!("purging {key}: {e}")))
+}

@@ -1,0 +1,180 @@
+//! The singleton intent publisher.
+//!
+//! Every replica runs this loop; only the one holding the Redis lease `intent-publisher`
+//! publishes. Replicas announce "tenant T changed" on a core NATS subject after committing a
+//! change; the leader collects these per tenant for `debounce` (a burst of API calls gives one
+//! publish) and then publishes that tenant. On taking the lease, and every
+//! `reconcile_interval`, it republishes every tenant (a no-op where nothing changed), which
+//! also covers a signal lost while no replica led.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use diesel::sql_types::Uuid as SqlUuid;
+use diesel::QueryableByName;
+use diesel_async::RunQueryDsl;
+use futures_util::StreamExt;
+use patronus_proto::TenantId;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::publish::publish_tenant;
+use crate::lease::Lease;
+use crate::server::{AppState, INTENTS_CHANGED_SUBJECT};
+
+#[derive(QueryableByName)]
+struct TenantRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+}
+
+async fn all_tenants(state: &AppState) -> Result<Vec<TenantId>, String> {
+    let mut conn = state.db.get().await.map_err(|e| e.to_string())?;
+    let rows: Vec<TenantRow> = diesel::sql_query("SELECT id FROM patronus_all_tenants()")
+        .load(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(rows.into_iter().map(|r| TenantId(r.id)).collect())
+}
+
+/// Publish one tenant, logging (not propagating) failures: the next signal or reconcile
+/// retries.
+pub async fn publish_one(state: &AppState, tenant: TenantId) {
+    let started = Instant::now();
+    let bucket = match state.intents_bucket().await {
+        Ok(bucket) => bucket,
+        Err(e) => {
+            tracing::warn!(tenant = %tenant, error = %e, "intents bucket unavailable; will retry");
+            state.metrics.intent_publish_failures.inc();
+            return;
+        }
+    };
+    match publish_tenant(&state.db, &bucket, tenant, &state.probe_secret).await {
+        Ok(outcome) => {
+            state
+                .metrics
+                .intents_published
+                .add(outcome.published.len() as u64);
+            state
+                .metrics
+                .intent_publish_seconds
+                .observe(started.elapsed().as_secs_f64());
+            if !outcome.published.is_empty() || outcome.withdrawn > 0 {
+                tracing::info!(
+                    tenant = %tenant,
+                    published = outcome.published.len(),
+                    unchanged = outcome.unchanged,
+                    withdrawn = outcome.withdrawn,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "tenant intents published"
+                );
+            }
+        }
+        Err(e) => {
+            state.metrics.intent_publish_failures.inc();
+            tracing::warn!(tenant = %tenant, error = %e, "publishing intents failed; will retry");
+        }
+    }
+}
+
+async fn reconcile_all(state: &AppState) {
+    match all_tenants(state).await {
+        Ok(tenants) => {
+            for tenant in tenants {
+                publish_one(state, tenant).await;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot list tenants for reconcile"),
+    }
+}
+
+/// Run until `stop` turns true. Releases the lease on the way out.
+pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
+    let settings = state.intents.clone();
+    let lease = Lease::new(
+        "intent-publisher",
+        &state.replica_id,
+        Duration::from_millis(settings.lease_ttl_ms),
+    );
+    let debounce = Duration::from_millis(settings.debounce_ms);
+    let reconcile_every = Duration::from_secs(settings.reconcile_interval_s);
+    let mut subscription = None;
+    let mut leader = false;
+    let mut pending: HashMap<TenantId, Instant> = HashMap::new();
+    let mut last_reconcile: Option<Instant> = None;
+    let mut renew = tokio::time::interval(lease.ttl() / 5);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flush =
+        tokio::time::interval(Duration::from_millis((settings.debounce_ms / 2).max(10)));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if subscription.is_none() {
+            match state.nats.subscribe(INTENTS_CHANGED_SUBJECT).await {
+                Ok(sub) => subscription = Some(sub),
+                Err(e) => tracing::warn!(error = %e, "cannot subscribe to intent changes yet"),
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => break,
+            message = async {
+                match subscription.as_mut() {
+                    Some(sub) => sub.next().await,
+                    None => std::future::pending().await,
+                }
+            } => match message {
+                Some(message) => {
+                    if leader {
+                        match std::str::from_utf8(&message.payload).ok().and_then(|t| t.parse::<TenantId>().ok()) {
+                            Some(tenant) => {
+                                pending.entry(tenant).or_insert_with(|| Instant::now() + debounce);
+                            }
+                            None => tracing::warn!("ignoring a malformed intent-change signal"),
+                        }
+                    }
+                }
+                None => subscription = None,
+            },
+            _ = renew.tick() => {
+                let held = match state.redis().await {
+                    Ok(mut redis) => lease.acquire_or_renew(&mut redis).await.unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "lease renewal failed");
+                        false
+                    }),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Redis unreachable; cannot hold the publisher lease");
+                        false
+                    }
+                };
+                if held && !leader {
+                    tracing::info!(replica = %state.replica_id, "this replica now publishes intents");
+                    last_reconcile = None;
+                } else if !held && leader {
+                    tracing::warn!(replica = %state.replica_id, "lost the intent publisher lease");
+                    pending.clear();
+                }
+                leader = held;
+                state.metrics.intent_publisher_leader.set(i64::from(leader));
+                if leader && last_reconcile.is_none_or(|t| t.elapsed() >= reconcile_every) {
+                    last_reconcile = Some(Instant::now());
+                    reconcile_all(&state).await;
+                }
+            }
+            _ = flush.tick(), if leader && !pending.is_empty() => {
+                let now = Instant::now();
+                let due: Vec<TenantId> = pending.iter().filter(|(_, at)| **at <= now).map(|(t, _)| *t).collect();
+                for tenant in due {
+                    pending.remove(&tenant);
+                    publish_one(&state, tenant).await;
+                }
+            }
+        }
+    }
+    if leader {
+        if let Ok(mut redis) = state.redis().await {
+            if let Err(e) = lease.release(&mut redis).await {
+                tracing::warn!(error = %e, "could not release the publisher lease; it expires by itself");
+            }
+        }
+        state.metrics.intent_publisher_leader.set(0);
+    }
+}

@@ -1,0 +1,269 @@
+//! Prometheus metrics, rendered as text at `GET /metrics`.
+//!
+//! A small hand-rolled registry (counters, gauges, fixed-bucket histograms on atomics) keeps
+//! the dependency count down; the one labelled family, HTTP requests, is keyed by the matched
+//! route pattern (not the raw path), method and status, so its cardinality stays bounded.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use actix_web::{get, web, HttpResponse};
+
+use crate::server::AppState;
+
+/// Latency buckets in seconds (1 ms to 10 s).
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Cumulative-bucket histogram; sums are kept in microseconds to stay integral.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, seconds: f64) {
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((seconds * 1e6).max(0.0) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
+                self.buckets[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{braces} {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{braces} {count}");
+    }
+}
+
+/// Every metric of one controller process.
+#[derive(Default)]
+pub struct Metrics {
+    pub intents_published: Counter,
+    pub intent_publish_failures: Counter,
+    pub intent_publish_seconds: Histogram,
+    pub intent_publisher_leader: Gauge,
+    /// (route pattern, method, status) → latency histogram.
+    http: Mutex<BTreeMap<(String, String, u16), Histogram>>,
+}
+
+impl Metrics {
+    pub fn observe_request(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        let Ok(mut http) = self.http.lock() else {
+            return;
+        };
+        http.entry((route.to_owned(), method.to_owned(), status))
+            .or_default()
+            .observe(seconds);
+    }
+
+    /// The Prometheus text exposition of everything, plus the live pool and NATS state.
+    pub fn render(&self, state: &AppState) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP patronus_http_request_duration_seconds HTTP requests by route, method and status.");
+        let _ = writeln!(
+            out,
+            "# TYPE patronus_http_request_duration_seconds histogram"
+        );
+        if let Ok(http) = self.http.lock() {
+            for ((route, method, status), histogram) in http.iter() {
+                let labels = format!(
+                    "route=\"{}\",method=\"{method}\",status=\"{status}\"",
+                    route.replace('"', "'")
+                );
+                histogram.render(&mut out, "patronus_http_request_duration_seconds", &labels);
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP patronus_intents_published_total Site intents written to the KV bucket."
+        );
+        let _ = writeln!(out, "# TYPE patronus_intents_published_total counter");
+        let _ = writeln!(
+            out,
+            "patronus_intents_published_total {}",
+            self.intents_published.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP patronus_intent_publish_failures_total Tenant publishes that failed (retried)."
+        );
+        let _ = writeln!(out, "# TYPE patronus_intent_publish_failures_total counter");
+        let _ = writeln!(
+            out,
+            "patronus_intent_publish_failures_total {}",
+            self.intent_publish_failures.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP patronus_intent_publish_seconds Time to compile and publish one tenant."
+        );
+        let _ = writeln!(out, "# TYPE patronus_intent_publish_seconds histogram");
+        self.intent_publish_seconds
+            .render(&mut out, "patronus_intent_publish_seconds", "");
+        let _ = writeln!(
+            out,
+            "# HELP patronus_intent_publisher_leader 1 if this replica holds the publisher lease."
+        );
+        let _ = writeln!(out, "# TYPE patronus_intent_publisher_leader gauge");
+        let _ = writeln!(
+            out,
+            "patronus_intent_publisher_leader {}",
+            self.intent_publisher_leader.get()
+        );
+        let pool = state.db.status();
+        let _ = writeln!(
+            out,
+            "# HELP patronus_db_pool_connections Database pool connections by state."
+        );
+        let _ = writeln!(out, "# TYPE patronus_db_pool_connections gauge");
+        let _ = writeln!(
+            out,
+            "patronus_db_pool_connections{{state=\"open\"}} {}",
+            pool.size
+        );
+        let _ = writeln!(
+            out,
+            "patronus_db_pool_connections{{state=\"idle\"}} {}",
+            pool.available
+        );
+        let _ = writeln!(
+            out,
+            "patronus_db_pool_connections{{state=\"max\"}} {}",
+            pool.max_size
+        );
+        let _ = writeln!(
+            out,
+            "# HELP patronus_db_pool_waiting Requests waiting for a database connection."
+        );
+        let _ = writeln!(out, "# TYPE patronus_db_pool_waiting gauge");
+        let _ = writeln!(out, "patronus_db_pool_waiting {}", pool.waiting);
+        let connected = matches!(
+            state.nats.connection_state(),
+            async_nats::connection::State::Connected
+        );
+        let _ = writeln!(
+            out,
+            "# HELP patronus_nats_connected 1 while the NATS connection is up."
+        );
+        let _ = writeln!(out, "# TYPE patronus_nats_connected gauge");
+        let _ = writeln!(out, "patronus_nats_connected {}", i32::from(connected));
+        let stats = state.nats.statistics();
+        let _ = writeln!(
+            out,
+            "# HELP patronus_nats_connects_total NATS (re)connections."
+        );
+        let _ = writeln!(out, "# TYPE patronus_nats_connects_total counter");
+        let _ = writeln!(
+            out,
+            "patronus_nats_connects_total {}",
+            stats.connects.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+/// Record every request's latency by route pattern, method and status.
+pub async fn record(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = std::time::Instant::now();
+    let route = req
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().to_string();
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let response = next.call(req).await?;
+    if let Some(state) = state {
+        state.metrics.observe_request(
+            &route,
+            &method,
+            response.status().as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
+    }
+    Ok(response)
+}
+
+#[get("/metrics")]
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render(&state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(0.003);
+        h.observe(0.2);
+        let mut out = String::new();
+        h.render(&mut out, "x", "a=\"b\"");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.005\"} 1"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.25\"} 2"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 2"), "{out}");
+        assert!(out.contains("x_count{a=\"b\"} 2"), "{out}");
+    }
+}

@@ -874,3 +874,248 @@ async fn login_attempts_are_rate_limited() -> anyhow::Result<()> {
     drop(app);
     h.finish().await
 }
+
+#[actix_web::test]
+async fn topology_paths_metrics_and_flows() -> anyhow::Result<()> {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+    let h = harness().await?;
+    let app = app!(h);
+    let w = world(&app, &h).await;
+    let mut ids = Vec::new();
+    for (name, lan) in [("hq", "10.1.0.0/24"), ("branch", "10.2.0.0/24")] {
+        let (status, site) = call!(
+            app,
+            h,
+            Method::POST,
+            "/api/v1/sites",
+            Some(&w.admin_a),
+            Some(site_body(name, lan))
+        );
+        assert_eq!(status, StatusCode::CREATED, "{site}");
+        ids.push(site["id"].as_str().unwrap().to_owned());
+    }
+    let (status, graph) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/topology",
+        Some(&w.viewer_a),
+        None
+    );
+    assert_eq!(status, StatusCode::OK, "{graph}");
+    assert_eq!(graph["nodes"].as_array().unwrap().len(), 2);
+    assert!(graph["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|n| n["reason"] == "not enrolled"));
+    assert_eq!(graph["edges"].as_array().unwrap().len(), 0);
+
+    // Bad settings are refused; the viewer cannot change them.
+    let (status, body) = call!(
+        app,
+        h,
+        Method::PUT,
+        "/api/v1/topology",
+        Some(&w.admin_a),
+        Some(json!({ "mode": "full_mesh", "max_peers": 0 }))
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"], "invalid_topology");
+    let (status, _) = call!(
+        app,
+        h,
+        Method::PUT,
+        "/api/v1/topology",
+        Some(&w.admin_a),
+        Some(json!({ "mode": "star" }))
+    );
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::PUT,
+        "/api/v1/topology",
+        Some(&w.viewer_a),
+        Some(json!({ "mode": "full_mesh" }))
+    );
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Enrol both sites (keys as enrollment will set them) and publish: paths appear.
+    let mut owner = AsyncPgConnection::establish(&h.database.owner_url).await?;
+    for (i, id) in ids.iter().enumerate() {
+        let key = patronus_proto::WgPublicKey([i as u8 + 1; 32]).to_base64();
+        owner
+            .batch_execute(&format!(
+                "UPDATE sites SET wg_public_key = '{key}', status = 'active' WHERE id = '{id}'"
+            ))
+            .await?;
+    }
+    let tenant = patronus_proto::TenantId(w.tenant_a.parse()?);
+    let bucket = h.state.intents_bucket().await?;
+    let outcome = patronus_controller::intents::publish::publish_tenant(
+        &h.state.db,
+        &bucket,
+        tenant,
+        &h.state.probe_secret,
+    )
+    .await?;
+    assert_eq!(outcome.published.len(), 2);
+    let (_, graph) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/topology",
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(graph["edges"].as_array().unwrap().len(), 1, "{graph}");
+    assert_eq!(graph["edges"][0]["paths"].as_array().unwrap().len(), 4);
+    let (status, paths) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/paths?site={}", ids[0]),
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        paths["items"].as_array().unwrap().len(),
+        8,
+        "both directions of 2×2 uplinks"
+    );
+    let path_id = paths["items"][0]["id"].as_str().unwrap().to_owned();
+    let (status, path) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/paths/{path_id}"),
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::OK);
+    assert!(path["src_uplink_name"].is_string());
+    let (status, _) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/paths/{path_id}"),
+        Some(&w.admin_b),
+        None
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Metrics history: raw and bucketed.
+    owner
+        .batch_execute(&format!(
+            "INSERT INTO path_metrics (tenant_id, path_id, measured_at, latency_ms, jitter_ms, packet_loss_pct, score, status)
+             SELECT '{}', '{path_id}', now() - make_interval(secs => g), 20 + g % 10, 1, 0, 90, 'up'
+             FROM generate_series(1, 120) g",
+            w.tenant_a
+        ))
+        .await?;
+    let (status, raw) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/paths/{path_id}/metrics"),
+        Some(&w.viewer_a),
+        None
+    );
+    assert_eq!(status, StatusCode::OK, "{raw}");
+    assert_eq!(raw["points"].as_array().unwrap().len(), 120);
+    let (_, bucketed) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/paths/{path_id}/metrics?step=60"),
+        Some(&w.viewer_a),
+        None
+    );
+    let points = bucketed["points"].as_array().unwrap();
+    assert!((2..=3).contains(&points.len()), "{bucketed}");
+    assert_eq!(
+        points
+            .iter()
+            .map(|p| p["samples"].as_i64().unwrap())
+            .sum::<i64>(),
+        120
+    );
+    let (status, _) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/paths/{path_id}/metrics?step=0"),
+        Some(&w.viewer_a),
+        None
+    );
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/paths/{path_id}/metrics?from=2020-01-01T00:00:00Z"),
+        Some(&w.viewer_a),
+        None
+    );
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // No edge is running: the on-demand test says so.
+    let (status, body) = call!(
+        app,
+        h,
+        Method::POST,
+        &format!("/api/v1/paths/{path_id}/test"),
+        Some(&w.admin_a),
+        Some(json!({ "duration_s": 1 }))
+    );
+    assert!(
+        matches!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+        ),
+        "{status} {body}"
+    );
+    let (status, _) = call!(
+        app,
+        h,
+        Method::POST,
+        &format!("/api/v1/paths/{path_id}/test"),
+        Some(&w.admin_a),
+        Some(json!({ "duration_s": 600 }))
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let (status, flows) = call!(app, h, Method::GET, "/api/v1/flows", Some(&w.admin_a), None);
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(flows["items"].as_array().unwrap().len(), 0);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/flows/{}", uuid::Uuid::new_v4()),
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/topology/optimize",
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::ACCEPTED);
+
+    let req = test::TestRequest::get()
+        .uri("/metrics")
+        .peer_addr(h.peer)
+        .to_request();
+    let text = String::from_utf8(test::call_and_read_body(&app, req).await.to_vec())?;
+    assert!(text.contains("patronus_db_pool_connections"), "{text}");
+    drop(owner);
+    drop(app);
+    h.finish().await
+}

@@ -10,6 +10,7 @@
 //! - [`config`]: the one typed configuration (TOML file, environment, flags), validated at start.
 //! - [`db`]: the PostgreSQL pool, tenant-scoped transactions (row-level security) and the
 //!   embedded migrations.
+//! - [`events`]: controller events and the WebSocket stream `/ws/sdwan`.
 //! - [`health`]: `/healthz` and `/readyz`.
 //! - [`intents`]: compile each site's intent and publish it (singleton, under a Redis lease).
 //! - [`lease`]: Redis leases for singleton work shared by replicas.
@@ -22,6 +23,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod events;
 pub mod health;
 pub mod intents;
 pub mod lease;

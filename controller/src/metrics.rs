@@ -100,6 +100,7 @@ pub struct Metrics {
     pub intent_publish_failures: Counter,
     pub intent_publish_seconds: Histogram,
     pub intent_publisher_leader: Gauge,
+    pub ws_slow_clients_dropped: Counter,
     /// (route pattern, method, status) → latency histogram.
     http: Mutex<BTreeMap<(String, String, u16), Histogram>>,
 }
@@ -167,6 +168,13 @@ impl Metrics {
             out,
             "patronus_intent_publisher_leader {}",
             self.intent_publisher_leader.get()
+        );
+        let _ = writeln!(out, "# HELP patronus_ws_slow_clients_dropped_total WebSocket clients disconnected for reading too slowly.");
+        let _ = writeln!(out, "# TYPE patronus_ws_slow_clients_dropped_total counter");
+        let _ = writeln!(
+            out,
+            "patronus_ws_slow_clients_dropped_total {}",
+            self.ws_slow_clients_dropped.get()
         );
         let pool = state.db.status();
         let _ = writeln!(

@@ -129,6 +129,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(health::healthz)
         .service(health::readyz)
         .service(crate::metrics::metrics)
+        .service(crate::events::stream)
         .configure(crate::api::configure);
 }
 

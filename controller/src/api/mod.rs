@@ -8,17 +8,21 @@
 //!   rate limits.
 //! - [`session`]: login, refresh, logout, me.
 //! - [`tenants`], [`operators`], [`tokens`]: MSP and tenant administration.
-//! - [`sites`], [`policies`], [`audit`]: the tenant's network and its history.
+//! - [`sites`], [`policies`], [`paths`], [`flows`], [`topology`], [`audit`]: the tenant's
+//!   network, what flows over it, and its history.
 
 pub mod audit;
 pub mod context;
 pub mod error;
+pub mod flows;
 pub mod operators;
+pub mod paths;
 pub mod policies;
 pub mod session;
 pub mod sites;
 pub mod tenants;
 pub mod tokens;
+pub mod topology;
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -112,6 +116,9 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .configure(tokens::routes)
         .configure(sites::routes)
         .configure(policies::routes)
+        .configure(paths::routes)
+        .configure(flows::routes)
+        .configure(topology::routes)
         .configure(audit::routes);
 }
 

@@ -430,6 +430,15 @@ async fn create(ctx: Ctx, body: web::Json<CreateSite>) -> ApiResult<HttpResponse
         })
         .await?;
     tracing::info!(tenant = %tenant, site = %id, "site created");
+    ctx.state
+        .emit(
+            tenant,
+            Some(patronus_proto::SiteId(id)),
+            patronus_proto::events::SdwanEvent::TopologyChanged {
+                change: patronus_proto::events::TopologyChange::SiteAdded,
+            },
+        )
+        .await;
     ctx.state.intents_changed(tenant).await;
     Ok(HttpResponse::Created().json(site))
 }
@@ -552,6 +561,15 @@ async fn delete(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
             tracing::warn!(tenant = %tenant, site = %id, error = %e, "intents bucket unavailable")
         }
     }
+    ctx.state
+        .emit(
+            tenant,
+            Some(patronus_proto::SiteId(id)),
+            patronus_proto::events::SdwanEvent::SiteLeft {
+                site: patronus_proto::SiteId(id),
+            },
+        )
+        .await;
     ctx.state.intents_changed(tenant).await;
     Ok(HttpResponse::NoContent().finish())
 }

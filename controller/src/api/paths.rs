@@ -1,0 +1,420 @@
+//! Paths between sites (created by the intent publisher from the topology) and their metrics.
+//!
+//! - `GET /paths?site=&status=`, `GET /paths/{id}`
+//! - `GET /paths/{id}/metrics?from=&to=&step=` history, raw or bucketed by `step` seconds
+//! - `POST /paths/{id}/test` asks the source edge to measure the path now (NATS request to
+//!   `sdwan.<tenant>.<site>.cmd`); 503 if the edge does not answer.
+
+use std::time::Duration;
+
+use actix_web::{web, HttpResponse};
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Double, Int4, Nullable, Timestamptz, Uuid as SqlUuid};
+use diesel_async::RunQueryDsl;
+use patronus_proto::command::{
+    Command, CommandReply, CommandRequest, CommandResult, MAX_PATH_TEST_SECONDS,
+};
+use patronus_proto::{codec, PathId, SiteId, SCHEMA_VERSION};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::context::{record_audit, Ctx, Page};
+use super::error::{ApiError, ApiResult};
+use crate::db::schema::{endpoints, paths};
+
+#[derive(Serialize, Debug, Clone)]
+pub struct PathView {
+    pub id: Uuid,
+    pub src_site_id: Uuid,
+    pub dst_site_id: Uuid,
+    pub src_uplink: i16,
+    pub dst_uplink: i16,
+    pub src_uplink_name: String,
+    pub dst_uplink_name: String,
+    pub status: String,
+    pub score: Option<i16>,
+    pub status_changed_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+type PathTuple = (
+    Uuid,
+    Uuid,
+    Uuid,
+    Option<i16>,
+    String,
+    Option<DateTime<Utc>>,
+    DateTime<Utc>,
+    i16,
+    String,
+    i16,
+    String,
+);
+
+fn view(row: PathTuple) -> PathView {
+    let (
+        id,
+        src_site_id,
+        dst_site_id,
+        score,
+        status,
+        status_changed_at,
+        created_at,
+        src_uplink,
+        src_uplink_name,
+        dst_uplink,
+        dst_uplink_name,
+    ) = row;
+    PathView {
+        id,
+        src_site_id,
+        dst_site_id,
+        src_uplink,
+        dst_uplink,
+        src_uplink_name,
+        dst_uplink_name,
+        status,
+        score,
+        status_changed_at,
+        created_at,
+    }
+}
+
+diesel::alias!(endpoints as dst_endpoints: DstEndpoints);
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PathQuery {
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+    /// Paths starting or ending at this site.
+    pub site: Option<Uuid>,
+    pub status: Option<String>,
+}
+
+const PATH_STATUSES: [&str; 4] = ["up", "degraded", "down", "unknown"];
+
+async fn list(ctx: Ctx, query: web::Query<PathQuery>) -> ApiResult<HttpResponse> {
+    let query = query.into_inner();
+    let page = Page::parse(query.limit, query.cursor.as_deref())?;
+    if query
+        .status
+        .as_deref()
+        .is_some_and(|s| !PATH_STATUSES.contains(&s))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("status must be one of {}", PATH_STATUSES.join(", ")),
+        ));
+    }
+    let rows = ctx
+        .tenant_tx(move |conn| {
+            Box::pin(async move {
+                let mut q = paths::table
+                    .inner_join(endpoints::table.on(endpoints::id.eq(paths::src_endpoint_id)))
+                    .inner_join(
+                        dst_endpoints.on(dst_endpoints
+                            .field(endpoints::id)
+                            .eq(paths::dst_endpoint_id)),
+                    )
+                    .select((
+                        paths::id,
+                        paths::src_site_id,
+                        paths::dst_site_id,
+                        paths::score,
+                        paths::status,
+                        paths::status_changed_at,
+                        paths::created_at,
+                        endpoints::uplink_index,
+                        endpoints::name,
+                        dst_endpoints.field(endpoints::uplink_index),
+                        dst_endpoints.field(endpoints::name),
+                    ))
+                    .into_boxed();
+                if let Some(site) = query.site {
+                    q = q.filter(paths::src_site_id.eq(site).or(paths::dst_site_id.eq(site)));
+                }
+                if let Some(status) = query.status {
+                    q = q.filter(paths::status.eq(status));
+                }
+                if let Some((at, id)) = page.after {
+                    q = q.filter(
+                        paths::created_at
+                            .gt(at)
+                            .or(paths::created_at.eq(at).and(paths::id.gt(id))),
+                    );
+                }
+                let rows: Vec<PathTuple> = q
+                    .order((paths::created_at, paths::id))
+                    .limit(page.limit + 1)
+                    .load(conn)
+                    .await?;
+                Ok(rows.into_iter().map(view).collect::<Vec<_>>())
+            })
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(page.finish(rows, |p| (p.created_at, p.id))))
+}
+
+async fn find(ctx: &Ctx, id: Uuid) -> ApiResult<PathView> {
+    let row = ctx
+        .tenant_tx(move |conn| {
+            Box::pin(async move {
+                let row: Option<PathTuple> = paths::table
+                    .inner_join(endpoints::table.on(endpoints::id.eq(paths::src_endpoint_id)))
+                    .inner_join(
+                        dst_endpoints.on(dst_endpoints
+                            .field(endpoints::id)
+                            .eq(paths::dst_endpoint_id)),
+                    )
+                    .filter(paths::id.eq(id))
+                    .select((
+                        paths::id,
+                        paths::src_site_id,
+                        paths::dst_site_id,
+                        paths::score,
+                        paths::status,
+                        paths::status_changed_at,
+                        paths::created_at,
+                        endpoints::uplink_index,
+                        endpoints::name,
+                        dst_endpoints.field(endpoints::uplink_index),
+                        dst_endpoints.field(endpoints::name),
+                    ))
+                    .first(conn)
+                    .await
+                    .optional()?;
+                Ok(row.map(view))
+            })
+        })
+        .await?;
+    row.ok_or_else(|| ApiError::not_found("path"))
+}
+
+async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(find(&ctx, id.into_inner()).await?))
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsQuery {
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    /// Bucket width in seconds; absent: raw samples.
+    pub step: Option<i64>,
+}
+
+/// Longest history one request may span.
+const MAX_RANGE_DAYS: i64 = 31;
+/// Most points one answer may hold.
+const MAX_POINTS: i64 = 10_000;
+
+#[derive(QueryableByName, Serialize)]
+struct Point {
+    #[diesel(sql_type = Timestamptz)]
+    at: DateTime<Utc>,
+    #[diesel(sql_type = Double)]
+    latency_ms: f64,
+    #[diesel(sql_type = Double)]
+    jitter_ms: f64,
+    #[diesel(sql_type = Double)]
+    packet_loss_pct: f64,
+    #[diesel(sql_type = Nullable<Double>)]
+    bandwidth_mbps: Option<f64>,
+    #[diesel(sql_type = Nullable<Int4>)]
+    mtu: Option<i32>,
+    #[diesel(sql_type = Double)]
+    score: f64,
+    #[diesel(sql_type = BigInt)]
+    samples: i64,
+}
+
+#[derive(Serialize)]
+struct History {
+    path_id: Uuid,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    step: Option<i64>,
+    points: Vec<Point>,
+}
+
+async fn metrics(
+    ctx: Ctx,
+    id: web::Path<Uuid>,
+    query: web::Query<MetricsQuery>,
+) -> ApiResult<HttpResponse> {
+    let id = id.into_inner();
+    find(&ctx, id).await?;
+    let query = query.into_inner();
+    let to = query.to.unwrap_or_else(Utc::now);
+    let from = query.from.unwrap_or(to - chrono::Duration::hours(1));
+    if from >= to {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "from must be before to",
+        ));
+    }
+    if to - from > chrono::Duration::days(MAX_RANGE_DAYS) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("a range spans at most {MAX_RANGE_DAYS} days"),
+        ));
+    }
+    if let Some(step) = query.step {
+        if step < 1 || (to - from).num_seconds() / step > MAX_POINTS {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!(
+                    "step must be at least 1 s and give at most {MAX_POINTS} points over the range"
+                ),
+            ));
+        }
+    }
+    let step = query.step;
+    let points = ctx
+        .tenant_tx(move |conn| {
+            Box::pin(async move {
+                let points: Vec<Point> = match step {
+                    Some(step) => {
+                        diesel::sql_query(
+                            "SELECT date_bin(make_interval(secs => $4), measured_at, $2) AS at,
+                                    avg(latency_ms)::float8 AS latency_ms, avg(jitter_ms)::float8 AS jitter_ms,
+                                    avg(packet_loss_pct)::float8 AS packet_loss_pct,
+                                    avg(bandwidth_mbps)::float8 AS bandwidth_mbps, min(mtu) AS mtu,
+                                    avg(score)::float8 AS score, count(*) AS samples
+                             FROM path_metrics
+                             WHERE path_id = $1 AND measured_at >= $2 AND measured_at < $3
+                             GROUP BY 1 ORDER BY 1",
+                        )
+                        .bind::<SqlUuid, _>(id)
+                        .bind::<Timestamptz, _>(from)
+                        .bind::<Timestamptz, _>(to)
+                        .bind::<Double, _>(step as f64)
+                        .load(conn)
+                        .await?
+                    }
+                    None => {
+                        diesel::sql_query(
+                            "SELECT measured_at AS at, latency_ms::float8 AS latency_ms, jitter_ms::float8 AS jitter_ms,
+                                    packet_loss_pct::float8 AS packet_loss_pct, bandwidth_mbps::float8 AS bandwidth_mbps,
+                                    mtu, score::float8 AS score, 1::bigint AS samples
+                             FROM path_metrics
+                             WHERE path_id = $1 AND measured_at >= $2 AND measured_at < $3
+                             ORDER BY measured_at LIMIT $4",
+                        )
+                        .bind::<SqlUuid, _>(id)
+                        .bind::<Timestamptz, _>(from)
+                        .bind::<Timestamptz, _>(to)
+                        .bind::<BigInt, _>(MAX_POINTS)
+                        .load(conn)
+                        .await?
+                    }
+                };
+                Ok(points)
+            })
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(History {
+        path_id: id,
+        from,
+        to,
+        step,
+        points,
+    }))
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TestBody {
+    /// Seconds of active bandwidth test (1-60, default 5).
+    pub duration_s: Option<u32>,
+}
+
+async fn test(
+    ctx: Ctx,
+    id: web::Path<Uuid>,
+    body: Option<web::Json<TestBody>>,
+) -> ApiResult<HttpResponse> {
+    ctx.require_write()?;
+    let tenant = ctx.tenant()?;
+    let path = find(&ctx, id.into_inner()).await?;
+    let duration_s = body.and_then(|b| b.into_inner().duration_s).unwrap_or(5);
+    if duration_s == 0 || duration_s > MAX_PATH_TEST_SECONDS {
+        return Err(ApiError::unprocessable(
+            "invalid_value",
+            format!("duration_s must be 1-{MAX_PATH_TEST_SECONDS}"),
+        ));
+    }
+    let audit = ctx.audit(
+        "path.test",
+        "path",
+        path.id,
+        serde_json::json!({ "duration_s": duration_s }),
+    );
+    ctx.tenant_tx(move |conn| Box::pin(async move { record_audit(conn, audit).await }))
+        .await?;
+    let request = CommandRequest {
+        schema_version: SCHEMA_VERSION,
+        request_id: ctx.request_id.clone(),
+        command: Command::PathTest {
+            path: PathId(path.id),
+            duration_s,
+        },
+    };
+    let subject = patronus_proto::subjects::cmd_subject(tenant, SiteId(path.src_site_id));
+    let timeout = Duration::from_secs(u64::from(duration_s) + 5);
+    let reply = tokio::time::timeout(
+        timeout,
+        ctx.state
+            .nats
+            .request(subject, codec::encode(&request).into()),
+    )
+    .await;
+    let message = match reply {
+        Err(_) => {
+            return Err(ApiError::new(
+                actix_web::http::StatusCode::GATEWAY_TIMEOUT,
+                "edge_timeout",
+                "the site's edge did not answer in time; check that it is online",
+            ))
+        }
+        Ok(Err(e)) => {
+            return Err(ApiError::unavailable(format!(
+                "the site's edge is not reachable over NATS ({}); check that it is online",
+                e.kind()
+            )))
+        }
+        Ok(Ok(message)) => message,
+    };
+    let reply: CommandReply = codec::decode(&message.payload).map_err(|e| {
+        ApiError::new(
+            actix_web::http::StatusCode::BAD_GATEWAY,
+            "bad_edge_reply",
+            format!("the edge answered with an unreadable reply: {e}"),
+        )
+    })?;
+    match reply.result {
+        CommandResult::PathTest { metrics, .. } => {
+            Ok(HttpResponse::Ok()
+                .json(serde_json::json!({ "path_id": path.id, "metrics": metrics })))
+        }
+        CommandResult::Failed { error } => Err(ApiError::new(
+            actix_web::http::StatusCode::BAD_GATEWAY,
+            "edge_failed",
+            error,
+        )),
+        _ => Err(ApiError::new(
+            actix_web::http::StatusCode::BAD_GATEWAY,
+            "bad_edge_reply",
+            "the edge answered something other than a path test",
+        )),
+    }
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/paths").get(list))
+        .service(web::resource("/paths/{id}").get(get))
+        .service(web::resource("/paths/{id}/metrics").get(metrics))
+        .service(web::resource("/paths/{id}/test").post(test));
+}

@@ -19,6 +19,26 @@ pub struct ControllerConfig {
     pub log: LogConfig,
     pub auth: AuthConfig,
     pub intents: IntentsConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// Path-metrics storage.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Days of path-metrics history kept; older daily partitions are dropped.
+    pub retention_days: u32,
+    /// Daily partitions created ahead of time.
+    pub partitions_ahead_days: u32,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: 30,
+            partitions_ahead_days: 7,
+        }
+    }
 }
 
 /// The intent publisher.
@@ -375,6 +395,15 @@ impl ControllerConfig {
             return Err(invalid(
                 "intents.reconcile_interval_s",
                 "must be 5-3600".into(),
+            ));
+        }
+        if !(1..=3650).contains(&self.metrics.retention_days) {
+            return Err(invalid("metrics.retention_days", "must be 1-3650".into()));
+        }
+        if !(1..=60).contains(&self.metrics.partitions_ahead_days) {
+            return Err(invalid(
+                "metrics.partitions_ahead_days",
+                "must be 1-60".into(),
             ));
         }
         if !(500..=60_000).contains(&self.intents.lease_ttl_ms) {

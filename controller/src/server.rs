@@ -23,6 +23,7 @@ pub struct AppState {
     pub session_keys: SessionKeys,
     pub auth: AuthConfig,
     pub intents: IntentsConfig,
+    pub metrics_config: crate::config::MetricsConfig,
     /// Decoded `intents.probe_secret`.
     pub probe_secret: std::sync::Arc<Vec<u8>>,
     /// Identifies this process as a lease holder: host, pid and a random suffix.
@@ -71,6 +72,7 @@ impl AppState {
             session_keys: SessionKeys::from_base64(&config.auth.session_secret.0)?,
             auth: config.auth.clone(),
             intents: config.intents.clone(),
+            metrics_config: config.metrics.clone(),
             probe_secret: std::sync::Arc::new(
                 base64::Engine::decode(
                     &base64::engine::general_purpose::STANDARD,

@@ -17,7 +17,8 @@
 //! is off). A site reaches a site it does not peer with through hubs: spoke → hub → (hub →)
 //! destination, at most three hops; [`Topology::next_hops`] gives the ordered choices.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use patronus_proto::SiteId;
 use serde::{Deserialize, Serialize};
@@ -104,8 +105,38 @@ pub enum TopologyError {
     },
 }
 
+/// FxHash: site ids are random UUIDs, so a fast non-cryptographic hash spreads them well, and
+/// route lookups (one per site pair when compiling intents) dominate compile time.
+#[derive(Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+type FastSet<K> = HashSet<K, BuildHasherDefault<FxHasher>>;
+
+/// How a pair that does not peer directly is connected (see [`Topology::route`]).
+enum Via {
+    Direct,
+    One(SiteId),
+    Two(SiteId, SiteId),
+}
+
 /// The computed topology.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Topology {
     /// Peered pairs, keyed `(a, b)` with `a < b`, each with its paths as
     /// `(a's uplink, b's uplink)`.
@@ -115,7 +146,20 @@ pub struct Topology {
     /// Each spoke's hubs, preferred first.
     pub spoke_hubs: BTreeMap<SiteId, Vec<SiteId>>,
     adjacency: BTreeMap<SiteId, BTreeSet<SiteId>>,
+    /// Fast lookups, derived from the fields above.
+    peer_pairs: FastSet<(SiteId, SiteId)>,
+    primary: FastMap<SiteId, SiteId>,
 }
+
+impl PartialEq for Topology {
+    fn eq(&self, other: &Self) -> bool {
+        self.peerings == other.peerings
+            && self.hubs == other.hubs
+            && self.spoke_hubs == other.spoke_hubs
+    }
+}
+
+impl Eq for Topology {}
 
 fn ordered(a: SiteId, b: SiteId) -> (SiteId, SiteId) {
     if a < b {
@@ -127,9 +171,7 @@ fn ordered(a: SiteId, b: SiteId) -> (SiteId, SiteId) {
 
 impl Topology {
     pub fn is_peered(&self, a: SiteId, b: SiteId) -> bool {
-        self.adjacency
-            .get(&a)
-            .is_some_and(|peers| peers.contains(&b))
+        self.peer_pairs.contains(&ordered(a, b))
     }
 
     /// Sites `site` peers with, in id order.
@@ -166,45 +208,61 @@ impl Topology {
         if a == b {
             return Some(vec![a]);
         }
-        if self.is_peered(a, b) {
-            return Some(vec![a, b]);
-        }
         let (low, high) = ordered(a, b);
-        let primary = |s: SiteId| {
-            self.spoke_hubs
-                .get(&s)
-                .and_then(|hubs| hubs.first().copied())
+        let mut path = match self.via(low, high)? {
+            Via::Direct => vec![low, high],
+            Via::One(hub) => vec![low, hub, high],
+            Via::Two(hl, hh) => vec![low, hl, hh, high],
         };
-        let via = if let Some(hub) = primary(low).filter(|h| self.is_peered(*h, high)) {
-            vec![hub]
-        } else if let Some(hub) = primary(high).filter(|h| self.is_peered(*h, low)) {
-            vec![hub]
-        } else if let Some(hub) = self
-            .hubs
-            .iter()
-            .copied()
-            .find(|h| self.is_peered(*h, low) && self.is_peered(*h, high))
-        {
-            vec![hub]
-        } else {
-            match (primary(low), primary(high)) {
-                (Some(hl), Some(hh)) if self.is_peered(hl, hh) => vec![hl, hh],
-                _ => return None,
-            }
-        };
-        let mut path = Vec::with_capacity(via.len() + 2);
-        path.push(low);
-        path.extend(via);
-        path.push(high);
         if a != low {
             path.reverse();
         }
         Some(path)
     }
 
+    /// The rule of [`Topology::route`] for `low < high`.
+    fn via(&self, low: SiteId, high: SiteId) -> Option<Via> {
+        if self.is_peered(low, high) {
+            return Some(Via::Direct);
+        }
+        let primary = |s: SiteId| self.primary.get(&s).copied();
+        if let Some(hub) = primary(low).filter(|h| self.is_peered(*h, high)) {
+            return Some(Via::One(hub));
+        }
+        if let Some(hub) = primary(high).filter(|h| self.is_peered(*h, low)) {
+            return Some(Via::One(hub));
+        }
+        if let Some(hub) = self
+            .hubs
+            .iter()
+            .copied()
+            .find(|h| self.is_peered(*h, low) && self.is_peered(*h, high))
+        {
+            return Some(Via::One(hub));
+        }
+        match (primary(low), primary(high)) {
+            (Some(hl), Some(hh)) if self.is_peered(hl, hh) => Some(Via::Two(hl, hh)),
+            _ => None,
+        }
+    }
+
     /// The peer `src` hands traffic for `dst` to (the second site of [`Topology::route`]).
     pub fn next_hop(&self, src: SiteId, dst: SiteId) -> Option<SiteId> {
-        self.route(src, dst).and_then(|path| path.get(1).copied())
+        if src == dst {
+            return None;
+        }
+        let (low, high) = ordered(src, dst);
+        Some(match self.via(low, high)? {
+            Via::Direct => dst,
+            Via::One(hub) => hub,
+            Via::Two(hl, hh) => {
+                if src == low {
+                    hl
+                } else {
+                    hh
+                }
+            }
+        })
     }
 
     /// The peers `src` can hand traffic for `dst` to, preferred first; empty if none.
@@ -248,6 +306,7 @@ impl Topology {
             .flat_map(|&x| second.uplinks.iter().map(move |&y| (x, y)))
             .collect();
         self.peerings.insert((first.id, second.id), paths);
+        self.peer_pairs.insert((first.id, second.id));
         self.adjacency.entry(a.id).or_default().insert(b.id);
         self.adjacency.entry(b.id).or_default().insert(a.id);
     }
@@ -400,6 +459,9 @@ pub fn compute(
             if let Some(count) = load.get_mut(hub_id) {
                 *count += 1;
             }
+        }
+        if let Some(first) = chosen.first() {
+            topology.primary.insert(spoke.id, *first);
         }
         topology.spoke_hubs.insert(spoke.id, chosen);
     }

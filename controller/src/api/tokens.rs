@@ -87,6 +87,8 @@ async fn list(ctx: Ctx, query: web::Query<PageQuery>) -> ApiResult<HttpResponse>
 async fn create(ctx: Ctx, body: web::Json<CreateToken>) -> ApiResult<HttpResponse> {
     let creator = require_signed_in_admin(&ctx)?;
     let tenant = ctx.tenant()?;
+    super::context::rate_limit(&ctx.state, &format!("api-token-create:{creator}"), 30, 3600)
+        .await?;
     let body = body.into_inner();
     check_name("name", &body.name)?;
     if body.role == Role::MspAdmin {

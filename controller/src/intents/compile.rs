@@ -165,8 +165,9 @@ pub fn compile(
             else {
                 continue;
             };
-            let mut transit_prefixes = transit.remove(&peer_id).unwrap_or_default();
-            transit_prefixes.sort();
+            // Merge adjacent and nested prefixes (exactly the same address space, fewer
+            // entries): a hub carrying a thousand branches' /24s often needs a handful.
+            let transit_prefixes = IpNet::aggregate(&transit.remove(&peer_id).unwrap_or_default());
             peers.push(Peer {
                 site: peer.id,
                 name: peer.name.clone(),

@@ -13,9 +13,13 @@ use async_nats::jetstream::{self, kv, stream};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Integer};
 use diesel_async::RunQueryDsl;
+use futures_util::StreamExt;
 use patronus_proto::subjects::{intent_key, INTENTS_BUCKET};
 use patronus_proto::{codec, SiteId, TenantId};
 use uuid::Uuid;
+
+/// JetStream puts in flight at once while publishing a tenant.
+const PUBLISH_CONCURRENCY: usize = 64;
 
 use super::compile::{compile, CompileError};
 use super::store::{load_snapshot, sync_paths, PathKey, StoreError};
@@ -163,34 +167,55 @@ pub async fn publish_tenant(
         .bind::<Integer, _>(count)
         .load(&mut conn)
         .await?;
-        let mut recorded = Vec::with_capacity(changed.len());
-        for ((mut intent, digest), revision) in changed.into_iter().zip(revisions) {
-            let revision = u64::try_from(revision.revision).unwrap_or(0);
-            intent.revision = revision;
-            let key = intent_key(tenant, intent.site);
-            bucket
-                .put(&key, codec::encode(&intent).into())
-                .await
-                .map_err(|e| PublishError::Nats(format!("putting {key}: {e}")))?;
-            tracing::info!(tenant = %tenant, site = %intent.site, revision, "intent published");
-            outcome.published.push((intent.site, revision));
-            recorded.push((intent.site, revision, digest));
+        // Puts go out concurrently; each waits for its JetStream acknowledgement.
+        let puts = changed
+            .into_iter()
+            .zip(revisions)
+            .map(|((mut intent, digest), revision)| {
+                let revision = u64::try_from(revision.revision).unwrap_or(0);
+                intent.revision = revision;
+                let key = intent_key(tenant, intent.site);
+                let payload: bytes::Bytes = codec::encode(&intent).into();
+                async move {
+                    bucket
+                        .put(&key, payload)
+                        .await
+                        .map_err(|e| PublishError::Nats(format!("putting {key}: {e}")))?;
+                    Ok::<_, PublishError>((intent.site, revision, digest))
+                }
+            });
+        let recorded: Vec<(SiteId, u64, [u8; 32])> = futures_util::stream::iter(puts)
+            .buffer_unordered(PUBLISH_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        for (site, revision, _) in &recorded {
+            tracing::debug!(tenant = %tenant, site = %site, revision, "intent published");
+            outcome.published.push((*site, *revision));
         }
         db::in_scope(&mut conn, Scope::Tenant(tenant), move |conn| {
             Box::pin(async move {
-                for (site, revision, digest) in recorded {
+                use diesel::upsert::excluded;
+                for chunk in recorded.chunks(1000) {
+                    let rows: Vec<_> = chunk
+                        .iter()
+                        .map(|(site, revision, digest)| {
+                            (
+                                site_intents::tenant_id.eq(tenant.0),
+                                site_intents::site_id.eq(site.0),
+                                site_intents::revision.eq(*revision as i64),
+                                site_intents::digest.eq(digest.to_vec()),
+                            )
+                        })
+                        .collect();
                     diesel::insert_into(site_intents::table)
-                        .values((
-                            site_intents::tenant_id.eq(tenant.0),
-                            site_intents::site_id.eq(site.0),
-                            site_intents::revision.eq(revision as i64),
-                            site_intents::digest.eq(digest.to_vec()),
-                        ))
+                        .values(rows)
                         .on_conflict(site_intents::site_id)
                         .do_update()
                         .set((
-                            site_intents::revision.eq(revision as i64),
-                            site_intents::digest.eq(digest.to_vec()),
+                            site_intents::revision.eq(excluded(site_intents::revision)),
+                            site_intents::digest.eq(excluded(site_intents::digest)),
                             site_intents::published_at.eq(diesel::dsl::now),
                         ))
                         .execute(conn)

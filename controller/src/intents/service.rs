@@ -5,7 +5,8 @@
 //! change; the leader collects these per tenant for `debounce` (a burst of API calls gives one
 //! publish) and then publishes that tenant. On taking the lease, and every
 //! `reconcile_interval`, it republishes every tenant (a no-op where nothing changed), which
-//! also covers a signal lost while no replica led.
+//! also covers a signal lost while no replica led. The leader also keeps the path-metrics
+//! partitions: created a week ahead, dropped after the retention period.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -73,6 +74,46 @@ pub async fn publish_one(state: &AppState, tenant: TenantId) {
         Err(e) => {
             state.metrics.intent_publish_failures.inc();
             tracing::warn!(tenant = %tenant, error = %e, "publishing intents failed; will retry");
+        }
+    }
+}
+
+/// Metrics retention (singleton work under the same lease): create daily partitions ahead and
+/// drop those past the retention period.
+async fn maintain_metrics_partitions(state: &AppState) {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        n: i32,
+    }
+    let ahead = state.metrics_config.partitions_ahead_days as i32 + 1;
+    let keep = state.metrics_config.retention_days as i32;
+    let result = async {
+        let mut conn = state.db.get().await.map_err(|e| e.to_string())?;
+        let created: Count = diesel::sql_query(
+            "SELECT patronus_ensure_path_metrics_partitions((now() AT TIME ZONE 'UTC')::date - 1, $1) AS n",
+        )
+        .bind::<diesel::sql_types::Integer, _>(ahead)
+        .get_result(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+        let dropped: Count = diesel::sql_query(
+            "SELECT patronus_drop_path_metrics_partitions_before((now() AT TIME ZONE 'UTC')::date - $1) AS n",
+        )
+        .bind::<diesel::sql_types::Integer, _>(keep)
+        .get_result(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok::<_, String>((created.n, dropped.n))
+    }
+    .await;
+    match result {
+        Ok((0, 0)) => {}
+        Ok((created, dropped)) => {
+            tracing::info!(created, dropped, "path-metrics partitions maintained")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "path-metrics partition maintenance failed; will retry")
         }
     }
 }
@@ -157,6 +198,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
                 if leader && last_reconcile.is_none_or(|t| t.elapsed() >= reconcile_every) {
                     last_reconcile = Some(Instant::now());
                     reconcile_all(&state).await;
+                    maintain_metrics_partitions(&state).await;
                 }
             }
             _ = flush.tick(), if leader && !pending.is_empty() => {

@@ -241,23 +241,24 @@ pub async fn sync_paths(
             _ => stale.push(id),
         }
     }
-    let mut created = 0;
-    for key in wanted.difference(&have) {
-        let (src_site, src_index, dst_site, dst_index) = *key;
-        let (Some(src), Some(dst)) = (
-            by_key.get(&(src_site.0, i16::from(src_index))),
-            by_key.get(&(dst_site.0, i16::from(dst_index))),
-        ) else {
-            continue;
-        };
-        created += diesel::insert_into(paths::table)
-            .values((
+    let rows: Vec<_> = wanted
+        .difference(&have)
+        .filter_map(|(src_site, src_index, dst_site, dst_index)| {
+            let src = by_key.get(&(src_site.0, i16::from(*src_index)))?;
+            let dst = by_key.get(&(dst_site.0, i16::from(*dst_index)))?;
+            Some((
                 paths::tenant_id.eq(tenant.0),
                 paths::src_site_id.eq(src_site.0),
                 paths::dst_site_id.eq(dst_site.0),
                 paths::src_endpoint_id.eq(*src),
                 paths::dst_endpoint_id.eq(*dst),
             ))
+        })
+        .collect();
+    let mut created = 0;
+    for chunk in rows.chunks(1000) {
+        created += diesel::insert_into(paths::table)
+            .values(chunk.to_vec())
             .on_conflict_do_nothing()
             .execute(conn)
             .await?;

@@ -1,0 +1,274 @@
+//! API throughput and latency under load from a second process on loopback.
+//!
+//! Run: `cargo bench -p patronus-integration-tests --bench api_load`
+//! Starts the controller's HTTP app in this process (two workers, a throwaway database with
+//! one tenant of 200 sites), then re-runs this binary as an open-loop load generator (requests
+//! fired on a fixed schedule over keep-alive connections; latency counted from the scheduled
+//! time, so a stall shows up instead of hiding) for:
+//!   - `GET /api/v1/sites?limit=50` at 1,000 requests/s for 10 s (goal: p99 under 10 ms);
+//!   - `PUT /api/v1/policies/{id}` at 100 requests/s for 10 s.
+//!
+//! Prints one JSON object per scenario.
+
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix_web::{web, App, HttpServer};
+use anyhow::{bail, Context};
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use patronus_controller::auth::{Role, SessionKeys};
+use patronus_controller::server::{configure, AppState};
+use patronus_proto::TenantId;
+use patronus_test_support::{TestDatabase, TestEnv};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+const CONNECTIONS: usize = 32;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return Ok(());
+    }
+    if let Some(pos) = args.iter().position(|a| a == "--load-generator") {
+        return load_generator(&args[pos + 1..]);
+    }
+    actix_web::rt::System::new().block_on(server_side())
+}
+
+async fn server_side() -> anyhow::Result<()> {
+    let env = TestEnv::load()?;
+    let database = TestDatabase::create(&env).await?;
+    patronus_controller::db::migrations::run_pending(&database.owner_url).await?;
+    let (msp, tenant, policy) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let mut sql = format!(
+        "INSERT INTO msps (id, name) VALUES ('{msp}', 'bench');
+         INSERT INTO tenants (id, msp_id, name, slug) VALUES ('{tenant}', '{msp}', 'bench', 'bench');
+         INSERT INTO policies (id, tenant_id, name, kind, priority, spec) VALUES ('{policy}', '{tenant}', 'voip', 'routing', 100, '{{}}');"
+    );
+    for i in 0..200 {
+        let site = Uuid::new_v4();
+        sql.push_str(&format!(
+            "INSERT INTO sites (id, tenant_id, name, region, overlay_address, lan_prefixes) VALUES
+               ('{site}', '{tenant}', 'site{i}', 'eu-west', '100.64.0.{}', ARRAY['10.0.{i}.0/24']::cidr[]);
+             INSERT INTO endpoints (tenant_id, site_id, uplink_index, name, address, interface_type) VALUES
+               ('{tenant}', '{site}', 0, 'fiber', '198.18.0.{}', 'fiber');",
+            i + 1,
+            i + 1
+        ));
+    }
+    let mut owner = AsyncPgConnection::establish(&database.owner_url).await?;
+    owner.batch_execute(&sql).await.context("seeding")?;
+    let config = env.controller_config(&database.app_url)?;
+    let state = AppState::connect(&config).await?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let claims = SessionKeys::new_claims(
+        Uuid::new_v4(),
+        msp,
+        Some(TenantId(tenant)),
+        Role::TenantAdmin,
+        now,
+        3600,
+    );
+    let token = state.session_keys.issue(&claims)?;
+    let data = web::Data::new(state.clone());
+    let server = HttpServer::new(move || {
+        App::new()
+            .wrap(actix_web::middleware::from_fn(
+                patronus_controller::api::request_id,
+            ))
+            .wrap(actix_web::middleware::from_fn(
+                patronus_controller::metrics::record,
+            ))
+            .app_data(data.clone())
+            .configure(configure)
+    })
+    .workers(2)
+    .bind("127.0.0.1:0")?;
+    let addr = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+
+    let policy_body = serde_json::json!({
+        "name": "voip", "kind": "routing", "priority": 200,
+        "spec": { "match": { "protocol": "udp", "dst_ports": [{ "start": 5060, "end": 5061 }] },
+                  "app_class": "voip", "path_preference": { "kind": "lowest_latency" } }
+    })
+    .to_string();
+    let scenarios = [
+        (
+            "get_sites",
+            "GET",
+            "/api/v1/sites?limit=50".to_owned(),
+            String::new(),
+            1000u32,
+        ),
+        (
+            "put_policy",
+            "PUT",
+            format!("/api/v1/policies/{policy}"),
+            policy_body,
+            100u32,
+        ),
+    ];
+    let exe = std::env::current_exe()?;
+    for (name, method, path, body, rate) in scenarios {
+        eprintln!("load: {name} at {rate}/s for 10 s from a second process");
+        let output = tokio::task::spawn_blocking({
+            let (exe, token) = (exe.clone(), token.clone());
+            move || {
+                Command::new(exe)
+                    .args([
+                        "--load-generator",
+                        &addr.to_string(),
+                        method,
+                        &path,
+                        &token,
+                        &rate.to_string(),
+                        "10",
+                        &body,
+                    ])
+                    .output()
+            }
+        })
+        .await??;
+        if !output.status.success() {
+            bail!(
+                "load generator failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let stats = String::from_utf8(output.stdout)?;
+        println!(
+            "{{\"scenario\": \"{name}\", {}",
+            stats.trim().trim_start_matches('{')
+        );
+    }
+    handle.stop(true).await;
+    drop(owner);
+    state.db.close();
+    drop(state);
+    database.drop_now().await
+}
+
+/// Send one request on a keep-alive connection and read the whole response; returns status.
+async fn exchange(
+    stream: &mut TcpStream,
+    request: &[u8],
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<u16> {
+    stream.write_all(request).await?;
+    buf.clear();
+    let header_end = loop {
+        let mut chunk = [0u8; 16384];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).to_ascii_lowercase();
+    let status: u16 = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .context("status line")?;
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    while buf.len() < header_end + length {
+        let mut chunk = [0u8; 16384];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed mid-body");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(status)
+}
+
+fn load_generator(args: &[String]) -> anyhow::Result<()> {
+    let [addr, method, path, token, rate, seconds, body] = args else {
+        bail!("usage: --load-generator ADDR METHOD PATH TOKEN RATE SECONDS BODY");
+    };
+    let rate: u32 = rate.parse()?;
+    let seconds: u64 = seconds.parse()?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let total = rate as u64 * seconds;
+        let mut senders = Vec::new();
+        let mut workers = Vec::new();
+        for _ in 0..CONNECTIONS {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Instant>(4096);
+            senders.push(tx);
+            let mut stream = TcpStream::connect(addr.as_str()).await?;
+            stream.set_nodelay(true)?;
+            let request = request.clone();
+            workers.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut errors = 0u64;
+                let mut buf = Vec::with_capacity(65536);
+                while let Some(scheduled) = rx.recv().await {
+                    match exchange(&mut stream, &request, &mut buf).await {
+                        Ok(status) if (200..300).contains(&status) => {
+                            latencies.push(scheduled.elapsed())
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            }));
+        }
+        let started = Instant::now();
+        let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+        for i in 0..total {
+            let at = started + interval.mul_f64(i as f64);
+            tokio::time::sleep_until(at.into()).await;
+            let _ = senders[(i as usize) % CONNECTIONS].send(at).await;
+        }
+        drop(senders);
+        let mut latencies = Vec::new();
+        let mut errors = 0;
+        for worker in workers {
+            let (l, e) = worker.await?;
+            latencies.extend(l);
+            errors += e;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        latencies.sort();
+        let pct = |p: f64| {
+            latencies
+                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+                .map(|d| d.as_secs_f64() * 1e3)
+                .unwrap_or(f64::NAN)
+        };
+        println!(
+            "{}",
+            serde_json::json!({
+                "target_rate": rate,
+                "achieved_rate": ((latencies.len() as f64 + errors as f64) / elapsed).round(),
+                "requests": latencies.len(),
+                "errors": errors,
+                "p50_ms": (pct(0.50) * 100.0).round() / 100.0,
+                "p99_ms": (pct(0.99) * 100.0).round() / 100.0,
+                "max_ms": (pct(1.0) * 100.0).round() / 100.0,
+            })
+        );
+        Ok(())
+    })
+}

@@ -1119,3 +1119,349 @@ async fn topology_paths_metrics_and_flows() -> anyhow::Result<()> {
     drop(app);
     h.finish().await
 }
+
+#[actix_web::test]
+async fn every_resource_goes_through_create_read_update_delete() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let app = app!(h);
+    let w = world(&app, &h).await;
+
+    // Tenant: rename, set topology, and (MSP admin) delete a third tenant.
+    let (status, tenant) = call!(
+        app,
+        h,
+        Method::PATCH,
+        &format!("/api/v1/tenants/{}", w.tenant_a),
+        Some(&w.admin_a),
+        Some(json!({ "name": "Alpha Corp", "topology": { "mode": "full_mesh", "max_peers": 10 } }))
+    );
+    assert_eq!(status, StatusCode::OK, "{tenant}");
+    assert_eq!(tenant["name"], "Alpha Corp");
+    assert_eq!(tenant["topology"]["max_peers"], 10);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::PATCH,
+        &format!("/api/v1/tenants/{}", w.tenant_a),
+        Some(&w.admin_a),
+        Some(json!({ "topology": { "mode": "ring" } }))
+    );
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, extra) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/tenants",
+        Some(&w.msp_admin),
+        Some(json!({ "name": "Gamma", "slug": "gamma" }))
+    );
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/tenants",
+        Some(&w.msp_admin),
+        Some(json!({ "name": "Gamma again", "slug": "gamma" }))
+    );
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/tenants",
+        Some(&w.msp_admin),
+        Some(json!({ "name": "Bad", "slug": "Bad Slug" }))
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let gamma = extra["id"].as_str().unwrap().to_owned();
+    let (status, _) = call!(
+        app,
+        h,
+        Method::DELETE,
+        &format!("/api/v1/tenants/{gamma}"),
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "a tenant admin cannot name another tenant"
+    );
+    let (status, _) = call!(
+        app,
+        h,
+        Method::DELETE,
+        &format!("/api/v1/tenants/{gamma}"),
+        Some(&w.msp_admin),
+        None
+    );
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/tenants/{gamma}"),
+        Some(&w.msp_admin),
+        None
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Site: create, list with filters, patch, delete.
+    let (_, site) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/sites",
+        Some(&w.admin_a),
+        Some(site_body("hq", "10.1.0.0/24"))
+    );
+    let site_id = site["id"].as_str().unwrap().to_owned();
+    let (status, patched) = call!(
+        app,
+        h,
+        Method::PATCH,
+        &format!("/api/v1/sites/{site_id}"),
+        Some(&w.admin_a),
+        Some(
+            json!({ "name": "head office", "role": "hub", "region": "", "lan_prefixes": ["10.1.0.0/23"] })
+        )
+    );
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!(patched["name"], "head office");
+    assert_eq!(patched["role"], "hub");
+    assert!(patched["region"].is_null());
+    assert_eq!(patched["lan_prefixes"], json!(["10.1.0.0/23"]));
+    let (_, pending) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/sites?status=pending&limit=1",
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(pending["items"].as_array().unwrap().len(), 1);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/sites?status=exploded",
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Pagination walks every site once.
+    for i in 0..4 {
+        let (status, _) = call!(
+            app,
+            h,
+            Method::POST,
+            "/api/v1/sites",
+            Some(&w.admin_a),
+            Some(json!({ "name": format!("branch{i}") }))
+        );
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/sites?limit=2&cursor={c}"),
+            None => "/api/v1/sites?limit=2".into(),
+        };
+        let (status, page) = call!(app, h, Method::GET, &path, Some(&w.admin_a), None);
+        assert_eq!(status, StatusCode::OK, "{page}");
+        seen.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let unique: std::collections::BTreeSet<_> = seen.iter().collect();
+    assert_eq!((seen.len(), unique.len()), (5, 5), "{seen:?}");
+    let (status, _) = call!(
+        app,
+        h,
+        Method::DELETE,
+        &format!("/api/v1/sites/{site_id}"),
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/sites/{site_id}"),
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::DELETE,
+        &format!("/api/v1/sites/{site_id}"),
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Policy: create, replace, filter by kind, delete.
+    let (_, policy) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/policies",
+        Some(&w.admin_a),
+        Some(voip_policy())
+    );
+    let policy_id = policy["id"].as_str().unwrap().to_owned();
+    let mut replaced = voip_policy();
+    replaced["priority"] = json!(300);
+    replaced["enabled"] = json!(false);
+    let (status, body) = call!(
+        app,
+        h,
+        Method::PUT,
+        &format!("/api/v1/policies/{policy_id}"),
+        Some(&w.admin_a),
+        Some(replaced)
+    );
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["priority"].as_i64(), body["enabled"].as_bool()),
+        (Some(300), Some(false))
+    );
+    let (status, _) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/policies",
+        Some(&w.admin_a),
+        Some(
+            json!({ "name": "qos", "kind": "qos", "priority": 46, "spec": { "classes": ["voip"], "dscp": 46 } })
+        )
+    );
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, routing) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/policies?kind=routing",
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(routing["items"].as_array().unwrap().len(), 1);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::DELETE,
+        &format!("/api/v1/policies/{policy_id}"),
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/policies/{policy_id}"),
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Operator: list, update (role, password, disable), delete; disabled accounts cannot log in.
+    let email = format!("temp-{}@example.com", uuid::Uuid::new_v4().simple());
+    let (_, operator) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/operators",
+        Some(&w.admin_a),
+        Some(json!({ "email": email, "password": PASSWORD, "role": "tenant_viewer" }))
+    );
+    let operator_id = operator["id"].as_str().unwrap().to_owned();
+    let (_, list) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/operators",
+        Some(&w.admin_a),
+        None
+    );
+    assert!(list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|o| o["id"] == json!(operator_id)));
+    assert!(
+        !list.to_string().contains("argon2"),
+        "password hashes never leave the controller"
+    );
+    let (status, updated) = call!(
+        app,
+        h,
+        Method::PATCH,
+        &format!("/api/v1/operators/{operator_id}"),
+        Some(&w.admin_a),
+        Some(json!({ "role": "tenant_admin", "disabled": true }))
+    );
+    assert_eq!(status, StatusCode::OK, "{updated}");
+    assert_eq!(updated["role"], "tenant_admin");
+    let (status, _) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/auth/login",
+        None::<&str>,
+        Some(json!({ "email": email, "password": PASSWORD }))
+    );
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::PATCH,
+        &format!("/api/v1/operators/{operator_id}"),
+        Some(&w.admin_a),
+        Some(json!({ "role": "msp_admin" }))
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/operators/{operator_id}"),
+        Some(&w.admin_b),
+        None
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call!(
+        app,
+        h,
+        Method::DELETE,
+        &format!("/api/v1/operators/{operator_id}"),
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, audit) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/audit?action=operator.delete",
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(audit["items"].as_array().unwrap().len(), 1);
+
+    drop(app);
+    h.finish().await
+}

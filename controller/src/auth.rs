@@ -28,7 +28,7 @@ pub const API_TOKEN_PREFIX: &str = "pat_";
 pub const REFRESH_TOKEN_PREFIX: &str = "prt_";
 
 /// What an operator or token may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Everything in every tenant of its MSP, and the MSP itself.

@@ -24,7 +24,7 @@ use patronus_proto::SiteId;
 use serde::{Deserialize, Serialize};
 
 /// How the tenant's sites are meshed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TopologyMode {
     #[default]
@@ -35,13 +35,15 @@ pub enum TopologyMode {
 }
 
 /// A tenant's topology settings (stored in `tenants.topology`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TopologySettings {
     pub mode: TopologyMode,
     /// Critical sites meshed with each other (hybrid).
+    #[schema(value_type = Vec<String>)]
     pub full_mesh_sites: Vec<SiteId>,
     /// Hubs (hub-and-spoke, hierarchical, hybrid).
+    #[schema(value_type = Vec<String>)]
     pub hub_sites: Vec<SiteId>,
     /// Spokes attach to hubs of their own region first.
     pub nearest_hub: bool,

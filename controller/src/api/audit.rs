@@ -3,7 +3,7 @@
 //! - `GET /audit?limit=&before=&action=&target_kind=` newest first; `before` is the `id` of
 //!   the last entry of the previous page.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{get, web, HttpResponse};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
@@ -14,8 +14,9 @@ use uuid::Uuid;
 use super::context::{Ctx, DEFAULT_PAGE, MAX_PAGE};
 use super::error::{ApiError, ApiResult};
 use crate::db::schema::audit_log;
+use utoipa_actix_web::service_config::ServiceConfig;
 
-#[derive(Queryable, Selectable, Serialize, Debug)]
+#[derive(utoipa::ToSchema, Queryable, Selectable, Serialize, Debug)]
 #[diesel(table_name = audit_log)]
 pub struct AuditRow {
     pub id: i64,
@@ -28,12 +29,15 @@ pub struct AuditRow {
     pub action: String,
     pub target_kind: String,
     pub target_id: Option<String>,
+    #[schema(value_type = Object)]
     pub detail: serde_json::Value,
     pub request_id: Option<String>,
+    #[schema(value_type = Option<String>)]
     pub source_ip: Option<IpNet>,
 }
 
-#[derive(Deserialize, Debug, Default)]
+#[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     pub limit: Option<i64>,
@@ -42,12 +46,14 @@ pub struct AuditQuery {
     pub target_kind: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct AuditPage {
     items: Vec<AuditRow>,
     next_before: Option<i64>,
 }
 
+#[utoipa::path(operation_id = "list_audit", tag = "audit", params(AuditQuery), security(("bearer" = [])), responses((status = 200, body = AuditPage), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/audit")]
 async fn list(ctx: Ctx, query: web::Query<AuditQuery>) -> ApiResult<HttpResponse> {
     let query = query.into_inner();
     let limit = query.limit.unwrap_or(DEFAULT_PAGE);
@@ -94,6 +100,6 @@ async fn list(ctx: Ctx, query: web::Query<AuditQuery>) -> ApiResult<HttpResponse
     }))
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/audit").get(list));
+pub fn routes(cfg: &mut ServiceConfig) {
+    cfg.service(list);
 }

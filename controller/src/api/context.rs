@@ -419,14 +419,15 @@ fn decode_cursor(cursor: &str) -> ApiResult<(DateTime<Utc>, Uuid)> {
 }
 
 /// One page of a list.
-#[derive(Serialize, Debug)]
+#[derive(utoipa::ToSchema, Serialize, Debug)]
 pub struct List<T> {
     pub items: Vec<T>,
     pub next_cursor: Option<String>,
 }
 
 /// `?limit=&cursor=` for lists with no other filter.
-#[derive(Deserialize, Debug, Default)]
+#[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     pub limit: Option<i64>,

@@ -18,10 +18,13 @@ pub struct ApiError {
     pub retry_after_s: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: &'a str,
-    detail: &'a str,
+/// The body of every error answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody<'a> {
+    /// A stable code, e.g. `not_found`, `invalid_body`, `rate_limited`.
+    pub error: &'a str,
+    /// What went wrong and what to do about it.
+    pub detail: &'a str,
 }
 
 impl ApiError {
@@ -105,7 +108,7 @@ impl ResponseError for ApiError {
         if let Some(secs) = self.retry_after_s {
             response.insert_header((RETRY_AFTER, HeaderValue::from(secs)));
         }
-        response.json(Body {
+        response.json(ErrorBody {
             error: self.code,
             detail: &self.detail,
         })

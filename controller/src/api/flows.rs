@@ -2,7 +2,7 @@
 //!
 //! - `GET /flows?site=&app_class=`, `GET /flows/{id}`
 
-use actix_web::{web, HttpResponse};
+use actix_web::{get, web, HttpResponse};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
@@ -13,13 +13,16 @@ use uuid::Uuid;
 use super::context::{Ctx, Page};
 use super::error::{ApiError, ApiResult};
 use crate::db::schema::flows;
+use utoipa_actix_web::service_config::ServiceConfig;
 
-#[derive(Queryable, Selectable, Serialize, Debug)]
+#[derive(utoipa::ToSchema, Queryable, Selectable, Serialize, Debug)]
 #[diesel(table_name = flows)]
 pub struct FlowRow {
     pub id: Uuid,
     pub site_id: Uuid,
+    #[schema(value_type = String)]
     pub src_ip: IpNet,
+    #[schema(value_type = String)]
     pub dst_ip: IpNet,
     pub src_port: i32,
     pub dst_port: i32,
@@ -36,7 +39,8 @@ pub struct FlowRow {
     pub reported_at: DateTime<Utc>,
 }
 
-#[derive(Deserialize, Debug, Default)]
+#[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct FlowQuery {
     pub limit: Option<i64>,
@@ -45,6 +49,8 @@ pub struct FlowQuery {
     pub app_class: Option<String>,
 }
 
+#[utoipa::path(operation_id = "list_flows", tag = "flows", params(FlowQuery), security(("bearer" = [])), responses((status = 200, body = crate::api::context::List<FlowRow>), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/flows")]
 async fn list(ctx: Ctx, query: web::Query<FlowQuery>) -> ApiResult<HttpResponse> {
     let query = query.into_inner();
     let page = Page::parse(query.limit, query.cursor.as_deref())?;
@@ -75,6 +81,8 @@ async fn list(ctx: Ctx, query: web::Query<FlowQuery>) -> ApiResult<HttpResponse>
     Ok(HttpResponse::Ok().json(page.finish(rows, |f| (f.started_at, f.id))))
 }
 
+#[utoipa::path(operation_id = "get_flows", tag = "flows", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = FlowRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/flows/{id}")]
 async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
     let id = id.into_inner();
     let row = ctx
@@ -93,7 +101,6 @@ async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
         .ok_or_else(|| ApiError::not_found("flow"))
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/flows").get(list))
-        .service(web::resource("/flows/{id}").get(get));
+pub fn routes(cfg: &mut ServiceConfig) {
+    cfg.service(list).service(get);
 }

@@ -28,11 +28,12 @@ use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
-use actix_web::{web, HttpMessage};
+use actix_web::{get, web, HttpMessage};
 use tracing::Instrument;
 
 use context::{RequestId, REQUEST_ID_HEADER};
 use error::ApiError;
+use utoipa_actix_web::service_config::ServiceConfig;
 
 /// Largest JSON body accepted.
 pub const MAX_JSON_BYTES: usize = 256 * 1024;
@@ -109,7 +110,7 @@ fn path_config() -> web::PathConfig {
 }
 
 /// Routes that act within one tenant (or, for an MSP admin naming none, at the MSP level).
-fn routes(cfg: &mut web::ServiceConfig) {
+fn routes(cfg: &mut ServiceConfig) {
     cfg.service(session::me)
         .service(session::logout)
         .configure(operators::routes)
@@ -122,23 +123,82 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .configure(audit::routes);
 }
 
-/// Mount the API.
-pub fn configure(cfg: &mut web::ServiceConfig) {
+/// Register the whole API. The same function feeds the server and the OpenAPI document, so
+/// the document cannot drift from what is served.
+fn register(cfg: &mut ServiceConfig) {
     cfg.app_data(json_config())
         .app_data(query_config())
         .app_data(path_config())
         .service(
-            web::scope("/api/v1")
+            utoipa_actix_web::scope("/api/v1")
                 .service(session::login)
                 .service(session::refresh)
-                .service(
-                    web::scope("/tenants/{tenant}")
-                        .configure(tenants::item_routes)
-                        .configure(routes)
-                        .default_service(web::to(not_found)),
-                )
+                .service(openapi_json)
+                .configure(tenants::item_routes)
+                // The same routes again under the tenant prefix an MSP admin may use (documented
+                // once, at their plain paths, with the `X-Patronus-Tenant` alternative).
+                .map(|scope| {
+                    scope.service(
+                        web::scope("/tenants/{tenant}")
+                            .configure(|c| routes(&mut ServiceConfig::new(c)))
+                            .default_service(web::to(not_found)),
+                    )
+                })
                 .configure(tenants::collection_routes)
                 .configure(routes)
                 .default_service(web::to(not_found)),
         );
+}
+
+/// Mount the API.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    register(&mut ServiceConfig::new(cfg));
+}
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "a session token from /api/v1/auth/login, or an API token (pat_...)",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI 3 document of the API, built from the registered handlers.
+pub fn openapi() -> &'static utoipa::openapi::OpenApi {
+    static DOC: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        use utoipa::Modify as _;
+        use utoipa_actix_web::AppExt as _;
+        let (_, mut doc) = actix_web::App::new()
+            .into_utoipa_app()
+            .configure(register)
+            .split_for_parts();
+        doc.info.title = "Patronus SD-WAN controller API".into();
+        doc.info.version = env!("CARGO_PKG_VERSION").into();
+        doc.info.description = Some(
+            "Every route also answers under /api/v1/tenants/{tenant}/..., where an MSP admin names \
+             the tenant (or sends X-Patronus-Tenant). Errors are {\"error\", \"detail\"}."
+                .into(),
+        );
+        BearerAuth.modify(&mut doc);
+        doc
+    })
+}
+
+#[utoipa::path(tag = "meta", responses((status = 200, description = "this OpenAPI document")))]
+#[get("/openapi.json")]
+async fn openapi_json() -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok().json(openapi())
 }

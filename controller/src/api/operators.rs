@@ -3,7 +3,7 @@
 //!
 //! - `GET|POST /operators`, `GET|PATCH|DELETE /operators/{id}`
 
-use actix_web::{web, HttpResponse};
+use actix_web::{delete, get, patch, post, web, HttpResponse};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
@@ -14,8 +14,9 @@ use super::context::{record_audit, Ctx, PageQuery};
 use super::error::{ApiError, ApiResult};
 use crate::auth::{self, Role};
 use crate::db::schema::operators;
+use utoipa_actix_web::service_config::ServiceConfig;
 
-#[derive(Queryable, Selectable, Serialize, Debug)]
+#[derive(utoipa::ToSchema, Queryable, Selectable, Serialize, Debug)]
 #[diesel(table_name = operators)]
 pub struct Operator {
     pub id: Uuid,
@@ -29,7 +30,7 @@ pub struct Operator {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Deserialize)]
+#[derive(utoipa::ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOperator {
     pub email: String,
@@ -39,7 +40,7 @@ pub struct CreateOperator {
     pub display_name: String,
 }
 
-#[derive(Deserialize)]
+#[derive(utoipa::ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateOperator {
     pub display_name: Option<String>,
@@ -96,6 +97,8 @@ fn check_can_manage(ctx: &Ctx, role: Role) -> ApiResult<()> {
     }
 }
 
+#[utoipa::path(operation_id = "list_operators", tag = "operators", params(PageQuery), security(("bearer" = [])), responses((status = 200, body = crate::api::context::List<Operator>), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/operators")]
 async fn list(ctx: Ctx, query: web::Query<PageQuery>) -> ApiResult<HttpResponse> {
     let page = query.page()?;
     let tenant = managed_tenant(&ctx);
@@ -124,6 +127,8 @@ async fn list(ctx: Ctx, query: web::Query<PageQuery>) -> ApiResult<HttpResponse>
     Ok(HttpResponse::Ok().json(page.finish(rows, |o| (o.created_at, o.id))))
 }
 
+#[utoipa::path(operation_id = "create_operators", tag = "operators", request_body = CreateOperator, security(("bearer" = [])), responses((status = 201, body = Operator), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[post("/operators")]
 async fn create(ctx: Ctx, body: web::Json<CreateOperator>) -> ApiResult<HttpResponse> {
     let body = body.into_inner();
     check_can_manage(&ctx, body.role)?;
@@ -194,10 +199,14 @@ async fn find(ctx: &Ctx, id: Uuid) -> ApiResult<Operator> {
     row.ok_or_else(|| ApiError::not_found("operator"))
 }
 
+#[utoipa::path(operation_id = "get_operators", tag = "operators", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = Operator), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/operators/{id}")]
 async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(find(&ctx, id.into_inner()).await?))
 }
 
+#[utoipa::path(operation_id = "update_operators", tag = "operators", params(("id" = Uuid, Path, description = "id id")), request_body = UpdateOperator, security(("bearer" = [])), responses((status = 200, body = Operator), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[patch("/operators/{id}")]
 async fn update(
     ctx: Ctx,
     id: web::Path<Uuid>,
@@ -296,6 +305,8 @@ async fn update(
     Ok(HttpResponse::Ok().json(row))
 }
 
+#[utoipa::path(operation_id = "delete_operators", tag = "operators", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[delete("/operators/{id}")]
 async fn delete(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
     let id = id.into_inner();
     let existing = find(&ctx, id).await?;
@@ -326,12 +337,10 @@ async fn delete(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
     Ok(HttpResponse::NoContent().finish())
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/operators").get(list).post(create))
-        .service(
-            web::resource("/operators/{id}")
-                .get(get)
-                .patch(update)
-                .delete(delete),
-        );
+pub fn routes(cfg: &mut ServiceConfig) {
+    cfg.service(list)
+        .service(create)
+        .service(get)
+        .service(update)
+        .service(delete);
 }

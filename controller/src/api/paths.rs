@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{get, post, web, HttpResponse};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Double, Int4, Nullable, Timestamptz, Uuid as SqlUuid};
@@ -22,8 +22,9 @@ use uuid::Uuid;
 use super::context::{record_audit, Ctx, Page};
 use super::error::{ApiError, ApiResult};
 use crate::db::schema::{endpoints, paths};
+use utoipa_actix_web::service_config::ServiceConfig;
 
-#[derive(Serialize, Debug, Clone)]
+#[derive(utoipa::ToSchema, Serialize, Debug, Clone)]
 pub struct PathView {
     pub id: Uuid,
     pub src_site_id: Uuid,
@@ -83,7 +84,8 @@ fn view(row: PathTuple) -> PathView {
 
 diesel::alias!(endpoints as dst_endpoints: DstEndpoints);
 
-#[derive(Deserialize, Debug, Default)]
+#[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PathQuery {
     pub limit: Option<i64>,
@@ -95,6 +97,8 @@ pub struct PathQuery {
 
 const PATH_STATUSES: [&str; 4] = ["up", "degraded", "down", "unknown"];
 
+#[utoipa::path(operation_id = "list_paths", tag = "paths", params(PathQuery), security(("bearer" = [])), responses((status = 200, body = crate::api::context::List<PathView>), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/paths")]
 async fn list(ctx: Ctx, query: web::Query<PathQuery>) -> ApiResult<HttpResponse> {
     let query = query.into_inner();
     let page = Page::parse(query.limit, query.cursor.as_deref())?;
@@ -192,11 +196,14 @@ async fn find(ctx: &Ctx, id: Uuid) -> ApiResult<PathView> {
     row.ok_or_else(|| ApiError::not_found("path"))
 }
 
+#[utoipa::path(operation_id = "get_paths", tag = "paths", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = PathView), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/paths/{id}")]
 async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(find(&ctx, id.into_inner()).await?))
 }
 
-#[derive(Deserialize, Debug, Default)]
+#[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsQuery {
     pub from: Option<DateTime<Utc>>,
@@ -210,7 +217,7 @@ const MAX_RANGE_DAYS: i64 = 31;
 /// Most points one answer may hold.
 const MAX_POINTS: i64 = 10_000;
 
-#[derive(QueryableByName, Serialize)]
+#[derive(utoipa::ToSchema, QueryableByName, Serialize)]
 struct Point {
     #[diesel(sql_type = Timestamptz)]
     at: DateTime<Utc>,
@@ -230,7 +237,7 @@ struct Point {
     samples: i64,
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct History {
     path_id: Uuid,
     from: DateTime<Utc>,
@@ -239,7 +246,9 @@ struct History {
     points: Vec<Point>,
 }
 
-async fn metrics(
+#[utoipa::path(operation_id = "metrics_history_paths", tag = "paths", params(("id" = Uuid, Path, description = "id id"), MetricsQuery), security(("bearer" = [])), responses((status = 200, body = History), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/paths/{id}/metrics")]
+async fn metrics_history(
     ctx: Ctx,
     id: web::Path<Uuid>,
     query: web::Query<MetricsQuery>,
@@ -324,13 +333,15 @@ async fn metrics(
     }))
 }
 
-#[derive(Deserialize, Debug, Default)]
+#[derive(utoipa::ToSchema, Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct TestBody {
     /// Seconds of active bandwidth test (1-60, default 5).
     pub duration_s: Option<u32>,
 }
 
+#[utoipa::path(operation_id = "test_paths", tag = "paths", params(("id" = Uuid, Path, description = "id id")), request_body(content = Option<TestBody>), security(("bearer" = [])), responses((status = 200, body = Object, description = "the path's metrics as the edge measured them"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[post("/paths/{id}/test")]
 async fn test(
     ctx: Ctx,
     id: web::Path<Uuid>,
@@ -412,9 +423,9 @@ async fn test(
     }
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/paths").get(list))
-        .service(web::resource("/paths/{id}").get(get))
-        .service(web::resource("/paths/{id}/metrics").get(metrics))
-        .service(web::resource("/paths/{id}/test").post(test));
+pub fn routes(cfg: &mut ServiceConfig) {
+    cfg.service(list)
+        .service(get)
+        .service(metrics_history)
+        .service(test);
 }

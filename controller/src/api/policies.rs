@@ -7,7 +7,7 @@
 //! validation the edge uses, so a policy the edge would refuse (a reversed port range, ports
 //! with ICMP, an unknown field) is refused here with 422 and the field named.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{delete, get, post, put, web, HttpResponse};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
@@ -21,8 +21,9 @@ use super::context::{record_audit, Ctx};
 use super::error::{ApiError, ApiResult};
 use super::tenants::check_name;
 use crate::db::schema::{policies, sites};
+use utoipa_actix_web::service_config::ServiceConfig;
 
-#[derive(Queryable, Selectable, Serialize, Debug, Clone)]
+#[derive(utoipa::ToSchema, Queryable, Selectable, Serialize, Debug, Clone)]
 #[diesel(table_name = policies)]
 pub struct PolicyRow {
     pub id: Uuid,
@@ -31,13 +32,14 @@ pub struct PolicyRow {
     pub kind: String,
     pub priority: i32,
     pub enabled: bool,
+    #[schema(value_type = Object)]
     pub spec: Value,
     pub site_ids: Option<Vec<Uuid>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(utoipa::ToSchema, Deserialize, Serialize, Clone, Copy, PartialEq, Eq, Debug)]
 #[serde(rename_all = "snake_case")]
 pub enum PolicyKind {
     Routing,
@@ -68,7 +70,7 @@ impl PolicyKind {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(utoipa::ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyBody {
     pub name: String,
@@ -79,6 +81,7 @@ pub struct PolicyBody {
     pub enabled: bool,
     /// Sites it applies to; absent means every site of the tenant.
     pub site_ids: Option<Vec<Uuid>>,
+    #[schema(value_type = Object)]
     pub spec: Value,
 }
 
@@ -257,7 +260,8 @@ async fn check_sites_exist(
     Ok(())
 }
 
-#[derive(Deserialize, Debug, Default)]
+#[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyQuery {
     pub limit: Option<i64>,
@@ -265,6 +269,8 @@ pub struct PolicyQuery {
     pub kind: Option<PolicyKind>,
 }
 
+#[utoipa::path(operation_id = "list_policies", tag = "policies", params(PolicyQuery), security(("bearer" = [])), responses((status = 200, body = crate::api::context::List<PolicyRow>), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/policies")]
 async fn list(ctx: Ctx, query: web::Query<PolicyQuery>) -> ApiResult<HttpResponse> {
     let query = query.into_inner();
     let page = super::context::Page::parse(query.limit, query.cursor.as_deref())?;
@@ -292,6 +298,8 @@ async fn list(ctx: Ctx, query: web::Query<PolicyQuery>) -> ApiResult<HttpRespons
     Ok(HttpResponse::Ok().json(page.finish(rows, |p| (p.created_at, p.id))))
 }
 
+#[utoipa::path(operation_id = "create_policies", tag = "policies", request_body = PolicyBody, security(("bearer" = [])), responses((status = 201, body = PolicyRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[post("/policies")]
 async fn create(ctx: Ctx, body: web::Json<PolicyBody>) -> ApiResult<HttpResponse> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
@@ -339,6 +347,8 @@ async fn create(ctx: Ctx, body: web::Json<PolicyBody>) -> ApiResult<HttpResponse
     Ok(HttpResponse::Created().json(row))
 }
 
+#[utoipa::path(operation_id = "get_policies", tag = "policies", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = PolicyRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/policies/{id}")]
 async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
     let id = id.into_inner();
     let row = ctx
@@ -357,6 +367,8 @@ async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
         .ok_or_else(|| ApiError::not_found("policy"))
 }
 
+#[utoipa::path(operation_id = "replace_policies", tag = "policies", params(("id" = Uuid, Path, description = "id id")), request_body = PolicyBody, security(("bearer" = [])), responses((status = 200, body = PolicyRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[put("/policies/{id}")]
 async fn replace(
     ctx: Ctx,
     id: web::Path<Uuid>,
@@ -409,6 +421,8 @@ async fn replace(
     Ok(HttpResponse::Ok().json(row))
 }
 
+#[utoipa::path(operation_id = "delete_policies", tag = "policies", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[delete("/policies/{id}")]
 async fn delete(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
@@ -434,14 +448,12 @@ async fn delete(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
     Ok(HttpResponse::NoContent().finish())
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/policies").get(list).post(create))
-        .service(
-            web::resource("/policies/{id}")
-                .get(get)
-                .put(replace)
-                .delete(delete),
-        );
+pub fn routes(cfg: &mut ServiceConfig) {
+    cfg.service(list)
+        .service(create)
+        .service(get)
+        .service(replace)
+        .service(delete);
 }
 
 #[cfg(test)]

@@ -22,26 +22,26 @@ use crate::auth::{self, new_secret, secret_hash, Role, SessionKeys, REFRESH_TOKE
 use crate::db::{self, schema, Scope};
 use crate::server::AppState;
 
-#[derive(Deserialize)]
+#[derive(utoipa::ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     pub email: String,
     pub password: String,
 }
 
-#[derive(Deserialize)]
+#[derive(utoipa::ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
     pub refresh_token: String,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(utoipa::ToSchema, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct LogoutRequest {
     pub refresh_token: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 pub struct OperatorSummary {
     pub id: Uuid,
     pub email: String,
@@ -50,7 +50,7 @@ pub struct OperatorSummary {
     pub role: Role,
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 pub struct TokenPair {
     pub session_token: String,
     pub token_type: &'static str,
@@ -156,6 +156,7 @@ async fn issue_pair(state: &AppState, record: RefreshRecord) -> ApiResult<TokenP
     })
 }
 
+#[utoipa::path(operation_id = "auth_login", tag = "auth", request_body = LoginRequest, responses((status = 200, body = TokenPair), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[post("/auth/login")]
 pub async fn login(
     state: web::Data<AppState>,
@@ -262,6 +263,7 @@ pub async fn login(
     Ok(HttpResponse::Ok().json(pair))
 }
 
+#[utoipa::path(operation_id = "auth_refresh", tag = "auth", request_body = RefreshRequest, responses((status = 200, body = TokenPair), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[post("/auth/refresh")]
 pub async fn refresh(
     state: web::Data<AppState>,
@@ -314,6 +316,7 @@ pub async fn refresh(
     }
 }
 
+#[utoipa::path(operation_id = "auth_logout", tag = "auth", request_body(content = Option<LogoutRequest>), security(("bearer" = [])), responses((status = 204, description = "logged out"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[post("/auth/logout")]
 pub async fn logout(
     ctx: Ctx,
@@ -333,7 +336,7 @@ pub async fn logout(
     Ok(HttpResponse::NoContent().finish())
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct Me {
     actor_kind: &'static str,
     id: Uuid,
@@ -344,6 +347,7 @@ struct Me {
     role: Role,
 }
 
+#[utoipa::path(operation_id = "auth_me", tag = "auth", security(("bearer" = [])), responses((status = 200, body = Me), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[get("/auth/me")]
 pub async fn me(ctx: Ctx) -> ApiResult<HttpResponse> {
     let (actor_kind, id, label) = match &ctx.principal.actor {

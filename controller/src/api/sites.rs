@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{delete, get, patch, post, web, HttpResponse};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
@@ -23,8 +23,9 @@ use super::context::{record_audit, Ctx};
 use super::error::{ApiError, ApiResult};
 use super::tenants::check_name;
 use crate::db::schema::{endpoints, sites, tenants};
+use utoipa_actix_web::service_config::ServiceConfig;
 
-#[derive(Queryable, Selectable, Serialize, Debug, Clone)]
+#[derive(utoipa::ToSchema, Queryable, Selectable, Serialize, Debug, Clone)]
 #[diesel(table_name = sites)]
 pub struct SiteRow {
     pub id: Uuid,
@@ -34,7 +35,9 @@ pub struct SiteRow {
     pub role: String,
     pub status: String,
     pub wg_public_key: Option<String>,
+    #[schema(value_type = Option<String>)]
     pub overlay_address: Option<IpNet>,
+    #[schema(value_type = Vec<String>)]
     pub lan_prefixes: Vec<IpNet>,
     pub listen_port_base: i32,
     pub created_at: DateTime<Utc>,
@@ -43,13 +46,14 @@ pub struct SiteRow {
     pub last_seen_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Queryable, Selectable, Serialize, Debug, Clone)]
+#[derive(utoipa::ToSchema, Queryable, Selectable, Serialize, Debug, Clone)]
 #[diesel(table_name = endpoints)]
 pub struct UplinkRow {
     pub id: Uuid,
     pub site_id: Uuid,
     pub uplink_index: i16,
     pub name: String,
+    #[schema(value_type = String)]
     pub address: IpNet,
     pub interface_type: String,
     pub bandwidth_mbps: Option<i32>,
@@ -57,14 +61,14 @@ pub struct UplinkRow {
     pub metered: bool,
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 pub struct Site {
     #[serde(flatten)]
     pub site: SiteRow,
     pub uplinks: Vec<UplinkRow>,
 }
 
-#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(utoipa::ToSchema, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
 #[serde(rename_all = "snake_case")]
 pub enum SiteRole {
     Edge,
@@ -80,11 +84,13 @@ impl SiteRole {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(utoipa::ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUplink {
     pub name: String,
+    #[schema(value_type = String)]
     pub address: IpAddr,
+    #[schema(value_type = String)]
     pub interface_type: LinkKind,
     pub bandwidth_mbps: Option<u32>,
     #[serde(default)]
@@ -93,30 +99,33 @@ pub struct CreateUplink {
     pub metered: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(utoipa::ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSite {
     pub name: String,
     pub region: Option<String>,
     pub role: Option<SiteRole>,
     #[serde(default)]
+    #[schema(value_type = Vec<String>)]
     pub lan_prefixes: Vec<IpNet>,
     pub listen_port_base: Option<u16>,
     #[serde(default)]
     pub uplinks: Vec<CreateUplink>,
 }
 
-#[derive(Deserialize)]
+#[derive(utoipa::ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateSite {
     pub name: Option<String>,
     /// An empty string clears the region.
     pub region: Option<String>,
     pub role: Option<SiteRole>,
+    #[schema(value_type = Option<Vec<String>>)]
     pub lan_prefixes: Option<Vec<IpNet>>,
 }
 
-#[derive(Deserialize, Debug, Default)]
+#[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SiteQuery {
     pub limit: Option<i64>,
@@ -250,6 +259,8 @@ async fn load_site(conn: &mut AsyncPgConnection, id: Uuid) -> ApiResult<Option<S
     Ok(Some(Site { site, uplinks }))
 }
 
+#[utoipa::path(operation_id = "list_sites", tag = "sites", params(SiteQuery), security(("bearer" = [])), responses((status = 200, body = crate::api::context::List<Site>), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/sites")]
 async fn list(ctx: Ctx, query: web::Query<SiteQuery>) -> ApiResult<HttpResponse> {
     let query = query.into_inner();
     let page = super::context::Page::parse(query.limit, query.cursor.as_deref())?;
@@ -310,6 +321,8 @@ async fn list(ctx: Ctx, query: web::Query<SiteQuery>) -> ApiResult<HttpResponse>
     Ok(HttpResponse::Ok().json(page.finish(sites, |s| (s.site.created_at, s.site.id))))
 }
 
+#[utoipa::path(operation_id = "create_sites", tag = "sites", request_body = CreateSite, security(("bearer" = [])), responses((status = 201, body = Site), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[post("/sites")]
 async fn create(ctx: Ctx, body: web::Json<CreateSite>) -> ApiResult<HttpResponse> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
@@ -443,6 +456,8 @@ async fn create(ctx: Ctx, body: web::Json<CreateSite>) -> ApiResult<HttpResponse
     Ok(HttpResponse::Created().json(site))
 }
 
+#[utoipa::path(operation_id = "get_sites", tag = "sites", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = Site), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/sites/{id}")]
 async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
     let id = id.into_inner();
     let site = ctx
@@ -452,6 +467,8 @@ async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
         .ok_or_else(|| ApiError::not_found("site"))
 }
 
+#[utoipa::path(operation_id = "update_sites", tag = "sites", params(("id" = Uuid, Path, description = "id id")), request_body = UpdateSite, security(("bearer" = [])), responses((status = 200, body = Site), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[patch("/sites/{id}")]
 async fn update(
     ctx: Ctx,
     id: web::Path<Uuid>,
@@ -527,6 +544,8 @@ async fn update(
     Ok(HttpResponse::Ok().json(site))
 }
 
+#[utoipa::path(operation_id = "delete_sites", tag = "sites", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[delete("/sites/{id}")]
 async fn delete(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
@@ -574,14 +593,12 @@ async fn delete(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
     Ok(HttpResponse::NoContent().finish())
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/sites").get(list).post(create))
-        .service(
-            web::resource("/sites/{id}")
-                .get(get)
-                .patch(update)
-                .delete(delete),
-        );
+pub fn routes(cfg: &mut ServiceConfig) {
+    cfg.service(list)
+        .service(create)
+        .service(get)
+        .service(update)
+        .service(delete);
 }
 
 #[cfg(test)]

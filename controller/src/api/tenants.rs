@@ -4,7 +4,7 @@
 //! - `GET /tenants`, `POST /tenants` (MSP admin)
 //! - `GET|PATCH|DELETE /tenants/{tenant}`
 
-use actix_web::{web, HttpResponse};
+use actix_web::{delete, get, patch, post, web, HttpResponse};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
@@ -16,30 +16,34 @@ use super::context::{record_audit, Ctx, PageQuery};
 use super::error::{ApiError, ApiResult};
 use crate::db::schema::tenants;
 use crate::topology::TopologySettings;
+use utoipa_actix_web::service_config::ServiceConfig;
 
-#[derive(Queryable, Selectable, Serialize, Debug)]
+#[derive(utoipa::ToSchema, Queryable, Selectable, Serialize, Debug)]
 #[diesel(table_name = tenants)]
 pub struct Tenant {
     pub id: Uuid,
     pub msp_id: Uuid,
     pub name: String,
     pub slug: String,
+    #[schema(value_type = String)]
     pub overlay_network: IpNet,
+    #[schema(value_type = Object)]
     pub topology: serde_json::Value,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Deserialize)]
+#[derive(utoipa::ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTenant {
     pub name: String,
     pub slug: String,
+    #[schema(value_type = Option<String>)]
     pub overlay_network: Option<IpNet>,
     pub topology: Option<TopologySettings>,
 }
 
-#[derive(Deserialize)]
+#[derive(utoipa::ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateTenant {
     pub name: Option<String>,
@@ -97,6 +101,8 @@ fn topology_json(settings: &TopologySettings) -> ApiResult<serde_json::Value> {
     serde_json::to_value(settings).map_err(ApiError::internal)
 }
 
+#[utoipa::path(operation_id = "list_tenants", tag = "tenants", params(PageQuery), security(("bearer" = [])), responses((status = 200, body = crate::api::context::List<Tenant>), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/tenants")]
 async fn list(ctx: Ctx, query: web::Query<PageQuery>) -> ApiResult<HttpResponse> {
     let page = query.page()?;
     let own = ctx.principal.tenant;
@@ -124,6 +130,8 @@ async fn list(ctx: Ctx, query: web::Query<PageQuery>) -> ApiResult<HttpResponse>
     Ok(HttpResponse::Ok().json(page.finish(rows, |t| (t.created_at, t.id))))
 }
 
+#[utoipa::path(operation_id = "create_tenants", tag = "tenants", request_body = CreateTenant, security(("bearer" = [])), responses((status = 201, body = Tenant), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[post("/tenants")]
 async fn create(ctx: Ctx, body: web::Json<CreateTenant>) -> ApiResult<HttpResponse> {
     ctx.require_msp_admin()?;
     let body = body.into_inner();
@@ -167,6 +175,8 @@ async fn create(ctx: Ctx, body: web::Json<CreateTenant>) -> ApiResult<HttpRespon
     Ok(HttpResponse::Created().json(tenant))
 }
 
+#[utoipa::path(operation_id = "get_tenants", tag = "tenants", params(("tenant" = Uuid, Path, description = "tenant id")), security(("bearer" = [])), responses((status = 200, body = Tenant), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/tenants/{tenant}")]
 async fn get(ctx: Ctx) -> ApiResult<HttpResponse> {
     let tenant = ctx.tenant()?;
     let row = ctx
@@ -185,6 +195,8 @@ async fn get(ctx: Ctx) -> ApiResult<HttpResponse> {
         .ok_or_else(|| ApiError::not_found("tenant"))
 }
 
+#[utoipa::path(operation_id = "update_tenants", tag = "tenants", params(("tenant" = Uuid, Path, description = "tenant id")), request_body = UpdateTenant, security(("bearer" = [])), responses((status = 200, body = Tenant), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[patch("/tenants/{tenant}")]
 async fn update(ctx: Ctx, body: web::Json<UpdateTenant>) -> ApiResult<HttpResponse> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
@@ -244,6 +256,8 @@ async fn update(ctx: Ctx, body: web::Json<UpdateTenant>) -> ApiResult<HttpRespon
     Ok(HttpResponse::Ok().json(row))
 }
 
+#[utoipa::path(operation_id = "delete_tenants", tag = "tenants", params(("tenant" = Uuid, Path, description = "tenant id")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[delete("/tenants/{tenant}")]
 async fn delete(ctx: Ctx) -> ApiResult<HttpResponse> {
     ctx.require_msp_admin()?;
     let tenant = ctx.tenant()?;
@@ -268,12 +282,13 @@ async fn delete(ctx: Ctx) -> ApiResult<HttpResponse> {
     Ok(HttpResponse::NoContent().finish())
 }
 
-/// `/tenants` (mounted at the API root).
-pub fn collection_routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/tenants").get(list).post(create));
+/// `/tenants/{tenant}` itself; registered before the tenant-prefixed scope so the exact path
+/// reaches these handlers.
+pub fn item_routes(cfg: &mut ServiceConfig) {
+    cfg.service(get).service(update).service(delete);
 }
 
-/// `/tenants/{tenant}` itself (mounted inside the tenant scope).
-pub fn item_routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("").get(get).patch(update).delete(delete));
+/// `/tenants`.
+pub fn collection_routes(cfg: &mut ServiceConfig) {
+    cfg.service(list).service(create);
 }

@@ -4,7 +4,7 @@
 //!
 //! - `GET|POST /api-tokens`, `DELETE /api-tokens/{id}`
 
-use actix_web::{web, HttpResponse};
+use actix_web::{delete, get, post, web, HttpResponse};
 use chrono::{DateTime, Duration, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
@@ -16,11 +16,12 @@ use super::error::{ApiError, ApiResult};
 use super::tenants::check_name;
 use crate::auth::{new_secret, Role, API_TOKEN_PREFIX};
 use crate::db::schema::api_tokens;
+use utoipa_actix_web::service_config::ServiceConfig;
 
 /// Longest lifetime a token may be given.
 pub const MAX_TOKEN_DAYS: i64 = 3650;
 
-#[derive(Queryable, Selectable, Serialize, Debug)]
+#[derive(utoipa::ToSchema, Queryable, Selectable, Serialize, Debug)]
 #[diesel(table_name = api_tokens)]
 pub struct ApiToken {
     pub id: Uuid,
@@ -34,7 +35,7 @@ pub struct ApiToken {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Deserialize)]
+#[derive(utoipa::ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     pub name: String,
@@ -43,7 +44,7 @@ pub struct CreateToken {
     pub expires_in_days: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct CreatedToken {
     #[serde(flatten)]
     token: ApiToken,
@@ -61,6 +62,8 @@ fn require_signed_in_admin(ctx: &Ctx) -> ApiResult<Uuid> {
     }
 }
 
+#[utoipa::path(operation_id = "list_api_tokens", tag = "api-tokens", params(PageQuery), security(("bearer" = [])), responses((status = 200, body = crate::api::context::List<ApiToken>), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/api-tokens")]
 async fn list(ctx: Ctx, query: web::Query<PageQuery>) -> ApiResult<HttpResponse> {
     let page = query.page()?;
     let rows = ctx
@@ -84,6 +87,8 @@ async fn list(ctx: Ctx, query: web::Query<PageQuery>) -> ApiResult<HttpResponse>
     Ok(HttpResponse::Ok().json(page.finish(rows, |t| (t.created_at, t.id))))
 }
 
+#[utoipa::path(operation_id = "create_api_tokens", tag = "api-tokens", request_body = CreateToken, security(("bearer" = [])), responses((status = 201, body = CreatedToken, description = "the token; its secret is shown only here"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[post("/api-tokens")]
 async fn create(ctx: Ctx, body: web::Json<CreateToken>) -> ApiResult<HttpResponse> {
     let creator = require_signed_in_admin(&ctx)?;
     let tenant = ctx.tenant()?;
@@ -141,6 +146,8 @@ async fn create(ctx: Ctx, body: web::Json<CreateToken>) -> ApiResult<HttpRespons
     Ok(HttpResponse::Created().json(CreatedToken { token, secret }))
 }
 
+#[utoipa::path(operation_id = "revoke_api_tokens", tag = "api-tokens", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 204, description = "revoked"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[delete("/api-tokens/{id}")]
 async fn revoke(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
     require_signed_in_admin(&ctx)?;
     let id = id.into_inner();
@@ -169,7 +176,6 @@ async fn revoke(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
     Ok(HttpResponse::NoContent().finish())
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/api-tokens").get(list).post(create))
-        .service(web::resource("/api-tokens/{id}").delete(revoke));
+pub fn routes(cfg: &mut ServiceConfig) {
+    cfg.service(list).service(create).service(revoke);
 }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{get, post, put, web, HttpResponse};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use serde::Serialize;
@@ -19,8 +19,9 @@ use crate::db::schema::{paths, tenants};
 use crate::intents::compile::compile;
 use crate::intents::store::load_snapshot;
 use crate::topology::TopologySettings;
+use utoipa_actix_web::service_config::ServiceConfig;
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct Node {
     id: Uuid,
     name: String,
@@ -32,7 +33,7 @@ struct Node {
     reason: Option<&'static str>,
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct EdgePath {
     id: Option<Uuid>,
     a_uplink: u8,
@@ -41,14 +42,14 @@ struct EdgePath {
     score: Option<i16>,
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct Edge {
     a: Uuid,
     b: Uuid,
     paths: Vec<EdgePath>,
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct Graph {
     settings: TopologySettings,
     nodes: Vec<Node>,
@@ -58,7 +59,13 @@ struct Graph {
     error: Option<String>,
 }
 
+#[utoipa::path(operation_id = "get_topology", tag = "topology", security(("bearer" = [])), responses((status = 200, body = Graph), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/topology")]
 async fn get(ctx: Ctx) -> ApiResult<HttpResponse> {
+    graph(ctx).await
+}
+
+async fn graph(ctx: Ctx) -> ApiResult<HttpResponse> {
     let tenant = ctx.tenant()?;
     let secret = ctx.state.probe_secret.clone();
     let graph = ctx
@@ -141,6 +148,8 @@ async fn get(ctx: Ctx) -> ApiResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(graph))
 }
 
+#[utoipa::path(operation_id = "put_topology", tag = "topology", request_body = TopologySettings, security(("bearer" = [])), responses((status = 200, body = Graph), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[put("/topology")]
 async fn put(ctx: Ctx, body: web::Json<TopologySettings>) -> ApiResult<HttpResponse> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
@@ -169,9 +178,11 @@ async fn put(ctx: Ctx, body: web::Json<TopologySettings>) -> ApiResult<HttpRespo
     })
     .await?;
     ctx.state.intents_changed(tenant).await;
-    get(ctx).await
+    graph(ctx).await
 }
 
+#[utoipa::path(operation_id = "optimize_topology", tag = "topology", security(("bearer" = [])), responses((status = 202, body = Object), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[post("/topology/optimize")]
 async fn optimize(ctx: Ctx) -> ApiResult<HttpResponse> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
@@ -185,7 +196,6 @@ async fn optimize(ctx: Ctx) -> ApiResult<HttpResponse> {
     })))
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/topology").get(get).put(put))
-        .service(web::resource("/topology/optimize").post(optimize));
+pub fn routes(cfg: &mut ServiceConfig) {
+    cfg.service(get).service(put).service(optimize);
 }

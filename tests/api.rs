@@ -338,7 +338,53 @@ async fn one_tenant_never_sees_another() -> anyhow::Result<()> {
     assert_eq!(status, StatusCode::CREATED, "{policy}");
     let policy_id = policy["id"].as_str().unwrap().to_owned();
 
+    let (status, token) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/api-tokens",
+        Some(&w.admin_a),
+        Some(json!({ "name": "ci", "role": "tenant_viewer" }))
+    );
+    assert_eq!(status, StatusCode::CREATED);
+    let token_id = token["id"].as_str().unwrap().to_owned();
+    let (_, operators) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/operators",
+        Some(&w.admin_a),
+        None
+    );
+    let operator_id = operators["items"][0]["id"].as_str().unwrap().to_owned();
+
     // Tenant B: every route to A's resources is 404, lists never show them.
+    for (method, path) in [
+        (Method::DELETE, format!("/api/v1/api-tokens/{token_id}")),
+        (Method::GET, format!("/api/v1/operators/{operator_id}")),
+        (Method::DELETE, format!("/api/v1/operators/{operator_id}")),
+    ] {
+        let (status, resp) = call!(app, h, method.clone(), &path, Some(&w.admin_b), None);
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {resp}");
+    }
+    let (_, their_tokens) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/api-tokens",
+        Some(&w.admin_b),
+        None
+    );
+    assert!(!their_tokens.to_string().contains(&token_id));
+    let (_, their_operators) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/operators",
+        Some(&w.admin_b),
+        None
+    );
+    assert!(!their_operators.to_string().contains(&operator_id));
     for (method, path) in [
         (Method::GET, format!("/api/v1/sites/{site_id}")),
         (Method::PATCH, format!("/api/v1/sites/{site_id}")),

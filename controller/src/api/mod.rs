@@ -57,7 +57,19 @@ pub async fn request_id(
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     req.extensions_mut().insert(RequestId(id.clone()));
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.path());
-    let mut response = next.call(req).instrument(span).await?.map_into_boxed_body();
+    let started = std::time::Instant::now();
+    let mut response = next
+        .call(req)
+        .instrument(span.clone())
+        .await?
+        .map_into_boxed_body();
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "request"
+        )
+    });
     if response.status() == actix_web::http::StatusCode::METHOD_NOT_ALLOWED {
         // actix answers an unrouted method with an empty body; give it the API's error shape.
         let (request, _) = response.into_parts();

@@ -424,4 +424,71 @@ mod tests {
         };
         assert_eq!(digests(&a), digests(&b));
     }
+
+    use proptest::prelude::*;
+
+    fn arb_snapshot() -> impl Strategy<Value = TenantSnapshot> {
+        (
+            2u8..24,
+            prop::sample::select(vec![
+                TopologyMode::FullMesh,
+                TopologyMode::HubAndSpoke,
+                TopologyMode::Hierarchical,
+                TopologyMode::Hybrid,
+            ]),
+            1usize..4,
+            any::<bool>(),
+            proptest::collection::vec(any::<bool>(), 24),
+        )
+            .prop_map(|(n, mode, hubs, region_mesh, enrolled)| {
+                let sites: Vec<SiteSnapshot> = (1..=n)
+                    .map(|i| {
+                        let mut s = site(
+                            i,
+                            usize::from(i) <= hubs,
+                            enrolled[usize::from(i) - 1] || usize::from(i) <= hubs,
+                        );
+                        s.region =
+                            Some(["us-east", "us-west", "eu-west"][usize::from(i) % 3].into());
+                        s
+                    })
+                    .collect();
+                let mut snap = snapshot(sites, mode);
+                snap.topology.same_region_mesh = region_mesh;
+                snap.topology.max_peers = 64;
+                if mode == TopologyMode::Hybrid {
+                    snap.topology.full_mesh_sites = vec![SiteId(Uuid::from_u128(1))];
+                }
+                snap
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Every compiled intent passes the edge's own validation, and every destination a
+        /// site does not peer with is reachable through exactly one peer's transit prefixes
+        /// (WireGuard allows an address on one peer only).
+        #[test]
+        fn compiled_intents_validate_and_transit_is_unambiguous(snap in arb_snapshot()) {
+            let compiled = compile_with_paths(snap.clone());
+            let by_site: BTreeMap<SiteId, &SiteIntent> = compiled.intents.iter().map(|i| (i.site, i)).collect();
+            for intent in &compiled.intents {
+                prop_assert!(intent.validate().is_ok(), "{:?}", intent.validate());
+                for dst in by_site.values() {
+                    if dst.site == intent.site || intent.peer(dst.site).is_some() {
+                        continue;
+                    }
+                    for lan in &dst.overlay.lan_prefixes {
+                        let carriers = intent
+                            .peers
+                            .iter()
+                            .filter(|p| p.transit_prefixes.iter().any(|t| t.contains(lan)))
+                            .count();
+                        prop_assert_eq!(carriers, 1, "{} reaches {} through {} peers", intent.site_name, dst.site_name, carriers);
+                    }
+                }
+            }
+        }
+    }
 }

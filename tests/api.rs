@@ -449,6 +449,19 @@ async fn one_tenant_never_sees_another() -> anyhow::Result<()> {
     );
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"], "tenant_required");
+    let (status, one) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/tenants/{}/sites/{site_id}", w.tenant_a),
+        Some(&w.msp_admin),
+        None
+    );
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "an id route under the tenant prefix: {one}"
+    );
     let (status, list) = call!(
         app,
         h,

@@ -10,8 +10,36 @@ use crate::db::{self, DbError, DbPool};
 use crate::health;
 use crate::metrics::Metrics;
 
-/// Core NATS subject on which replicas signal that a tenant's intents need recompiling.
-pub const INTENTS_CHANGED_SUBJECT: &str = "patronus.internal.intents-changed";
+/// Core NATS subject on which replicas of one deployment signal that a tenant's intents need
+/// recompiling (`patronus.internal.<deployment>.intents-changed`).
+pub fn intents_changed_subject(deployment: &str) -> String {
+    format!("patronus.internal.{deployment}.intents-changed")
+}
+
+/// A deployment's name, from its database's: replicas sharing a database are one deployment
+/// and share leases and signals; another deployment on the same Redis and NATS does not.
+fn deployment_name(database_url: &str) -> String {
+    let name = database_url
+        .rsplit('/')
+        .next()
+        .and_then(|tail| tail.split('?').next())
+        .unwrap_or("patronus");
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.is_empty() {
+        "patronus".into()
+    } else {
+        clean
+    }
+}
 
 /// What every request handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -28,6 +56,8 @@ pub struct AppState {
     pub probe_secret: std::sync::Arc<Vec<u8>>,
     /// Identifies this process as a lease holder: host, pid and a random suffix.
     pub replica_id: String,
+    /// This deployment's name (see [`intents_changed_subject`]); namespaces leases and signals.
+    pub deployment: String,
     pub metrics: std::sync::Arc<Metrics>,
     intents_bucket: std::sync::Arc<OnceCell<async_nats::jetstream::kv::Store>>,
 }
@@ -90,6 +120,7 @@ impl AppState {
             ),
             metrics: Default::default(),
             intents_bucket: Default::default(),
+            deployment: deployment_name(&config.database.url),
         })
     }
 
@@ -98,7 +129,10 @@ impl AppState {
     pub async fn intents_changed(&self, tenant: patronus_proto::TenantId) {
         if let Err(e) = self
             .nats
-            .publish(INTENTS_CHANGED_SUBJECT, tenant.to_string().into())
+            .publish(
+                intents_changed_subject(&self.deployment),
+                tenant.to_string().into(),
+            )
             .await
         {
             tracing::warn!(tenant = %tenant, error = %e, "could not signal an intent change; the periodic reconcile will pick it up");
@@ -155,8 +189,18 @@ pub async fn serve(config: ControllerConfig, state: AppState) -> Result<(), Star
     for bound in server.addrs() {
         tracing::info!(listen = %bound, "controller listening");
     }
-    server
-        .run()
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+    // The singleton intent publisher runs beside the HTTP server on every replica; only the
+    // lease holder publishes.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let publisher = tokio::spawn(crate::intents::service::run(
+        data.get_ref().clone(),
+        stop_rx,
+    ));
+    let served = server.run().await;
+    // The HTTP server has drained: stop the publisher, which releases its lease.
+    let _ = stop_tx.send(true);
+    if let Err(e) = publisher.await {
+        tracing::warn!(error = %e, "the intent publisher ended abnormally");
+    }
+    served.map_err(|source| StartError::Bind { addr, source })
 }

@@ -351,6 +351,13 @@ pub async fn record_audit(conn: &mut AsyncPgConnection, entry: AuditEntry) -> Ap
     Ok(())
 }
 
+/// The `{id}` of a resource path. Extracted by name, so the same handler works at
+/// `/api/v1/sites/{id}` and `/api/v1/tenants/{tenant}/sites/{id}`.
+#[derive(Deserialize, Debug, Clone, Copy)]
+pub struct IdPath {
+    pub id: Uuid,
+}
+
 /// Most items one page may hold.
 pub const MAX_PAGE: i64 = 500;
 pub const DEFAULT_PAGE: i64 = 50;

@@ -83,8 +83,8 @@ async fn list(ctx: Ctx, query: web::Query<FlowQuery>) -> ApiResult<HttpResponse>
 
 #[utoipa::path(operation_id = "get_flows", tag = "flows", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = FlowRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[get("/flows/{id}")]
-async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
-    let id = id.into_inner();
+async fn get(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
+    let id = id.into_inner().id;
     let row = ctx
         .tenant_tx(move |conn| {
             Box::pin(async move {

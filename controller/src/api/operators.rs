@@ -201,18 +201,18 @@ async fn find(ctx: &Ctx, id: Uuid) -> ApiResult<Operator> {
 
 #[utoipa::path(operation_id = "get_operators", tag = "operators", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = Operator), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[get("/operators/{id}")]
-async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(find(&ctx, id.into_inner()).await?))
+async fn get(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(find(&ctx, id.into_inner().id).await?))
 }
 
 #[utoipa::path(operation_id = "update_operators", tag = "operators", params(("id" = Uuid, Path, description = "id id")), request_body = UpdateOperator, security(("bearer" = [])), responses((status = 200, body = Operator), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[patch("/operators/{id}")]
 async fn update(
     ctx: Ctx,
-    id: web::Path<Uuid>,
+    id: web::Path<super::context::IdPath>,
     body: web::Json<UpdateOperator>,
 ) -> ApiResult<HttpResponse> {
-    let id = id.into_inner();
+    let id = id.into_inner().id;
     let existing = find(&ctx, id).await?;
     let current_role =
         Role::parse(&existing.role).ok_or_else(|| ApiError::internal("unknown role"))?;
@@ -307,8 +307,8 @@ async fn update(
 
 #[utoipa::path(operation_id = "delete_operators", tag = "operators", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[delete("/operators/{id}")]
-async fn delete(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
-    let id = id.into_inner();
+async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
+    let id = id.into_inner().id;
     let existing = find(&ctx, id).await?;
     check_can_manage(
         &ctx,

@@ -198,8 +198,8 @@ async fn find(ctx: &Ctx, id: Uuid) -> ApiResult<PathView> {
 
 #[utoipa::path(operation_id = "get_paths", tag = "paths", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = PathView), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[get("/paths/{id}")]
-async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(find(&ctx, id.into_inner()).await?))
+async fn get(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(find(&ctx, id.into_inner().id).await?))
 }
 
 #[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
@@ -250,10 +250,10 @@ struct History {
 #[get("/paths/{id}/metrics")]
 async fn metrics_history(
     ctx: Ctx,
-    id: web::Path<Uuid>,
+    id: web::Path<super::context::IdPath>,
     query: web::Query<MetricsQuery>,
 ) -> ApiResult<HttpResponse> {
-    let id = id.into_inner();
+    let id = id.into_inner().id;
     find(&ctx, id).await?;
     let query = query.into_inner();
     let to = query.to.unwrap_or_else(Utc::now);
@@ -344,12 +344,12 @@ pub struct TestBody {
 #[post("/paths/{id}/test")]
 async fn test(
     ctx: Ctx,
-    id: web::Path<Uuid>,
+    id: web::Path<super::context::IdPath>,
     body: Option<web::Json<TestBody>>,
 ) -> ApiResult<HttpResponse> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
-    let path = find(&ctx, id.into_inner()).await?;
+    let path = find(&ctx, id.into_inner().id).await?;
     let duration_s = body.and_then(|b| b.into_inner().duration_s).unwrap_or(5);
     if duration_s == 0 || duration_s > MAX_PATH_TEST_SECONDS {
         return Err(ApiError::unprocessable(

@@ -349,8 +349,8 @@ async fn create(ctx: Ctx, body: web::Json<PolicyBody>) -> ApiResult<HttpResponse
 
 #[utoipa::path(operation_id = "get_policies", tag = "policies", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = PolicyRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[get("/policies/{id}")]
-async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
-    let id = id.into_inner();
+async fn get(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
+    let id = id.into_inner().id;
     let row = ctx
         .tenant_tx(move |conn| {
             Box::pin(async move {
@@ -371,12 +371,12 @@ async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
 #[put("/policies/{id}")]
 async fn replace(
     ctx: Ctx,
-    id: web::Path<Uuid>,
+    id: web::Path<super::context::IdPath>,
     body: web::Json<PolicyBody>,
 ) -> ApiResult<HttpResponse> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
-    let id = id.into_inner();
+    let id = id.into_inner().id;
     let body = body.into_inner();
     check_body(&body)?;
     compile(
@@ -423,10 +423,10 @@ async fn replace(
 
 #[utoipa::path(operation_id = "delete_policies", tag = "policies", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[delete("/policies/{id}")]
-async fn delete(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
+async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
-    let id = id.into_inner();
+    let id = id.into_inner().id;
     let audit = ctx.audit("policy.delete", "policy", id, serde_json::json!({}));
     let n = ctx
         .tenant_tx(move |conn| {

@@ -458,8 +458,8 @@ async fn create(ctx: Ctx, body: web::Json<CreateSite>) -> ApiResult<HttpResponse
 
 #[utoipa::path(operation_id = "get_sites", tag = "sites", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = Site), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[get("/sites/{id}")]
-async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
-    let id = id.into_inner();
+async fn get(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
+    let id = id.into_inner().id;
     let site = ctx
         .tenant_tx(move |conn| Box::pin(async move { load_site(conn, id).await }))
         .await?;
@@ -471,12 +471,12 @@ async fn get(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
 #[patch("/sites/{id}")]
 async fn update(
     ctx: Ctx,
-    id: web::Path<Uuid>,
+    id: web::Path<super::context::IdPath>,
     body: web::Json<UpdateSite>,
 ) -> ApiResult<HttpResponse> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
-    let id = id.into_inner();
+    let id = id.into_inner().id;
     let body = body.into_inner();
     if let Some(name) = &body.name {
         check_name("name", name)?;
@@ -546,10 +546,10 @@ async fn update(
 
 #[utoipa::path(operation_id = "delete_sites", tag = "sites", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[delete("/sites/{id}")]
-async fn delete(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
+async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
-    let id = id.into_inner();
+    let id = id.into_inner().id;
     let audit = ctx.audit("site.delete", "site", id, serde_json::json!({}));
     let deleted = ctx
         .tenant_tx(move |conn| {

@@ -148,9 +148,9 @@ async fn create(ctx: Ctx, body: web::Json<CreateToken>) -> ApiResult<HttpRespons
 
 #[utoipa::path(operation_id = "revoke_api_tokens", tag = "api-tokens", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 204, description = "revoked"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[delete("/api-tokens/{id}")]
-async fn revoke(ctx: Ctx, id: web::Path<Uuid>) -> ApiResult<HttpResponse> {
+async fn revoke(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
     require_signed_in_admin(&ctx)?;
-    let id = id.into_inner();
+    let id = id.into_inner().id;
     let audit = ctx.audit("api_token.revoke", "api_token", id, serde_json::json!({}));
     let revoked = ctx
         .tenant_tx(move |conn| {

@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::publish::publish_tenant;
 use crate::lease::Lease;
-use crate::server::{AppState, INTENTS_CHANGED_SUBJECT};
+use crate::server::{intents_changed_subject, AppState};
 
 #[derive(QueryableByName)]
 struct TenantRow {
@@ -133,7 +133,7 @@ async fn reconcile_all(state: &AppState) {
 pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
     let settings = state.intents.clone();
     let lease = Lease::new(
-        "intent-publisher",
+        &format!("{}:intent-publisher", state.deployment),
         &state.replica_id,
         Duration::from_millis(settings.lease_ttl_ms),
     );
@@ -150,7 +150,11 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if subscription.is_none() {
-            match state.nats.subscribe(INTENTS_CHANGED_SUBJECT).await {
+            match state
+                .nats
+                .subscribe(intents_changed_subject(&state.deployment))
+                .await
+            {
                 Ok(sub) => subscription = Some(sub),
                 Err(e) => tracing::warn!(error = %e, "cannot subscribe to intent changes yet"),
             }

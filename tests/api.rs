@@ -683,6 +683,107 @@ async fn bad_input_gets_a_json_error_and_changes_nothing() -> anyhow::Result<()>
             "invalid_value",
         ),
     ];
+    let (_, sites_now) = call!(app, h, Method::GET, "/api/v1/sites", Some(&w.admin_a), None);
+    let site_id = sites_now["items"][0]["id"].as_str().unwrap().to_owned();
+    let (_, operators_now) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/operators",
+        Some(&w.admin_a),
+        None
+    );
+    let operator_id = operators_now["items"][0]["id"].as_str().unwrap().to_owned();
+    let site_path = format!("/api/v1/sites/{site_id}");
+    let operator_path = format!("/api/v1/operators/{operator_id}");
+    let random_path_test = format!("/api/v1/paths/{}/test", uuid::Uuid::new_v4());
+    let mut cases = cases;
+    cases.extend([
+        (
+            "POST",
+            "/api/v1/auth/login",
+            json!({ "email": "a@b.c" }),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/api/v1/auth/refresh",
+            json!({ "refresh_token": "prt_forged" }),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            "PATCH",
+            site_path.as_str(),
+            json!({ "colour": "red" }),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            "PATCH",
+            site_path.as_str(),
+            json!({ "region": "not a region!" }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+        ),
+        (
+            "PATCH",
+            operator_path.as_str(),
+            json!({ "shoe_size": 44 }),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            "PATCH",
+            operator_path.as_str(),
+            json!({ "password": "short" }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "weak_password",
+        ),
+        (
+            "PUT",
+            "/api/v1/topology",
+            json!({ "mode": "full_mesh", "teleport": true }),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            random_path_test.as_str(),
+            json!({}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "GET",
+            "/api/v1/paths?status=sideways",
+            Value::Null,
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "GET",
+            "/api/v1/flows?site=not-a-uuid",
+            Value::Null,
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "GET",
+            "/api/v1/audit?limit=0",
+            Value::Null,
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "PATCH",
+            "/api/v1/policies",
+            json!({}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ]);
     let count = |v: &Value| v["items"].as_array().map_or(0, Vec::len);
     let (_, sites_before) = call!(app, h, Method::GET, "/api/v1/sites", Some(&w.admin_a), None);
     let (_, policies_before) = call!(

@@ -84,6 +84,33 @@ fn view(row: PathTuple) -> PathView {
 
 diesel::alias!(endpoints as dst_endpoints: DstEndpoints);
 
+/// Paths joined with both ends' uplinks, selected as a `PathTuple`, boxed for filtering.
+macro_rules! path_rows {
+    () => {
+        paths::table
+            .inner_join(endpoints::table.on(endpoints::id.eq(paths::src_endpoint_id)))
+            .inner_join(
+                dst_endpoints.on(dst_endpoints
+                    .field(endpoints::id)
+                    .eq(paths::dst_endpoint_id)),
+            )
+            .select((
+                paths::id,
+                paths::src_site_id,
+                paths::dst_site_id,
+                paths::score,
+                paths::status,
+                paths::status_changed_at,
+                paths::created_at,
+                endpoints::uplink_index,
+                endpoints::name,
+                dst_endpoints.field(endpoints::uplink_index),
+                dst_endpoints.field(endpoints::name),
+            ))
+            .into_boxed()
+    };
+}
+
 #[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
@@ -115,27 +142,7 @@ async fn list(ctx: Ctx, query: web::Query<PathQuery>) -> ApiResult<HttpResponse>
     let rows = ctx
         .tenant_tx(move |conn| {
             Box::pin(async move {
-                let mut q = paths::table
-                    .inner_join(endpoints::table.on(endpoints::id.eq(paths::src_endpoint_id)))
-                    .inner_join(
-                        dst_endpoints.on(dst_endpoints
-                            .field(endpoints::id)
-                            .eq(paths::dst_endpoint_id)),
-                    )
-                    .select((
-                        paths::id,
-                        paths::src_site_id,
-                        paths::dst_site_id,
-                        paths::score,
-                        paths::status,
-                        paths::status_changed_at,
-                        paths::created_at,
-                        endpoints::uplink_index,
-                        endpoints::name,
-                        dst_endpoints.field(endpoints::uplink_index),
-                        dst_endpoints.field(endpoints::name),
-                    ))
-                    .into_boxed();
+                let mut q = path_rows!();
                 if let Some(site) = query.site {
                     q = q.filter(paths::src_site_id.eq(site).or(paths::dst_site_id.eq(site)));
                 }
@@ -165,27 +172,8 @@ async fn find(ctx: &Ctx, id: Uuid) -> ApiResult<PathView> {
     let row = ctx
         .tenant_tx(move |conn| {
             Box::pin(async move {
-                let row: Option<PathTuple> = paths::table
-                    .inner_join(endpoints::table.on(endpoints::id.eq(paths::src_endpoint_id)))
-                    .inner_join(
-                        dst_endpoints.on(dst_endpoints
-                            .field(endpoints::id)
-                            .eq(paths::dst_endpoint_id)),
-                    )
+                let row: Option<PathTuple> = path_rows!()
                     .filter(paths::id.eq(id))
-                    .select((
-                        paths::id,
-                        paths::src_site_id,
-                        paths::dst_site_id,
-                        paths::score,
-                        paths::status,
-                        paths::status_changed_at,
-                        paths::created_at,
-                        endpoints::uplink_index,
-                        endpoints::name,
-                        dst_endpoints.field(endpoints::uplink_index),
-                        dst_endpoints.field(endpoints::name),
-                    ))
                     .first(conn)
                     .await
                     .optional()?;

@@ -358,6 +358,18 @@ pub struct IdPath {
     pub id: Uuid,
 }
 
+/// Continue a keyset-paginated query after the page's cursor: rows strictly after
+/// `(created_at, id)` of the last row seen. `$at` and `$id` are the ordering columns.
+#[macro_export]
+macro_rules! after_cursor {
+    ($query:expr, $page:expr, $at:path, $id:path) => {
+        match $page.after {
+            Some((at, id)) => $query.filter($at.gt(at).or($at.eq(at).and($id.gt(id)))),
+            None => $query,
+        }
+    };
+}
+
 /// Most items one page may hold.
 pub const MAX_PAGE: i64 = 500;
 pub const DEFAULT_PAGE: i64 = 50;

@@ -64,13 +64,7 @@ async fn list(ctx: Ctx, query: web::Query<FlowQuery>) -> ApiResult<HttpResponse>
                 if let Some(class) = query.app_class {
                     q = q.filter(flows::app_class.eq(class));
                 }
-                if let Some((at, id)) = page.after {
-                    q = q.filter(
-                        flows::started_at
-                            .gt(at)
-                            .or(flows::started_at.eq(at).and(flows::id.gt(id))),
-                    );
-                }
+                q = crate::after_cursor!(q, page, flows::started_at, flows::id);
                 Ok(q.order((flows::started_at, flows::id))
                     .limit(page.limit + 1)
                     .load::<FlowRow>(conn)

@@ -110,13 +110,7 @@ async fn list(ctx: Ctx, query: web::Query<PageQuery>) -> ApiResult<HttpResponse>
                     Some(t) => q.filter(operators::tenant_id.eq(t)),
                     None => q.filter(operators::tenant_id.is_null()),
                 };
-                if let Some((at, id)) = page.after {
-                    q = q.filter(
-                        operators::created_at
-                            .gt(at)
-                            .or(operators::created_at.eq(at).and(operators::id.gt(id))),
-                    );
-                }
+                q = crate::after_cursor!(q, page, operators::created_at, operators::id);
                 Ok(q.order((operators::created_at, operators::id))
                     .limit(page.limit + 1)
                     .load::<Operator>(conn)

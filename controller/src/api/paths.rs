@@ -149,13 +149,7 @@ async fn list(ctx: Ctx, query: web::Query<PathQuery>) -> ApiResult<HttpResponse>
                 if let Some(status) = query.status {
                     q = q.filter(paths::status.eq(status));
                 }
-                if let Some((at, id)) = page.after {
-                    q = q.filter(
-                        paths::created_at
-                            .gt(at)
-                            .or(paths::created_at.eq(at).and(paths::id.gt(id))),
-                    );
-                }
+                q = crate::after_cursor!(q, page, paths::created_at, paths::id);
                 let rows: Vec<PathTuple> = q
                     .order((paths::created_at, paths::id))
                     .limit(page.limit + 1)

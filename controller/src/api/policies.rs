@@ -281,13 +281,7 @@ async fn list(ctx: Ctx, query: web::Query<PolicyQuery>) -> ApiResult<HttpRespons
                 if let Some(kind) = query.kind {
                     q = q.filter(policies::kind.eq(kind.as_str()));
                 }
-                if let Some((at, id)) = page.after {
-                    q = q.filter(
-                        policies::created_at
-                            .gt(at)
-                            .or(policies::created_at.eq(at).and(policies::id.gt(id))),
-                    );
-                }
+                q = crate::after_cursor!(q, page, policies::created_at, policies::id);
                 Ok(q.order((policies::created_at, policies::id))
                     .limit(page.limit + 1)
                     .load::<PolicyRow>(conn)

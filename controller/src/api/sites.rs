@@ -282,13 +282,7 @@ async fn list(ctx: Ctx, query: web::Query<SiteQuery>) -> ApiResult<HttpResponse>
                 if let Some(region) = query.region {
                     q = q.filter(sites::region.eq(region));
                 }
-                if let Some((at, id)) = page.after {
-                    q = q.filter(
-                        sites::created_at
-                            .gt(at)
-                            .or(sites::created_at.eq(at).and(sites::id.gt(id))),
-                    );
-                }
+                q = crate::after_cursor!(q, page, sites::created_at, sites::id);
                 let rows: Vec<SiteRow> = q
                     .order((sites::created_at, sites::id))
                     .limit(page.limit + 1)

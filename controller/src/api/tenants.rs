@@ -113,13 +113,7 @@ async fn list(ctx: Ctx, query: web::Query<PageQuery>) -> ApiResult<HttpResponse>
                 if let Some(t) = own {
                     q = q.filter(tenants::id.eq(t.0));
                 }
-                if let Some((at, id)) = page.after {
-                    q = q.filter(
-                        tenants::created_at
-                            .gt(at)
-                            .or(tenants::created_at.eq(at).and(tenants::id.gt(id))),
-                    );
-                }
+                q = crate::after_cursor!(q, page, tenants::created_at, tenants::id);
                 Ok(q.order((tenants::created_at, tenants::id))
                     .limit(page.limit + 1)
                     .load::<Tenant>(conn)

@@ -70,13 +70,7 @@ async fn list(ctx: Ctx, query: web::Query<PageQuery>) -> ApiResult<HttpResponse>
         .tenant_tx(move |conn| {
             Box::pin(async move {
                 let mut q = api_tokens::table.select(ApiToken::as_select()).into_boxed();
-                if let Some((at, id)) = page.after {
-                    q = q.filter(
-                        api_tokens::created_at
-                            .gt(at)
-                            .or(api_tokens::created_at.eq(at).and(api_tokens::id.gt(id))),
-                    );
-                }
+                q = crate::after_cursor!(q, page, api_tokens::created_at, api_tokens::id);
                 Ok(q.order((api_tokens::created_at, api_tokens::id))
                     .limit(page.limit + 1)
                     .load::<ApiToken>(conn)

@@ -6,7 +6,7 @@
 //! fired on a fixed schedule over keep-alive connections; latency counted from the scheduled
 //! time, so a stall shows up instead of hiding) for:
 //!   - `GET /api/v1/sites?limit=50` at 1,000 requests/s for 10 s (goal: p99 under 10 ms);
-//!   - `PUT /api/v1/policies/{id}` at 100 requests/s for 10 s.
+//!   - `PUT /api/v1/policies/{id}` at 100 and at 1,000 requests/s for 10 s each.
 //!
 //! Prints one JSON object per scenario.
 
@@ -109,8 +109,15 @@ async fn server_side() -> anyhow::Result<()> {
             "put_policy",
             "PUT",
             format!("/api/v1/policies/{policy}"),
-            policy_body,
+            policy_body.clone(),
             100u32,
+        ),
+        (
+            "put_policy",
+            "PUT",
+            format!("/api/v1/policies/{policy}"),
+            policy_body,
+            1000u32,
         ),
     ];
     let exe = std::env::current_exe()?;

@@ -275,14 +275,20 @@ impl Ctx {
     }
 
     /// Run `work` in one transaction scoped to the caller's MSP (and acting tenant, if any).
+    /// Only an MSP admin gets the MSP-wide key; anyone else is scoped to their own tenant, so
+    /// row-level security — not just a handler's `WHERE` — keeps them inside it.
     pub async fn msp_tx<T, F>(&self, work: F) -> ApiResult<T>
     where
         T: Send,
         F: for<'r> FnOnce(&'r mut AsyncPgConnection) -> ScopedWork<'r, ApiResult<T>> + Send,
     {
-        let scope = Scope::Msp {
-            msp: self.principal.msp,
-            tenant: self.tenant,
+        let scope = match (self.principal.role, self.principal.tenant) {
+            (Role::MspAdmin, _) => Scope::Msp {
+                msp: self.principal.msp,
+                tenant: self.tenant,
+            },
+            (_, Some(own)) => Scope::Tenant(own),
+            (_, None) => return Err(ApiError::internal("a tenant role without a tenant")),
         };
         let mut conn = self.state.db.get().await.map_err(db::DbError::from)?;
         db::in_scope(&mut conn, scope, work).await

@@ -5,6 +5,7 @@
 //! one tenant of 200 sites), then re-runs this binary as an open-loop load generator (requests
 //! fired on a fixed schedule over keep-alive connections; latency counted from the scheduled
 //! time, so a stall shows up instead of hiding) for:
+//!   - `GET /healthz` at 1,000 requests/s: the baseline of harness, HTTP and scheduling;
 //!   - `GET /api/v1/sites?limit=50` at 1,000 requests/s for 10 s (goal: p99 under 10 ms);
 //!   - `PUT /api/v1/policies/{id}` at 100 and at 1,000 requests/s for 10 s each.
 //!
@@ -98,6 +99,14 @@ async fn server_side() -> anyhow::Result<()> {
     })
     .to_string();
     let scenarios = [
+        // Baseline: the same harness against an endpoint with no database or Redis work.
+        (
+            "baseline_healthz",
+            "GET",
+            "/healthz".to_owned(),
+            String::new(),
+            1000u32,
+        ),
         (
             "get_sites",
             "GET",

@@ -44,41 +44,8 @@ pub enum DbError {
 pub fn pool(url: &str, size: usize) -> Result<DbPool, DbError> {
     let mut config = ManagerConfig::default();
     config.recycling_method = RecyclingMethod::Fast;
-    // Each connection's I/O task runs on the runtime that opened it. actix serves requests on
-    // one single-threaded runtime per worker, so a connection opened on a busy worker would
-    // stall requests on the others; open every connection on a small shared runtime instead.
-    config.custom_setup = Box::new(|url| {
-        let url = url.to_owned();
-        Box::pin(async move {
-            match driver_runtime() {
-                Some(handle) => handle
-                    .spawn(async move { AsyncPgConnection::establish(&url).await })
-                    .await
-                    .unwrap_or_else(|e| Err(diesel::ConnectionError::BadConnection(e.to_string()))),
-                None => AsyncPgConnection::establish(&url).await,
-            }
-        })
-    });
     let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, config);
     Ok(Pool::builder(manager).max_size(size).build()?)
-}
-
-/// The runtime database connections live on (two threads, started on first use). `None` if
-/// it could not start, in which case connections stay on the caller's runtime.
-fn driver_runtime() -> Option<tokio::runtime::Handle> {
-    static RUNTIME: std::sync::OnceLock<Option<tokio::runtime::Runtime>> =
-        std::sync::OnceLock::new();
-    RUNTIME
-        .get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("patronus-db")
-                .enable_all()
-                .build()
-                .ok()
-        })
-        .as_ref()
-        .map(|rt| rt.handle().clone())
 }
 
 /// Whose rows a transaction may see.

@@ -75,7 +75,7 @@ async fn list(ctx: Ctx, query: web::Query<FlowQuery>) -> ApiResult<HttpResponse>
     Ok(HttpResponse::Ok().json(page.finish(rows, |f| (f.started_at, f.id))))
 }
 
-#[utoipa::path(operation_id = "get_flows", tag = "flows", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = FlowRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[utoipa::path(operation_id = "get_flows", tag = "flows", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 200, body = FlowRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[get("/flows/{id}")]
 async fn get(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
     let id = id.into_inner().id;

@@ -193,13 +193,13 @@ async fn find(ctx: &Ctx, id: Uuid) -> ApiResult<Operator> {
     row.ok_or_else(|| ApiError::not_found("operator"))
 }
 
-#[utoipa::path(operation_id = "get_operators", tag = "operators", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = Operator), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[utoipa::path(operation_id = "get_operators", tag = "operators", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 200, body = Operator), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[get("/operators/{id}")]
 async fn get(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(find(&ctx, id.into_inner().id).await?))
 }
 
-#[utoipa::path(operation_id = "update_operators", tag = "operators", params(("id" = Uuid, Path, description = "id id")), request_body = UpdateOperator, security(("bearer" = [])), responses((status = 200, body = Operator), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[utoipa::path(operation_id = "update_operators", tag = "operators", params(("id" = Uuid, Path, description = "id of the resource")), request_body = UpdateOperator, security(("bearer" = [])), responses((status = 200, body = Operator), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[patch("/operators/{id}")]
 async fn update(
     ctx: Ctx,
@@ -299,7 +299,7 @@ async fn update(
     Ok(HttpResponse::Ok().json(row))
 }
 
-#[utoipa::path(operation_id = "delete_operators", tag = "operators", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[utoipa::path(operation_id = "delete_operators", tag = "operators", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[delete("/operators/{id}")]
 async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
     let id = id.into_inner().id;

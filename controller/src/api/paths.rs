@@ -178,7 +178,7 @@ async fn find(ctx: &Ctx, id: Uuid) -> ApiResult<PathView> {
     row.ok_or_else(|| ApiError::not_found("path"))
 }
 
-#[utoipa::path(operation_id = "get_paths", tag = "paths", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = PathView), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[utoipa::path(operation_id = "get_paths", tag = "paths", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 200, body = PathView), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[get("/paths/{id}")]
 async fn get(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(find(&ctx, id.into_inner().id).await?))
@@ -228,7 +228,7 @@ struct History {
     points: Vec<Point>,
 }
 
-#[utoipa::path(operation_id = "metrics_history_paths", tag = "paths", params(("id" = Uuid, Path, description = "id id"), MetricsQuery), security(("bearer" = [])), responses((status = 200, body = History), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[utoipa::path(operation_id = "metrics_history_paths", tag = "paths", params(("id" = Uuid, Path, description = "id of the resource"), MetricsQuery), security(("bearer" = [])), responses((status = 200, body = History), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[get("/paths/{id}/metrics")]
 async fn metrics_history(
     ctx: Ctx,
@@ -322,7 +322,7 @@ pub struct TestBody {
     pub duration_s: Option<u32>,
 }
 
-#[utoipa::path(operation_id = "test_paths", tag = "paths", params(("id" = Uuid, Path, description = "id id")), request_body(content = Option<TestBody>), security(("bearer" = [])), responses((status = 200, body = Object, description = "the path's metrics as the edge measured them"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[utoipa::path(operation_id = "test_paths", tag = "paths", params(("id" = Uuid, Path, description = "id of the resource")), request_body(content = Option<TestBody>), security(("bearer" = [])), responses((status = 200, body = Object, description = "the path's metrics as the edge measured them"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[post("/paths/{id}/test")]
 async fn test(
     ctx: Ctx,

@@ -226,7 +226,15 @@ impl CompiledPolicy {
     }
 }
 
-fn check_body(body: &PolicyBody) -> ApiResult<()> {
+/// Accept a submitted policy (writer role, names, and compiled exactly as the edge will) and
+/// describe it for the audit log.
+fn admit(
+    ctx: &Ctx,
+    id: Uuid,
+    body: &PolicyBody,
+    action: &'static str,
+) -> ApiResult<super::context::AuditEntry> {
+    ctx.require_write()?;
     check_name("name", &body.name)?;
     if body.site_ids.as_ref().is_some_and(|s| s.len() > 10_000) {
         return Err(ApiError::unprocessable(
@@ -234,7 +242,20 @@ fn check_body(body: &PolicyBody) -> ApiResult<()> {
             "site_ids: at most 10000 sites",
         ));
     }
-    Ok(())
+    compile(
+        id,
+        &body.name,
+        body.kind,
+        body.priority,
+        body.enabled,
+        &body.spec,
+    )?;
+    Ok(ctx.audit(
+        action,
+        "policy",
+        id,
+        serde_json::json!({ "name": body.name, "kind": body.kind, "priority": body.priority, "enabled": body.enabled, "spec": body.spec }),
+    ))
 }
 
 async fn check_sites_exist(
@@ -295,25 +316,10 @@ async fn list(ctx: Ctx, query: web::Query<PolicyQuery>) -> ApiResult<HttpRespons
 #[utoipa::path(operation_id = "create_policies", tag = "policies", request_body = PolicyBody, security(("bearer" = [])), responses((status = 201, body = PolicyRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[post("/policies")]
 async fn create(ctx: Ctx, body: web::Json<PolicyBody>) -> ApiResult<HttpResponse> {
-    ctx.require_write()?;
     let tenant = ctx.tenant()?;
     let body = body.into_inner();
-    check_body(&body)?;
     let id = Uuid::new_v4();
-    compile(
-        id,
-        &body.name,
-        body.kind,
-        body.priority,
-        body.enabled,
-        &body.spec,
-    )?;
-    let audit = ctx.audit(
-        "policy.create",
-        "policy",
-        id,
-        serde_json::json!({ "name": body.name, "kind": body.kind, "priority": body.priority, "enabled": body.enabled, "spec": body.spec }),
-    );
+    let audit = admit(&ctx, id, &body, "policy.create")?;
     let row = ctx
         .tenant_tx(move |conn| {
             Box::pin(async move {
@@ -341,7 +347,7 @@ async fn create(ctx: Ctx, body: web::Json<PolicyBody>) -> ApiResult<HttpResponse
     Ok(HttpResponse::Created().json(row))
 }
 
-#[utoipa::path(operation_id = "get_policies", tag = "policies", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = PolicyRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[utoipa::path(operation_id = "get_policies", tag = "policies", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 200, body = PolicyRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[get("/policies/{id}")]
 async fn get(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
     let id = id.into_inner().id;
@@ -361,32 +367,17 @@ async fn get(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpR
         .ok_or_else(|| ApiError::not_found("policy"))
 }
 
-#[utoipa::path(operation_id = "replace_policies", tag = "policies", params(("id" = Uuid, Path, description = "id id")), request_body = PolicyBody, security(("bearer" = [])), responses((status = 200, body = PolicyRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[utoipa::path(operation_id = "replace_policies", tag = "policies", params(("id" = Uuid, Path, description = "id of the resource")), request_body = PolicyBody, security(("bearer" = [])), responses((status = 200, body = PolicyRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[put("/policies/{id}")]
 async fn replace(
     ctx: Ctx,
     id: web::Path<super::context::IdPath>,
     body: web::Json<PolicyBody>,
 ) -> ApiResult<HttpResponse> {
-    ctx.require_write()?;
     let tenant = ctx.tenant()?;
     let id = id.into_inner().id;
     let body = body.into_inner();
-    check_body(&body)?;
-    compile(
-        id,
-        &body.name,
-        body.kind,
-        body.priority,
-        body.enabled,
-        &body.spec,
-    )?;
-    let audit = ctx.audit(
-        "policy.update",
-        "policy",
-        id,
-        serde_json::json!({ "name": body.name, "kind": body.kind, "priority": body.priority, "enabled": body.enabled, "spec": body.spec }),
-    );
+    let audit = admit(&ctx, id, &body, "policy.update")?;
     let row = ctx
         .tenant_tx(move |conn| {
             Box::pin(async move {
@@ -415,7 +406,7 @@ async fn replace(
     Ok(HttpResponse::Ok().json(row))
 }
 
-#[utoipa::path(operation_id = "delete_policies", tag = "policies", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[utoipa::path(operation_id = "delete_policies", tag = "policies", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[delete("/policies/{id}")]
 async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
     ctx.require_write()?;

@@ -450,7 +450,7 @@ async fn create(ctx: Ctx, body: web::Json<CreateSite>) -> ApiResult<HttpResponse
     Ok(HttpResponse::Created().json(site))
 }
 
-#[utoipa::path(operation_id = "get_sites", tag = "sites", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 200, body = Site), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[utoipa::path(operation_id = "get_sites", tag = "sites", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 200, body = Site), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[get("/sites/{id}")]
 async fn get(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
     let id = id.into_inner().id;
@@ -461,7 +461,7 @@ async fn get(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpR
         .ok_or_else(|| ApiError::not_found("site"))
 }
 
-#[utoipa::path(operation_id = "update_sites", tag = "sites", params(("id" = Uuid, Path, description = "id id")), request_body = UpdateSite, security(("bearer" = [])), responses((status = 200, body = Site), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[utoipa::path(operation_id = "update_sites", tag = "sites", params(("id" = Uuid, Path, description = "id of the resource")), request_body = UpdateSite, security(("bearer" = [])), responses((status = 200, body = Site), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[patch("/sites/{id}")]
 async fn update(
     ctx: Ctx,
@@ -538,7 +538,7 @@ async fn update(
     Ok(HttpResponse::Ok().json(site))
 }
 
-#[utoipa::path(operation_id = "delete_sites", tag = "sites", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[utoipa::path(operation_id = "delete_sites", tag = "sites", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[delete("/sites/{id}")]
 async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
     ctx.require_write()?;

@@ -140,7 +140,7 @@ async fn create(ctx: Ctx, body: web::Json<CreateToken>) -> ApiResult<HttpRespons
     Ok(HttpResponse::Created().json(CreatedToken { token, secret }))
 }
 
-#[utoipa::path(operation_id = "revoke_api_tokens", tag = "api-tokens", params(("id" = Uuid, Path, description = "id id")), security(("bearer" = [])), responses((status = 204, description = "revoked"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[utoipa::path(operation_id = "revoke_api_tokens", tag = "api-tokens", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 204, description = "revoked"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[delete("/api-tokens/{id}")]
 async fn revoke(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
     require_signed_in_admin(&ctx)?;

@@ -57,8 +57,8 @@ async fn main() -> anyhow::Result<()> {
     let mut owner = AsyncPgConnection::establish(&database.owner_url).await?;
     owner.batch_execute(&sql).await.context("seeding")?;
     let state = AppState::connect(&env.controller_config(&database.app_url)?).await?;
-    let bucket = state.intents_bucket().await?;
     let tenant_id = TenantId(tenant);
+    let bucket = state.tenant_nats(tenant_id).await?.intents;
 
     let started = Instant::now();
     let first = publish_tenant(&state.db, &bucket, tenant_id, &state.probe_secret).await?;

@@ -1112,7 +1112,7 @@ async fn topology_paths_metrics_and_flows() -> anyhow::Result<()> {
             .await?;
     }
     let tenant = patronus_proto::TenantId(w.tenant_a.parse()?);
-    let bucket = h.state.intents_bucket().await?;
+    let bucket = h.state.tenant_nats(tenant).await?.intents;
     let outcome = patronus_controller::intents::publish::publish_tenant(
         &h.state.db,
         &bucket,

@@ -72,7 +72,7 @@ async fn read_intents(
     state: &AppState,
     tenant: &Tenant,
 ) -> anyhow::Result<BTreeMap<SiteId, SiteIntent>> {
-    let bucket = state.intents_bucket().await?;
+    let bucket = state.tenant_nats(tenant.id).await?.intents;
     let mut out = BTreeMap::new();
     for site in &tenant.sites {
         let key = patronus_proto::subjects::intent_key(tenant.id, *site);
@@ -130,7 +130,8 @@ async fn revisions_rise_only_for_the_sites_a_change_affects() -> anyhow::Result<
     let a = seed_tenant(&database, 3, 1).await?;
     let b = seed_tenant(&database, 2, 2).await?;
     let state = state(&env, &database, 5000).await?;
-    let bucket = state.intents_bucket().await?;
+    let bucket = state.tenant_nats(a.id).await?.intents;
+    let b_bucket = state.tenant_nats(b.id).await?.intents;
 
     // First publish: every site, each with the other two as peers and 2×2 paths per peer.
     let first = publish_tenant(&state.db, &bucket, a.id, &state.probe_secret).await?;
@@ -172,13 +173,13 @@ async fn revisions_rise_only_for_the_sites_a_change_affects() -> anyhow::Result<
     ensure!(after[&a.sites[2]].revision == intents[&a.sites[2]].revision);
 
     // A tenant-wide policy: every site of A, none of B.
-    let b_first = publish_tenant(&state.db, &bucket, b.id, &state.probe_secret).await?;
+    let b_first = publish_tenant(&state.db, &b_bucket, b.id, &state.probe_secret).await?;
     ensure!(b_first.published.len() == 2);
     let b_before = read_intents(&state, &b).await?;
     add_policy(&state, a.id, None).await?;
     let wide = publish_tenant(&state.db, &bucket, a.id, &state.probe_secret).await?;
     ensure!(wide.published.len() == 3, "{wide:?}");
-    let b_again = publish_tenant(&state.db, &bucket, b.id, &state.probe_secret).await?;
+    let b_again = publish_tenant(&state.db, &b_bucket, b.id, &state.probe_secret).await?;
     ensure!(
         b_again.published.is_empty(),
         "tenant B changed with A's policy: {b_again:?}"

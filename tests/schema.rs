@@ -149,6 +149,10 @@ fn fixture_sql(msp: Uuid, tenant: Uuid, n: u8) -> String {
              VALUES ('{tenant}', '{site_a}', md5('{tenant}'), 'CN=hq', now(), now() + interval '1 day', 'pem');
          INSERT INTO enrollment_tokens (id, tenant_id, site_id, expires_at)
              VALUES (gen_random_uuid(), '{tenant}', '{site_b}', now() + interval '1 hour');
+         INSERT INTO tenant_cas (tenant_id, certificate_pem, private_key_sealed, not_after)
+             VALUES ('{tenant}', 'pem', decode(repeat('00', 64), 'hex'), now() + interval '10 years');
+         INSERT INTO site_nats_users (public_key, tenant_id, site_id, expires_at)
+             VALUES ('U' || repeat('A', 54) || chr(65 + {n}), '{tenant}', '{site_a}', now() + interval '1 day');
          INSERT INTO policies (id, tenant_id, name, kind, spec)
              VALUES ('{policy}', '{tenant}', 'voip', 'routing', '{{}}');
          INSERT INTO flows (tenant_id, site_id, src_ip, dst_ip, src_port, dst_port, protocol, app_class,

@@ -20,6 +20,43 @@ pub struct ControllerConfig {
     pub auth: AuthConfig,
     pub intents: IntentsConfig,
     pub metrics: MetricsConfig,
+    pub provisioning: ProvisioningConfig,
+}
+
+/// Enrollment tokens and the tenants' certificate authorities.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvisioningConfig {
+    /// Base64 of a 32-byte Ed25519 seed that signs enrollment tokens (EdDSA); every replica
+    /// must share it.
+    pub token_signing_key: Secret,
+    /// Base64 of 32 random bytes sealing tenant CA private keys at rest.
+    pub master_key: Secret,
+    /// Default lifetime of an enrollment token.
+    pub token_ttl_s: u64,
+    /// Lifetime of a site certificate (and of the site's NATS credentials).
+    pub certificate_lifetime_days: u32,
+    /// Lifetime of a tenant CA.
+    pub ca_lifetime_days: u32,
+}
+
+impl Default for ProvisioningConfig {
+    fn default() -> Self {
+        Self {
+            token_signing_key: Secret::default(),
+            master_key: Secret::default(),
+            token_ttl_s: 3600,
+            certificate_lifetime_days: 90,
+            ca_lifetime_days: 3650,
+        }
+    }
+}
+
+/// Decode a base64 secret setting of exactly 32 bytes.
+pub fn secret_bytes_32(secret: &Secret) -> Option<[u8; 32]> {
+    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, secret.0.trim())
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
 }
 
 /// Path-metrics storage.
@@ -138,6 +175,11 @@ pub struct RedisConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     pub url: String,
+    /// What `patronus-controller nats init` wrote: the operator signing key, the system and
+    /// control users' credentials.
+    pub credentials_dir: PathBuf,
+    /// The URL edges are told to connect to at enrollment (defaults to `url`).
+    pub edge_url: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
@@ -188,6 +230,8 @@ impl Default for NatsConfig {
     fn default() -> Self {
         Self {
             url: "nats://127.0.0.1:4222".into(),
+            credentials_dir: PathBuf::from("/var/lib/patronus/nats/credentials"),
+            edge_url: None,
         }
     }
 }
@@ -289,6 +333,18 @@ impl ControllerConfig {
         if let Some(v) = env("PATRONUS_NATS_URL") {
             self.nats.url = v;
         }
+        if let Some(v) = env("PATRONUS_NATS_CREDENTIALS_DIR") {
+            self.nats.credentials_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("PATRONUS_NATS_EDGE_URL") {
+            self.nats.edge_url = Some(v);
+        }
+        if let Some(v) = env("PATRONUS_TOKEN_SIGNING_KEY") {
+            self.provisioning.token_signing_key = Secret(v);
+        }
+        if let Some(v) = env("PATRONUS_MASTER_KEY") {
+            self.provisioning.master_key = Secret(v);
+        }
         if let Some(v) = env("PATRONUS_LOG_FORMAT") {
             self.log.format = match v.as_str() {
                 "text" => LogFormat::Text,
@@ -344,6 +400,9 @@ impl ControllerConfig {
         }
         check_scheme("redis.url", &self.redis.url, &["redis", "rediss"])?;
         check_scheme("nats.url", &self.nats.url, &["nats", "tls"])?;
+        if let Some(edge_url) = &self.nats.edge_url {
+            check_scheme("nats.edge_url", edge_url, &["nats", "tls"])?;
+        }
         if self.http.shutdown_grace_s > 300 {
             return Err(invalid(
                 "http.shutdown_grace_s",
@@ -408,6 +467,38 @@ impl ControllerConfig {
         }
         if !(500..=60_000).contains(&self.intents.lease_ttl_ms) {
             return Err(invalid("intents.lease_ttl_ms", "must be 500-60000".into()));
+        }
+        if secret_bytes_32(&self.provisioning.token_signing_key).is_none() {
+            return Err(invalid(
+                "provisioning.token_signing_key",
+                "not set or not base64 of 32 bytes; set PATRONUS_TOKEN_SIGNING_KEY (scripts/setup generates one)".into(),
+            ));
+        }
+        if secret_bytes_32(&self.provisioning.master_key).is_none() {
+            return Err(invalid(
+                "provisioning.master_key",
+                "not set or not base64 of 32 bytes; set PATRONUS_MASTER_KEY (scripts/setup generates one)".into(),
+            ));
+        }
+        if !(60..=7 * 86_400).contains(&self.provisioning.token_ttl_s) {
+            return Err(invalid(
+                "provisioning.token_ttl_s",
+                "must be 60 s to 7 days".into(),
+            ));
+        }
+        if !(1..=825).contains(&self.provisioning.certificate_lifetime_days) {
+            return Err(invalid(
+                "provisioning.certificate_lifetime_days",
+                "must be 1-825".into(),
+            ));
+        }
+        if !(365..=36_500).contains(&self.provisioning.ca_lifetime_days)
+            || self.provisioning.ca_lifetime_days <= self.provisioning.certificate_lifetime_days
+        {
+            return Err(invalid(
+                "provisioning.ca_lifetime_days",
+                "must be 365-36500 and longer than certificate_lifetime_days".into(),
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.filter).map_err(|e| {
             invalid(
@@ -477,6 +568,14 @@ mod tests {
         "PATRONUS_PROBE_SECRET",
         "CAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAg=",
     );
+    const TOKEN_KEY: (&str, &str) = (
+        "PATRONUS_TOKEN_SIGNING_KEY",
+        "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=",
+    );
+    const MASTER: (&str, &str) = (
+        "PATRONUS_MASTER_KEY",
+        "CgoKCgoKCgoKCgoKCgoKCgoKCgoKCgoKCgoKCgoKCgo=",
+    );
 
     #[test]
     fn environment_overrides_defaults_and_flags_override_environment() {
@@ -491,6 +590,8 @@ mod tests {
                 DB,
                 SECRET,
                 PROBE,
+                TOKEN_KEY,
+                MASTER,
                 ("PATRONUS_HTTP_LISTEN", "127.0.0.1:7000"),
                 ("PATRONUS_NATS_URL", "nats://127.0.0.1:4333"),
             ]),
@@ -526,7 +627,7 @@ mod tests {
             let err = ControllerConfig::load_with_env(
                 None,
                 &Overrides::default(),
-                &env(&[DB, SECRET, PROBE, (name, value)]),
+                &env(&[DB, SECRET, PROBE, TOKEN_KEY, MASTER, (name, value)]),
             )
             .unwrap_err();
             assert!(err.to_string().contains(setting), "{err}");
@@ -534,7 +635,14 @@ mod tests {
         let err = ControllerConfig::load_with_env(
             None,
             &Overrides::default(),
-            &env(&[DB, SECRET, PROBE, ("PATRONUS_HTTP_LISTEN", "nope")]),
+            &env(&[
+                DB,
+                SECRET,
+                PROBE,
+                TOKEN_KEY,
+                MASTER,
+                ("PATRONUS_HTTP_LISTEN", "nope"),
+            ]),
         )
         .unwrap_err();
         assert!(err.to_string().contains("PATRONUS_HTTP_LISTEN"));
@@ -546,8 +654,12 @@ mod tests {
             listen: None,
             migrate_on_start: Some(true),
         };
-        let err = ControllerConfig::load_with_env(None, &overrides, &env(&[DB, SECRET, PROBE]))
-            .unwrap_err();
+        let err = ControllerConfig::load_with_env(
+            None,
+            &overrides,
+            &env(&[DB, SECRET, PROBE, TOKEN_KEY, MASTER]),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("owner_url"));
     }
 
@@ -566,10 +678,34 @@ mod tests {
         let config = ControllerConfig::load_with_env(
             None,
             &Overrides::default(),
-            &env(&[DB, SECRET, PROBE]),
+            &env(&[DB, SECRET, PROBE, TOKEN_KEY, MASTER]),
         )
         .unwrap();
         assert!(!format!("{config:?}").contains(SECRET.1));
+    }
+
+    #[test]
+    fn provisioning_keys_are_required() {
+        let err = ControllerConfig::load_with_env(
+            None,
+            &Overrides::default(),
+            &env(&[DB, SECRET, PROBE, TOKEN_KEY]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("PATRONUS_MASTER_KEY"), "{err}");
+        let err = ControllerConfig::load_with_env(
+            None,
+            &Overrides::default(),
+            &env(&[
+                DB,
+                SECRET,
+                PROBE,
+                MASTER,
+                ("PATRONUS_TOKEN_SIGNING_KEY", "c2hvcnQ="),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("token_signing_key"), "{err}");
     }
 
     #[test]

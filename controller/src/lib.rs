@@ -15,6 +15,7 @@
 //! - [`intents`]: compile each site's intent and publish it (singleton, under a Redis lease).
 //! - [`lease`]: Redis leases for singleton work shared by replicas.
 //! - [`metrics`]: Prometheus text at `/metrics`.
+//! - [`nats`]: NATS operator mode: account per tenant, JWTs, the controller's connections.
 //! - [`server`]: the actix-web application and its lifecycle.
 //! - [`topology`]: the pure topology engine (who peers with whom, over which uplinks).
 
@@ -28,5 +29,6 @@ pub mod health;
 pub mod intents;
 pub mod lease;
 pub mod metrics;
+pub mod nats;
 pub mod server;
 pub mod topology;

@@ -2,6 +2,8 @@
 //!
 //! - `serve`: run the HTTP API (and, with `--migrate`, apply pending migrations first).
 //! - `migrate up|down-all|status`: manage the schema as the owner role.
+//! - `admin create`: the first MSP and its admin.
+//! - `nats init`: the NATS operator, system and control accounts (scripts/setup runs it).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +49,31 @@ enum Command {
     Admin {
         #[command(subcommand)]
         action: AdminAction,
+    },
+    /// NATS operator-mode setup.
+    Nats {
+        #[command(subcommand)]
+        action: NatsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum NatsAction {
+    /// Create the operator, system and control accounts (idempotent) and write the server's
+    /// auth include and the controller's credentials into DIR.
+    Init {
+        /// Credentials directory (the controller's nats.credentials_dir).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Where nats-server's full account resolver keeps account JWTs.
+        #[arg(long)]
+        accounts_dir: PathBuf,
+    },
+    /// Delete a (deleted) tenant's streams and revoke every user of its account. The API's
+    /// tenant delete does this; run it by hand if that step failed.
+    PurgeTenant {
+        #[arg(long)]
+        tenant: uuid::Uuid,
     },
 }
 
@@ -98,7 +125,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen: *listen,
             migrate_on_start: migrate.then_some(true),
         },
-        Command::Migrate { .. } | Command::Admin { .. } => Overrides::default(),
+        Command::Migrate { .. }
+        | Command::Admin { .. }
+        | Command::Nats {
+            action: NatsAction::PurgeTenant { .. },
+        } => Overrides::default(),
+        Command::Nats {
+            action: NatsAction::Init { dir, accounts_dir },
+        } => {
+            // Needs no configuration: it runs before the services the configuration names.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .context("system clock before 1970")?
+                .as_secs() as i64;
+            let report = patronus_controller::nats::bootstrap::init(dir, accounts_dir, now)
+                .context("initialising NATS operator mode")?;
+            println!(
+                "nats init: operator {} system account {} ({})",
+                report.operator,
+                report.system_account,
+                if report.created_keys {
+                    "created"
+                } else {
+                    "already present"
+                }
+            );
+            return Ok(());
+        }
     };
     let config = ControllerConfig::load(cli.config.as_deref(), &overrides)?;
     init_tracing(&config);
@@ -133,6 +186,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 created.msp_id, created.operator_id
             );
         }
+        Command::Nats {
+            action: NatsAction::PurgeTenant { tenant },
+        } => {
+            let hub = patronus_controller::nats::NatsHub::connect(
+                &config.nats.url,
+                &config.nats.credentials_dir,
+            )
+            .await?;
+            hub.purge_tenant(patronus_proto::TenantId(tenant))
+                .await
+                .context("purging the tenant's NATS account")?;
+            println!("purged the NATS account of tenant {tenant}");
+        }
+        // Ran before the configuration was loaded.
+        Command::Nats {
+            action: NatsAction::Init { .. },
+        } => {}
         Command::Migrate { action } => {
             let url = owner_url(&config)?;
             match action {

@@ -47,7 +47,10 @@ pub struct AppState {
     pub db: DbPool,
     redis_client: redis::Client,
     redis_conn: std::sync::Arc<OnceCell<redis::aio::ConnectionManager>>,
+    /// The controller's own NATS account (signals, event fan-out between replicas).
     pub nats: async_nats::Client,
+    /// Every NATS link: tenant accounts, account pushes, site credentials.
+    pub nats_hub: std::sync::Arc<crate::nats::NatsHub>,
     pub session_keys: SessionKeys,
     pub auth: AuthConfig,
     pub intents: IntentsConfig,
@@ -59,7 +62,9 @@ pub struct AppState {
     /// This deployment's name (see [`intents_changed_subject`]); namespaces leases and signals.
     pub deployment: String,
     pub metrics: std::sync::Arc<Metrics>,
-    intents_bucket: std::sync::Arc<OnceCell<async_nats::jetstream::kv::Store>>,
+    pub provisioning: crate::config::ProvisioningConfig,
+    /// The URL edges are told to connect to.
+    pub nats_edge_url: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,17 +93,22 @@ impl AppState {
     pub async fn connect(config: &ControllerConfig) -> Result<Self, StartError> {
         let db = db::pool(&config.database.url, config.database.pool_size)?;
         let redis_client = redis::Client::open(config.redis.url.as_str())?;
-        let nats = async_nats::ConnectOptions::new()
-            .name("patronus-controller")
-            .retry_on_initial_connect()
-            .connect(config.nats.url.as_str())
+        let hub = crate::nats::NatsHub::connect(&config.nats.url, &config.nats.credentials_dir)
             .await
             .map_err(|e| StartError::Nats(format!("{} ({})", e, redact_url(&config.nats.url))))?;
+        let nats = hub.control().clone();
         Ok(Self {
             db,
             redis_client,
             redis_conn: Default::default(),
             nats,
+            nats_hub: std::sync::Arc::new(hub),
+            provisioning: config.provisioning.clone(),
+            nats_edge_url: config
+                .nats
+                .edge_url
+                .clone()
+                .unwrap_or_else(|| config.nats.url.clone()),
             session_keys: SessionKeys::from_base64(&config.auth.session_secret.0)?,
             auth: config.auth.clone(),
             intents: config.intents.clone(),
@@ -119,7 +129,6 @@ impl AppState {
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
             metrics: Default::default(),
-            intents_bucket: Default::default(),
             deployment: deployment_name(&config.database.url),
         })
     }
@@ -139,17 +148,12 @@ impl AppState {
         }
     }
 
-    /// The JetStream KV bucket of intents (opened, and created if needed, on first use).
-    pub async fn intents_bucket(
+    /// The controller's link into a tenant's NATS account (created on first use).
+    pub async fn tenant_nats(
         &self,
-    ) -> Result<async_nats::jetstream::kv::Store, crate::intents::publish::PublishError> {
-        self.intents_bucket
-            .get_or_try_init(|| async {
-                let js = async_nats::jetstream::new(self.nats.clone());
-                crate::intents::publish::open_bucket(&js).await
-            })
-            .await
-            .cloned()
+        tenant: patronus_proto::TenantId,
+    ) -> Result<crate::nats::TenantLink, crate::nats::HubError> {
+        self.nats_hub.tenant(&self.db, tenant).await
     }
 
     /// The shared Redis connection (reconnects by itself once established).

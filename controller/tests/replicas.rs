@@ -45,6 +45,9 @@ fn start(
         .env("PATRONUS_NATS_URL", &env.nats_url)
         .env("PATRONUS_SESSION_SECRET", &env.session_secret)
         .env("PATRONUS_PROBE_SECRET", &env.probe_secret)
+        .env("PATRONUS_NATS_CREDENTIALS_DIR", &env.nats_credentials_dir)
+        .env("PATRONUS_TOKEN_SIGNING_KEY", &env.token_signing_key)
+        .env("PATRONUS_MASTER_KEY", &env.master_key)
         .env("PATRONUS_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -226,10 +229,14 @@ async fn two_replicas_serve_one_api_and_the_survivor_takes_over_publishing() -> 
         Some(&json!({ "region": "eu-west" })),
     )?;
     ensure!(status == 200);
-    let nats = async_nats::connect(&env.nats_url).await?;
-    let kv = async_nats::jetstream::new(nats)
-        .get_key_value("intents")
-        .await?;
+    // Read it the way the controller does: through the tenant's NATS account.
+    let reader =
+        patronus_controller::server::AppState::connect(&env.controller_config(&database.app_url)?)
+            .await?;
+    let kv = reader
+        .tenant_nats(patronus_proto::TenantId(tenant.parse()?))
+        .await?
+        .intents;
     let intent_key = format!("{tenant}.{site_id}");
     let deadline = Instant::now() + Duration::from_secs(10);
     let intent = loop {
@@ -250,7 +257,7 @@ async fn two_replicas_serve_one_api_and_the_survivor_takes_over_publishing() -> 
     );
 
     drop(replicas);
-    drop(owner);
+    drop((owner, kv, reader));
     let _ = std::fs::remove_dir_all(&dir);
     database.drop_now().await
 }

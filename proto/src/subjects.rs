@@ -100,6 +100,46 @@ pub fn intent_kv_subject(tenant: TenantId, site: SiteId) -> String {
     format!("$KV.{INTENTS_BUCKET}.{}", intent_key(tenant, site))
 }
 
+/// JetStream's direct-get subject for the last value of one intent key. Edges read their
+/// intent with a request here (the stream allows direct gets), which needs no consumer and so
+/// can be permitted for exactly one key.
+pub fn intent_direct_get_subject(tenant: TenantId, site: SiteId) -> String {
+    format!(
+        "$JS.API.DIRECT.GET.KV_{INTENTS_BUCKET}.{}",
+        intent_kv_subject(tenant, site)
+    )
+}
+
+/// Inbox prefix an edge connection uses, so its reply subjects can be permitted per site.
+pub fn edge_inbox_prefix(site: SiteId) -> String {
+    format!("_INBOX.{site}")
+}
+
+/// Exactly what one site's NATS user may do. Everything else is denied by the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdgePermissions {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+/// The per-site grant: publish its metrics, events and flows and ask for its own intent;
+/// subscribe to its commands, its intent key's updates and its own inbox.
+pub fn edge_permissions(tenant: TenantId, site: SiteId) -> EdgePermissions {
+    EdgePermissions {
+        publish: vec![
+            metrics_subject(tenant, site),
+            events_subject(tenant, site),
+            flows_subject(tenant, site),
+            intent_direct_get_subject(tenant, site),
+        ],
+        subscribe: vec![
+            cmd_subject(tenant, site),
+            intent_kv_subject(tenant, site),
+            format!("{}.>", edge_inbox_prefix(site)),
+        ],
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubjectError {
     #[error("subject {0:?} is not sdwan.<tenant>.<site>.<channel>")]
@@ -174,6 +214,25 @@ mod tests {
         assert!(intent_kv_subject(t, s).starts_with("$KV.intents.00000000"));
         assert_eq!(all_sites_wildcard(Channel::Metrics), "sdwan.*.*.metrics");
         assert_eq!(tenant_wildcard(t, Channel::Events).matches('.').count(), 3);
+        assert_eq!(
+            intent_direct_get_subject(t, s),
+            format!("$JS.API.DIRECT.GET.KV_intents.$KV.intents.{t}.{s}")
+        );
+    }
+
+    #[test]
+    fn edge_permissions_name_only_its_own_subjects_and_no_wildcard_but_its_inbox() {
+        let (t, s) = ids();
+        let grant = edge_permissions(t, s);
+        for subject in grant.publish.iter().chain(&grant.subscribe) {
+            assert!(
+                subject.contains(&s.to_string()),
+                "{subject} is not scoped to the site"
+            );
+            let wildcard = subject.split('.').any(|tok| tok == "*" || tok == ">");
+            assert_eq!(wildcard, subject.starts_with("_INBOX."), "{subject}");
+        }
+        assert!(!grant.publish.contains(&cmd_subject(t, s)));
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub struct TestEnv {
     pub nats_url: String,
     pub session_secret: String,
     pub probe_secret: String,
+    pub nats_credentials_dir: String,
+    pub token_signing_key: String,
+    pub master_key: String,
 }
 
 fn parse_env_file(text: &str) -> HashMap<String, String> {
@@ -54,6 +57,9 @@ impl TestEnv {
             nats_url: get("PATRONUS_NATS_URL")?,
             session_secret: get("PATRONUS_SESSION_SECRET")?,
             probe_secret: get("PATRONUS_PROBE_SECRET")?,
+            nats_credentials_dir: get("PATRONUS_NATS_CREDENTIALS_DIR")?,
+            token_signing_key: get("PATRONUS_TOKEN_SIGNING_KEY")?,
+            master_key: get("PATRONUS_MASTER_KEY")?,
         })
     }
 }
@@ -71,6 +77,9 @@ impl TestEnv {
         config.nats.url = self.nats_url.clone();
         config.auth.session_secret = Secret(self.session_secret.clone());
         config.intents.probe_secret = Secret(self.probe_secret.clone());
+        config.nats.credentials_dir = self.nats_credentials_dir.clone().into();
+        config.provisioning.token_signing_key = Secret(self.token_signing_key.clone());
+        config.provisioning.master_key = Secret(self.master_key.clone());
         config.validate()?;
         Ok(config)
     }
@@ -92,6 +101,8 @@ pub struct TestDatabase {
     /// The application role on this database (what the controller uses).
     pub app_url: String,
     admin_url: String,
+    nats_url: String,
+    nats_credentials_dir: String,
 }
 
 const TEST_DB_PREFIX: &str = "patronus_test_";
@@ -124,6 +135,8 @@ impl TestDatabase {
             app_url: with_database(&env.database_url, &name)?,
             name,
             admin_url,
+            nats_url: env.nats_url.clone(),
+            nats_credentials_dir: env.nats_credentials_dir.clone(),
         })
     }
 
@@ -132,6 +145,7 @@ impl TestDatabase {
     /// Connections the test dropped close asynchronously, and the owner role may not terminate
     /// the application role's sessions, so this retries for a few seconds until they are gone.
     pub async fn drop_now(self) -> anyhow::Result<()> {
+        self.purge_nats_accounts().await?;
         let mut admin = AsyncPgConnection::establish(&self.admin_url).await?;
         let sql = format!("DROP DATABASE IF EXISTS {}", self.name);
         for attempt in 0.. {
@@ -149,6 +163,45 @@ impl TestDatabase {
         }
         Ok(())
     }
+}
+
+impl TestDatabase {
+    /// Delete the streams of every tenant the test created (a tenant's NATS account outlives
+    /// the database otherwise, and JetStream keeps its bucket on disk).
+    async fn purge_nats_accounts(&self) -> anyhow::Result<()> {
+        let mut owner = AsyncPgConnection::establish(&self.owner_url).await?;
+        let tenants: Vec<TenantRow> = match diesel::sql_query("SELECT id FROM tenants")
+            .load(&mut owner)
+            .await
+        {
+            Ok(rows) => rows,
+            // No schema (a test that never migrated): nothing to purge.
+            Err(_) => return Ok(()),
+        };
+        drop(owner);
+        if tenants.is_empty() {
+            return Ok(());
+        }
+        let hub = patronus_controller::nats::NatsHub::connect(
+            &self.nats_url,
+            std::path::Path::new(&self.nats_credentials_dir),
+        )
+        .await?;
+        for tenant in tenants {
+            hub.purge_tenant(patronus_proto::TenantId(tenant.id))
+                .await
+                .with_context(|| {
+                    format!("purging the NATS account of test tenant {}", tenant.id)
+                })?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct TenantRow {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: uuid::Uuid,
 }
 
 #[derive(diesel::QueryableByName)]

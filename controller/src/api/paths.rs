@@ -357,11 +357,14 @@ async fn test(
     };
     let subject = patronus_proto::subjects::cmd_subject(tenant, SiteId(path.src_site_id));
     let timeout = Duration::from_secs(u64::from(duration_s) + 5);
+    let link = ctx.state.tenant_nats(tenant).await.map_err(|e| {
+        ApiError::unavailable(format!(
+            "the tenant's NATS account is not reachable ({e}); try again shortly"
+        ))
+    })?;
     let reply = tokio::time::timeout(
         timeout,
-        ctx.state
-            .nats
-            .request(subject, codec::encode(&request).into()),
+        link.client.request(subject, codec::encode(&request).into()),
     )
     .await;
     let message = match reply {

@@ -561,11 +561,14 @@ async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<Ht
     }
     tracing::info!(tenant = %tenant, site = %id, "site deleted");
     // Its intent key goes now (its site_intents row went with it); peers are recompiled.
-    match ctx.state.intents_bucket().await {
-        Ok(bucket) => {
-            if let Err(e) =
-                crate::intents::publish::purge_site(&bucket, tenant, patronus_proto::SiteId(id))
-                    .await
+    match ctx.state.tenant_nats(tenant).await {
+        Ok(link) => {
+            if let Err(e) = crate::intents::publish::purge_site(
+                &link.intents,
+                tenant,
+                patronus_proto::SiteId(id),
+            )
+            .await
             {
                 tracing::warn!(tenant = %tenant, site = %id, error = %e, "could not purge the deleted site's intent");
             }

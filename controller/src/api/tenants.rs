@@ -273,6 +273,11 @@ async fn delete(ctx: Ctx) -> ApiResult<HttpResponse> {
         return Err(ApiError::not_found("tenant"));
     }
     tracing::info!(tenant = %tenant, "tenant deleted");
+    // Its NATS account goes too: streams deleted, every user revoked. The rows are gone
+    // already, so a failure here is logged for the operator rather than undoing the delete.
+    if let Err(e) = ctx.state.nats_hub.purge_tenant(tenant).await {
+        tracing::error!(tenant = %tenant, error = %e, "could not purge the deleted tenant's NATS account; its edges can still connect; run `patronus-controller nats purge-tenant --tenant <id>`");
+    }
     Ok(HttpResponse::NoContent().finish())
 }
 

@@ -196,6 +196,44 @@ diesel::table! {
         expires_at -> Timestamptz,
         redeemed_at -> Nullable<Timestamptz>,
         revoked_at -> Nullable<Timestamptz>,
+        redeemed_from -> Nullable<Inet>,
+    }
+}
+
+diesel::table! {
+    site_certificates (id) {
+        id -> Uuid,
+        tenant_id -> Uuid,
+        site_id -> Nullable<Uuid>,
+        serial -> Text,
+        subject -> Text,
+        not_before -> Timestamptz,
+        not_after -> Timestamptz,
+        certificate_pem -> Text,
+        created_at -> Timestamptz,
+        revoked_at -> Nullable<Timestamptz>,
+        revocation_reason -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    tenant_cas (tenant_id) {
+        tenant_id -> Uuid,
+        certificate_pem -> Text,
+        private_key_sealed -> Bytea,
+        not_after -> Timestamptz,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    site_nats_users (public_key) {
+        public_key -> Text,
+        tenant_id -> Uuid,
+        site_id -> Nullable<Uuid>,
+        issued_at -> Timestamptz,
+        expires_at -> Timestamptz,
+        revoked_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -216,4 +254,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     path_metrics,
     site_intents,
     enrollment_tokens,
+    site_certificates,
+    tenant_cas,
+    site_nats_users,
 );

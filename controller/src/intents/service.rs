@@ -42,8 +42,8 @@ async fn all_tenants(state: &AppState) -> Result<Vec<TenantId>, String> {
 /// retries.
 pub async fn publish_one(state: &AppState, tenant: TenantId) {
     let started = Instant::now();
-    let bucket = match state.intents_bucket().await {
-        Ok(bucket) => bucket,
+    let bucket = match state.tenant_nats(tenant).await {
+        Ok(link) => link.intents,
         Err(e) => {
             tracing::warn!(tenant = %tenant, error = %e, "intents bucket unavailable; will retry");
             state.metrics.intent_publish_failures.inc();

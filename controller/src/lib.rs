@@ -10,12 +10,14 @@
 //! - [`config`]: the one typed configuration (TOML file, environment, flags), validated at start.
 //! - [`db`]: the PostgreSQL pool, tenant-scoped transactions (row-level security) and the
 //!   embedded migrations.
+//! - [`enrollment`]: enrollment tokens (zero-touch provisioning).
 //! - [`events`]: controller events and the WebSocket stream `/ws/sdwan`.
 //! - [`health`]: `/healthz` and `/readyz`.
 //! - [`intents`]: compile each site's intent and publish it (singleton, under a Redis lease).
 //! - [`lease`]: Redis leases for singleton work shared by replicas.
 //! - [`metrics`]: Prometheus text at `/metrics`.
 //! - [`nats`]: NATS operator mode: account per tenant, JWTs, the controller's connections.
+//! - [`pki`]: tenant CAs, CSR checks and site certificates (pure).
 //! - [`server`]: the actix-web application and its lifecycle.
 //! - [`topology`]: the pure topology engine (who peers with whom, over which uplinks).
 
@@ -24,11 +26,13 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod enrollment;
 pub mod events;
 pub mod health;
 pub mod intents;
 pub mod lease;
 pub mod metrics;
 pub mod nats;
+pub mod pki;
 pub mod server;
 pub mod topology;

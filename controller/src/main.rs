@@ -50,10 +50,35 @@ enum Command {
         #[command(subcommand)]
         action: AdminAction,
     },
+    /// Enrollment tokens.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
     /// NATS operator-mode setup.
     Nats {
         #[command(subcommand)]
         action: NatsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Create a single-use enrollment token for a site (created pending if it does not
+    /// exist). Prints the token on standard output and the edge command on standard error.
+    Create {
+        /// Tenant id.
+        #[arg(long)]
+        tenant: uuid::Uuid,
+        /// Site name.
+        #[arg(long)]
+        site: String,
+        /// Lifetime: 90s, 15m, 1h, 2d (default: provisioning.token_ttl_s).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// The controller URL the edge should use, for the printed command.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        controller_url: String,
     },
 }
 
@@ -127,6 +152,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Migrate { .. }
         | Command::Admin { .. }
+        | Command::Token { .. }
         | Command::Nats {
             action: NatsAction::PurgeTenant { .. },
         } => Overrides::default(),
@@ -185,6 +211,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "created MSP {msp:?} ({}) with admin {email} ({})",
                 created.msp_id, created.operator_id
             );
+        }
+        Command::Token {
+            action:
+                TokenAction::Create {
+                    tenant,
+                    site,
+                    ttl,
+                    controller_url,
+                },
+        } => {
+            let ttl_s = match ttl {
+                Some(text) => {
+                    patronus_controller::enrollment::parse_ttl(&text).with_context(|| {
+                        format!("--ttl {text:?}: use a number with s, m, h or d, like 1h")
+                    })?
+                }
+                None => config.provisioning.token_ttl_s,
+            };
+            if !(60..=7 * 86_400).contains(&ttl_s) {
+                anyhow::bail!("--ttl must be 60 s to 7 days");
+            }
+            let seed = patronus_controller::config::secret_bytes_32(
+                &config.provisioning.token_signing_key,
+            )
+            .context("provisioning.token_signing_key")?;
+            let keys = patronus_controller::enrollment::TokenKeys::from_seed(&seed);
+            let pool = patronus_controller::db::pool(&config.database.url, 1)?;
+            let (token, row) = patronus_controller::api::enrollment::create_from_cli(
+                &pool,
+                &keys,
+                patronus_proto::TenantId(tenant),
+                &site,
+                chrono::Duration::seconds(ttl_s as i64),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            eprintln!(
+                "enrollment token {} for site {site:?} ({}), valid until {}; on the edge run:\n  {}",
+                row.id,
+                row.site_id,
+                row.expires_at.to_rfc3339(),
+                patronus_controller::api::enrollment::enroll_command(&controller_url, &token)
+            );
+            println!("{token}");
         }
         Command::Nats {
             action: NatsAction::PurgeTenant { tenant },

@@ -41,6 +41,16 @@ fn deployment_name(database_url: &str) -> String {
     }
 }
 
+/// The 32-byte key sealing tenant CA keys; never printed.
+#[derive(Clone)]
+pub struct MasterKey(pub [u8; 32]);
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
 /// What every request handler can reach. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -63,6 +73,10 @@ pub struct AppState {
     pub deployment: String,
     pub metrics: std::sync::Arc<Metrics>,
     pub provisioning: crate::config::ProvisioningConfig,
+    /// Signs and checks enrollment tokens.
+    pub enrollment_keys: crate::enrollment::TokenKeys,
+    /// Seals tenant CA keys at rest.
+    pub master_key: MasterKey,
     /// The URL edges are told to connect to.
     pub nats_edge_url: String,
 }
@@ -77,6 +91,8 @@ pub enum StartError {
     Nats(String),
     #[error("intents.probe_secret is not base64")]
     ProbeSecret,
+    #[error("provisioning.{0} is not base64 of 32 bytes")]
+    ProvisioningKey(&'static str),
     #[error("auth.session_secret: {0}")]
     SessionSecret(#[from] crate::auth::AuthError),
     #[error("cannot listen on {addr}: {source}")]
@@ -104,6 +120,14 @@ impl AppState {
             nats,
             nats_hub: std::sync::Arc::new(hub),
             provisioning: config.provisioning.clone(),
+            enrollment_keys: crate::enrollment::TokenKeys::from_seed(
+                &crate::config::secret_bytes_32(&config.provisioning.token_signing_key)
+                    .ok_or(StartError::ProvisioningKey("token_signing_key"))?,
+            ),
+            master_key: MasterKey(
+                crate::config::secret_bytes_32(&config.provisioning.master_key)
+                    .ok_or(StartError::ProvisioningKey("master_key"))?,
+            ),
             nats_edge_url: config
                 .nats
                 .edge_url
@@ -176,6 +200,20 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// Serve until SIGINT/SIGTERM.
 pub async fn serve(config: ControllerConfig, state: AppState) -> Result<(), StartError> {
     let addr = config.http.listen;
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+    serve_on(listener, config, state, |_| {}).await
+}
+
+/// Serve on a listener already bound (tests bind port 0), calling `started` with the server's
+/// handle once it runs; returns when the server stops (signal or handle).
+pub async fn serve_on(
+    listener: std::net::TcpListener,
+    config: ControllerConfig,
+    state: AppState,
+    started: impl FnOnce(actix_web::dev::ServerHandle),
+) -> Result<(), StartError> {
+    let addr = listener.local_addr().unwrap_or(config.http.listen);
     let data = web::Data::new(state);
     let app_data = data.clone();
     let server = HttpServer::new(move || {
@@ -188,7 +226,7 @@ pub async fn serve(config: ControllerConfig, state: AppState) -> Result<(), Star
             .default_service(web::to(crate::api::not_found))
     })
     .shutdown_timeout(config.shutdown_grace().as_secs())
-    .bind(addr)
+    .listen(listener)
     .map_err(|source| StartError::Bind { addr, source })?;
     for bound in server.addrs() {
         tracing::info!(listen = %bound, "controller listening");
@@ -200,7 +238,9 @@ pub async fn serve(config: ControllerConfig, state: AppState) -> Result<(), Star
         data.get_ref().clone(),
         stop_rx,
     ));
-    let served = server.run().await;
+    let server = server.run();
+    started(server.handle());
+    let served = server.await;
     // The HTTP server has drained: stop the publisher, which releases its lease.
     let _ = stop_tx.send(true);
     if let Err(e) = publisher.await {

@@ -8,6 +8,7 @@
 //! - [`policy`]: routing, QoS, security and cost policies carried inside an intent.
 //! - [`metrics`], [`events`], [`flows`]: what an edge reports back.
 //! - [`command`]: controller → edge requests on the `.cmd` subject and their replies.
+//! - [`enroll`]: the enrollment request and answer (`POST /api/v1/enroll`).
 //! - [`probe`]: the binary path-probe wire format (versioned, HMAC-signed, nonce-carrying).
 //! - [`subjects`]: every NATS subject and KV key, built from typed ids so they cannot be misspelt.
 //! - [`codec`]: JSON encoding with a schema version check and a size limit; every decoder
@@ -19,6 +20,7 @@
 
 pub mod codec;
 pub mod command;
+pub mod enroll;
 pub mod events;
 pub mod flows;
 pub mod ids;

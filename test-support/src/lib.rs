@@ -85,6 +85,54 @@ impl TestEnv {
     }
 }
 
+/// A controller serving on a loopback port of this process (its own thread and runtime, as
+/// actix-web wants), for tests that need real HTTP: edge binaries, concurrent clients.
+pub struct RunningController {
+    /// `http://127.0.0.1:<port>`
+    pub url: String,
+    handle: actix_web::dev::ServerHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningController {
+    /// Start serving `config`; returns once the port accepts connections.
+    pub fn start(config: patronus_controller::config::ControllerConfig) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let started = tx.clone();
+            let ran = actix_web::rt::System::new().block_on(async move {
+                let state = patronus_controller::server::AppState::connect(&config).await?;
+                patronus_controller::server::serve_on(listener, config, state, move |handle| {
+                    let _ = started.send(Ok(handle));
+                })
+                .await?;
+                anyhow::Ok(())
+            });
+            if let Err(e) = ran {
+                let _ = tx.send(Err(e));
+            }
+        });
+        let handle = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .context("the controller did not start within 30 s")??;
+        Ok(Self {
+            url,
+            handle,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stop serving and wait for the thread (its connections close with it).
+    pub async fn stop(mut self) {
+        self.handle.stop(true).await;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
 /// Replace the database name at the end of a PostgreSQL URL.
 pub fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
     let Some((base, _)) = url.rsplit_once('/') else {

@@ -13,6 +13,7 @@
 
 pub mod audit;
 pub mod context;
+pub mod enrollment;
 pub mod error;
 pub mod flows;
 pub mod operators;
@@ -127,6 +128,7 @@ fn routes(cfg: &mut ServiceConfig) {
         .service(session::logout)
         .configure(operators::routes)
         .configure(tokens::routes)
+        .configure(enrollment::routes)
         .configure(sites::routes)
         .configure(policies::routes)
         .configure(paths::routes)
@@ -145,6 +147,7 @@ fn register(cfg: &mut ServiceConfig) {
             utoipa_actix_web::scope("/api/v1")
                 .service(session::login)
                 .service(session::refresh)
+                .service(enrollment::enroll)
                 .service(openapi_json)
                 .configure(tenants::item_routes)
                 // The same routes again under the tenant prefix an MSP admin may use (documented

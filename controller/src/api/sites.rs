@@ -315,24 +315,16 @@ async fn list(ctx: Ctx, query: web::Query<SiteQuery>) -> ApiResult<HttpResponse>
     Ok(HttpResponse::Ok().json(page.finish(sites, |s| (s.site.created_at, s.site.id))))
 }
 
-#[utoipa::path(operation_id = "create_sites", tag = "sites", request_body = CreateSite, security(("bearer" = [])), responses((status = 201, body = Site), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
-#[post("/sites")]
-async fn create(ctx: Ctx, body: web::Json<CreateSite>) -> ApiResult<HttpResponse> {
-    ctx.require_write()?;
-    let tenant = ctx.tenant()?;
-    let body = body.into_inner();
-    check_name("name", &body.name)?;
-    if let Some(region) = &body.region {
-        check_region(region)?;
-    }
-    if body.uplinks.len() > usize::from(MAX_UPLINKS) {
+/// Check a site's uplinks: at most [`MAX_UPLINKS`], unique names, sane numbers.
+pub(crate) fn check_uplinks(uplinks: &[CreateUplink]) -> ApiResult<()> {
+    if uplinks.len() > usize::from(MAX_UPLINKS) {
         return Err(ApiError::unprocessable(
             "invalid_value",
             format!("at most {MAX_UPLINKS} uplinks per site"),
         ));
     }
     let mut uplink_names = HashSet::new();
-    for (i, uplink) in body.uplinks.iter().enumerate() {
+    for (i, uplink) in uplinks.iter().enumerate() {
         check_name(&format!("uplinks[{i}].name"), &uplink.name)?;
         if !uplink_names.insert(uplink.name.as_str()) {
             return Err(ApiError::unprocessable(
@@ -355,6 +347,46 @@ async fn create(ctx: Ctx, body: web::Json<CreateSite>) -> ApiResult<HttpResponse
             ));
         }
     }
+    Ok(())
+}
+
+/// Replace the site's uplinks with `uplinks` (indexes in the given order).
+pub(crate) async fn replace_uplinks(
+    conn: &mut diesel_async::AsyncPgConnection,
+    tenant: patronus_proto::TenantId,
+    site: Uuid,
+    uplinks: &[CreateUplink],
+) -> ApiResult<()> {
+    diesel::delete(endpoints::table.filter(endpoints::site_id.eq(site)))
+        .execute(conn)
+        .await?;
+    for (index, uplink) in uplinks.iter().enumerate() {
+        let address = IpNet::from(uplink.address);
+        diesel::insert_into(endpoints::table)
+            .values((
+                endpoints::tenant_id.eq(tenant.0),
+                endpoints::site_id.eq(site),
+                endpoints::uplink_index.eq(index as i16),
+                endpoints::name.eq(&uplink.name),
+                endpoints::address.eq(address),
+                endpoints::interface_type.eq(link_kind_str(uplink.interface_type)),
+                endpoints::bandwidth_mbps.eq(uplink.bandwidth_mbps.map(|b| b as i32)),
+                endpoints::cost_per_gb.eq(uplink.cost_per_gb),
+                endpoints::metered.eq(uplink.metered),
+            ))
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Check a site creation body before touching the database.
+pub(crate) fn check_create_site(body: &CreateSite) -> ApiResult<()> {
+    check_name("name", &body.name)?;
+    if let Some(region) = &body.region {
+        check_region(region)?;
+    }
+    check_uplinks(&body.uplinks)?;
     let port_base = i32::from(body.listen_port_base.unwrap_or(51820));
     if !(1024..=65471).contains(&port_base) {
         return Err(ApiError::unprocessable(
@@ -362,6 +394,66 @@ async fn create(ctx: Ctx, body: web::Json<CreateSite>) -> ApiResult<HttpResponse
             "listen_port_base must be 1024-65471",
         ));
     }
+    Ok(())
+}
+
+/// Insert a checked site (and its uplinks) in the current tenant transaction, allocating its
+/// overlay address.
+pub(crate) async fn insert_site(
+    conn: &mut diesel_async::AsyncPgConnection,
+    tenant: patronus_proto::TenantId,
+    id: Uuid,
+    body: &CreateSite,
+) -> ApiResult<()> {
+    let port_base = i32::from(body.listen_port_base.unwrap_or(51820));
+    let overlay: IpNet = tenants::table
+        .find(tenant.0)
+        .select(tenants::overlay_network)
+        .first(conn)
+        .await?;
+    check_lan_prefixes(&body.lan_prefixes, overlay)?;
+    check_no_lan_conflict(conn, None, &body.lan_prefixes).await?;
+    // Serialise address allocation within the tenant; the unique constraint is the
+    // backstop.
+    diesel::sql_query("SELECT pg_advisory_xact_lock(hashtext(patronus_current_tenant()::text))")
+        .execute(conn)
+        .await?;
+    let used: HashSet<IpAddr> = sites::table
+        .select(sites::overlay_address)
+        .load::<Option<IpNet>>(conn)
+        .await?
+        .into_iter()
+        .flatten()
+        .map(|n| n.addr())
+        .collect();
+    let address = allocate_overlay(overlay, &used).ok_or_else(|| {
+        ApiError::conflict(format!("the overlay network {overlay} is full; widen it"))
+    })?;
+    let address = IpNet::new(address, overlay.max_prefix_len()).map_err(ApiError::internal)?;
+    diesel::insert_into(sites::table)
+        .values((
+            sites::id.eq(id),
+            sites::tenant_id.eq(tenant.0),
+            sites::name.eq(&body.name),
+            sites::region.eq(&body.region),
+            sites::role.eq(body.role.unwrap_or(SiteRole::Edge).as_str()),
+            sites::overlay_address.eq(Some(address)),
+            sites::lan_prefixes.eq(&body.lan_prefixes),
+            sites::listen_port_base.eq(port_base),
+        ))
+        .execute(conn)
+        .await?;
+    replace_uplinks(conn, tenant, id, &body.uplinks).await?;
+    Ok(())
+}
+
+#[utoipa::path(operation_id = "create_sites", tag = "sites", request_body = CreateSite, security(("bearer" = [])), responses((status = 201, body = Site), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[post("/sites")]
+async fn create(ctx: Ctx, body: web::Json<CreateSite>) -> ApiResult<HttpResponse> {
+    ctx.require_write()?;
+    let tenant = ctx.tenant()?;
+    let body = body.into_inner();
+    check_create_site(&body)?;
     let id = Uuid::new_v4();
     let audit = ctx.audit(
         "site.create",
@@ -372,63 +464,7 @@ async fn create(ctx: Ctx, body: web::Json<CreateSite>) -> ApiResult<HttpResponse
     let site = ctx
         .tenant_tx(move |conn| {
             Box::pin(async move {
-                let overlay: IpNet = tenants::table
-                    .find(tenant.0)
-                    .select(tenants::overlay_network)
-                    .first(conn)
-                    .await?;
-                check_lan_prefixes(&body.lan_prefixes, overlay)?;
-                check_no_lan_conflict(conn, None, &body.lan_prefixes).await?;
-                // Serialise address allocation within the tenant; the unique constraint is the
-                // backstop.
-                diesel::sql_query(
-                    "SELECT pg_advisory_xact_lock(hashtext(patronus_current_tenant()::text))",
-                )
-                .execute(conn)
-                .await?;
-                let used: HashSet<IpAddr> = sites::table
-                    .select(sites::overlay_address)
-                    .load::<Option<IpNet>>(conn)
-                    .await?
-                    .into_iter()
-                    .flatten()
-                    .map(|n| n.addr())
-                    .collect();
-                let address = allocate_overlay(overlay, &used).ok_or_else(|| {
-                    ApiError::conflict(format!("the overlay network {overlay} is full; widen it"))
-                })?;
-                let address =
-                    IpNet::new(address, overlay.max_prefix_len()).map_err(ApiError::internal)?;
-                diesel::insert_into(sites::table)
-                    .values((
-                        sites::id.eq(id),
-                        sites::tenant_id.eq(tenant.0),
-                        sites::name.eq(&body.name),
-                        sites::region.eq(&body.region),
-                        sites::role.eq(body.role.unwrap_or(SiteRole::Edge).as_str()),
-                        sites::overlay_address.eq(Some(address)),
-                        sites::lan_prefixes.eq(&body.lan_prefixes),
-                        sites::listen_port_base.eq(port_base),
-                    ))
-                    .execute(conn)
-                    .await?;
-                for (index, uplink) in body.uplinks.iter().enumerate() {
-                    let address = IpNet::from(uplink.address);
-                    diesel::insert_into(endpoints::table)
-                        .values((
-                            endpoints::tenant_id.eq(tenant.0),
-                            endpoints::site_id.eq(id),
-                            endpoints::uplink_index.eq(index as i16),
-                            endpoints::name.eq(&uplink.name),
-                            endpoints::address.eq(address),
-                            endpoints::interface_type.eq(link_kind_str(uplink.interface_type)),
-                            endpoints::bandwidth_mbps.eq(uplink.bandwidth_mbps.map(|b| b as i32)),
-                            endpoints::cost_per_gb.eq(uplink.cost_per_gb),
-                            endpoints::metered.eq(uplink.metered),
-                        ))
-                        .execute(conn)
-                        .await?;
-                }
+                insert_site(conn, tenant, id, &body).await?;
                 record_audit(conn, audit).await?;
                 load_site(conn, id)
                     .await?

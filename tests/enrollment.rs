@@ -1,0 +1,494 @@
+//! Zero-touch enrollment against a real controller (HTTP on loopback), PostgreSQL, Redis and
+//! NATS in operator mode: tokens work once and only for their site, bad tokens and bad CSRs
+//! change nothing, twenty concurrent redemptions give one success, the credentials returned
+//! work on the NATS server, revocation of a token holds, and no secret reaches the logs.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use futures_util::StreamExt;
+use patronus_controller::enrollment::TokenKeys;
+use patronus_proto::enroll::{EnrollRequest, EnrollResponse, UplinkSpec};
+use patronus_proto::{SiteId, TenantId, WgPublicKey};
+use patronus_test_support::{RunningController, TestDatabase, TestEnv};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// Every log line of this test binary, to grep for secrets.
+fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let sink = buffer.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_ansi(false)
+            .with_writer(move || LogSink(sink.clone()))
+            .try_init();
+        buffer
+    })
+}
+
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut logs) = self.0.lock() {
+            logs.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `(status, json body)` of one request.
+fn call(method: &str, url: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    let mut request = ureq::request(method, url).timeout(Duration::from_secs(30));
+    if let Some(token) = token {
+        request = request.set("Authorization", &format!("Bearer {token}"));
+    }
+    let response = match body {
+        Some(body) => request.send_json(body),
+        None => request.call(),
+    };
+    let response = match response {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let status = response.status();
+    let text = response.into_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+struct World {
+    url: String,
+    admin_a: String,
+    tenant_a: TenantId,
+    admin_b: String,
+}
+
+async fn world(url: &str, database: &TestDatabase) -> anyhow::Result<World> {
+    let pool = patronus_controller::db::pool(&database.app_url, 1)?;
+    let tag = Uuid::new_v4().simple().to_string();
+    let email = format!("root-{tag}@msp.example");
+    let password = "a long enough password";
+    patronus_controller::admin::create_msp(&pool, "Enrolling MSP", &email, password).await?;
+    drop(pool);
+    let (status, body) = call(
+        "POST",
+        &format!("{url}/api/v1/auth/login"),
+        None,
+        Some(json!({ "email": email, "password": password })),
+    );
+    ensure!(status == 200, "{body}");
+    let msp_admin = body["session_token"]
+        .as_str()
+        .context("session")?
+        .to_owned();
+    let mut tenants = Vec::new();
+    let mut admins = Vec::new();
+    for slug in ["alpha", "bravo"] {
+        let (status, body) = call(
+            "POST",
+            &format!("{url}/api/v1/tenants"),
+            Some(&msp_admin),
+            Some(json!({ "name": slug, "slug": format!("{slug}-{}", &tag[..6]) })),
+        );
+        ensure!(status == 201, "{body}");
+        let tenant: Uuid = body["id"].as_str().context("tenant id")?.parse()?;
+        let admin_email = format!("{slug}-{tag}@tenant.example");
+        let (status, body) = call(
+            "POST",
+            &format!("{url}/api/v1/tenants/{tenant}/operators"),
+            Some(&msp_admin),
+            Some(json!({ "email": admin_email, "password": password, "role": "tenant_admin" })),
+        );
+        ensure!(status == 201, "{body}");
+        let (_, body) = call(
+            "POST",
+            &format!("{url}/api/v1/auth/login"),
+            None,
+            Some(json!({ "email": admin_email, "password": password })),
+        );
+        admins.push(
+            body["session_token"]
+                .as_str()
+                .context("session")?
+                .to_owned(),
+        );
+        tenants.push(TenantId(tenant));
+    }
+    Ok(World {
+        url: url.to_owned(),
+        admin_a: admins[0].clone(),
+        admin_b: admins[1].clone(),
+        tenant_a: tenants[0],
+    })
+}
+
+/// A token for `site` of the admin's tenant: (secret, token id, site id).
+fn new_token(w: &World, admin: &str, site: &str) -> anyhow::Result<(String, Uuid, SiteId)> {
+    let (status, body) = call(
+        "POST",
+        &format!("{}/api/v1/enrollment-tokens", w.url),
+        Some(admin),
+        Some(json!({ "site": site, "ttl_s": 600 })),
+    );
+    ensure!(status == 201, "{body}");
+    ensure!(body["command"]
+        .as_str()
+        .is_some_and(|c| c.starts_with("patronus-edge enroll --controller http://")));
+    Ok((
+        body["secret"].as_str().context("secret")?.to_owned(),
+        body["id"].as_str().context("id")?.parse()?,
+        SiteId(body["site_id"].as_str().context("site_id")?.parse()?),
+    ))
+}
+
+/// What an edge generates: keys it keeps, and the request it sends.
+struct EdgeKeys {
+    nats: nkeys::KeyPair,
+    request: EnrollRequest,
+}
+
+fn edge_request(token: &str, tenant: TenantId, site: SiteId) -> anyhow::Result<EdgeKeys> {
+    let cert_key = rcgen::KeyPair::generate()?;
+    let nats = nkeys::KeyPair::new_user();
+    let mut wg = [0u8; 32];
+    wg[..16].copy_from_slice(Uuid::new_v4().as_bytes());
+    wg[16..].copy_from_slice(Uuid::new_v4().as_bytes());
+    Ok(EdgeKeys {
+        request: EnrollRequest {
+            token: token.to_owned(),
+            csr_pem: patronus_controller::pki::site_csr_pem(&cert_key, tenant, site)?,
+            wg_public_key: WgPublicKey(wg),
+            nats_public_key: nats.public_key(),
+            uplinks: vec![
+                UplinkSpec {
+                    name: "fiber".into(),
+                    address: "198.18.7.1".parse()?,
+                    interface_type: patronus_proto::policy::LinkKind::Fiber,
+                    bandwidth_mbps: Some(1000),
+                    cost_per_gb: 0.0,
+                    metered: false,
+                },
+                UplinkSpec {
+                    name: "lte".into(),
+                    address: "198.19.7.1".parse()?,
+                    interface_type: patronus_proto::policy::LinkKind::Lte,
+                    bandwidth_mbps: Some(50),
+                    cost_per_gb: 2.5,
+                    metered: true,
+                },
+            ],
+        },
+        nats,
+    })
+}
+
+fn enroll(w: &World, request: &EnrollRequest) -> (u16, Value) {
+    call(
+        "POST",
+        &format!("{}/api/v1/enroll", w.url),
+        None,
+        Some(serde_json::to_value(request).expect("request encodes")),
+    )
+}
+
+fn site_of(w: &World, admin: &str, site: SiteId) -> Value {
+    call(
+        "GET",
+        &format!("{}/api/v1/sites/{}", w.url, site.0),
+        Some(admin),
+        None,
+    )
+    .1
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrollment_tokens_work_once_for_their_site_and_nothing_else_changes() -> anyhow::Result<()>
+{
+    let logs = captured_logs();
+    let env = TestEnv::load()?;
+    let database = TestDatabase::create(&env).await?;
+    patronus_controller::db::migrations::run_pending(&database.owner_url).await?;
+    let config = env.controller_config(&database.app_url)?;
+    let keys = TokenKeys::from_seed(
+        &patronus_controller::config::secret_bytes_32(&config.provisioning.token_signing_key)
+            .context("token key")?,
+    );
+    let controller = RunningController::start(config)?;
+    let w = world(&controller.url, &database).await?;
+    let mut secrets: Vec<String> = Vec::new();
+
+    // A token for a new site: the site appears pending, with no key.
+    let (token, token_id, site) = new_token(&w, &w.admin_a, "branch-1")?;
+    secrets.push(token.clone());
+    let pending = site_of(&w, &w.admin_a, site);
+    ensure!(pending["status"] == "pending", "{pending}");
+    ensure!(pending["wg_public_key"].is_null());
+
+    // Bad CSRs are refused before the token is touched.
+    let edge = edge_request(&token, w.tenant_a, site)?;
+    let mut wrong_subject = edge_request(&token, w.tenant_a, SiteId(Uuid::new_v4()))?.request;
+    wrong_subject.token = token.clone();
+    let (status, body) = enroll(&w, &wrong_subject);
+    ensure!(
+        status == 422 && body["error"] == "wrong_subject",
+        "{status} {body}"
+    );
+    let mut tampered = edge.request.clone();
+    let mut der = pem::parse(&tampered.csr_pem)?.into_contents();
+    let last = der.len() - 1;
+    der[last] ^= 1;
+    tampered.csr_pem = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
+    let (status, body) = enroll(&w, &tampered);
+    ensure!(
+        status == 422 && body["error"] == "invalid_csr",
+        "{status} {body}"
+    );
+    let rsa = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:1024",
+            "-nodes",
+            "-keyout",
+            "/dev/null",
+        ])
+        .args(["-subj", &format!("/CN={}/O={}", site.0, w.tenant_a.0)])
+        .output()
+        .context("openssl (installed by scripts/setup)")?;
+    ensure!(rsa.status.success(), "openssl failed");
+    let mut weak = edge.request.clone();
+    weak.csr_pem = String::from_utf8(rsa.stdout)?;
+    let (status, body) = enroll(&w, &weak);
+    ensure!(
+        status == 422 && body["error"] == "weak_key",
+        "{status} {body}"
+    );
+
+    // Garbage, a changed claim, a foreign signature and an expired token: 401, nothing burnt.
+    let claims = patronus_controller::enrollment::token::peek_claims(&token).context("claims")?;
+    let now = chrono::Utc::now();
+    let other_key = TokenKeys::from_seed(&[42u8; 32]);
+    let forged = other_key
+        .mint(
+            claims.tenant,
+            claims.sub,
+            "branch-1",
+            claims.jti,
+            now,
+            now + chrono::Duration::minutes(5),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let expired = keys
+        .mint(
+            claims.tenant,
+            claims.sub,
+            "branch-1",
+            claims.jti,
+            now - chrono::Duration::hours(2),
+            now - chrono::Duration::hours(1),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut changed = claims.clone();
+    changed.site_name = "elsewhere".into();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let changed_claim = format!(
+        "{}.{}.{}",
+        parts[0],
+        base64::Engine::encode(&b64, serde_json::to_vec(&changed)?),
+        parts[2]
+    );
+    for bad in [
+        "",
+        "not-a-token",
+        forged.as_str(),
+        expired.as_str(),
+        changed_claim.as_str(),
+    ] {
+        let mut request = edge.request.clone();
+        request.token = bad.to_owned();
+        let (status, body) = enroll(&w, &request);
+        ensure!(
+            status == 401 && body["error"] == "invalid_token",
+            "{bad:.20}: {status} {body}"
+        );
+        ensure!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    }
+    let (status, body) = call(
+        "POST",
+        &format!("{}/api/v1/enroll", w.url),
+        None,
+        Some(json!({ "token": token, "unexpected": true })),
+    );
+    ensure!((400..500).contains(&status), "{status} {body}");
+    ensure!(site_of(&w, &w.admin_a, site)["status"] == "pending");
+
+    // Tenant A's token with tenant B's site: the signature is ours (a leaked signing key or a
+    // bug), the claims disagree with the database, and nothing happens.
+    let (token_b, _, site_b) = new_token(&w, &w.admin_b, "branch-b")?;
+    secrets.push(token_b.clone());
+    let cross = keys
+        .mint(
+            w.tenant_a.0,
+            site_b.0,
+            "branch-b",
+            claims.jti,
+            now,
+            now + chrono::Duration::minutes(5),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cross_request = edge_request(&cross, w.tenant_a, site_b)?.request;
+    let (status, body) = enroll(&w, &cross_request);
+    ensure!(status == 401, "{status} {body}");
+    ensure!(site_of(&w, &w.admin_b, site_b)["status"] == "pending");
+
+    // The real redemption.
+    let (status, body) = enroll(&w, &edge.request);
+    ensure!(status == 200, "{status} {body}");
+    let enrolled: EnrollResponse = serde_json::from_value(body)?;
+    ensure!(enrolled.site_id == site && enrolled.tenant_id == w.tenant_a);
+    ensure!(enrolled.certificate_pem.contains("BEGIN CERTIFICATE"));
+    ensure!(enrolled.ca_certificate_pem.contains("BEGIN CERTIFICATE"));
+    secrets.push(enrolled.nats.user_jwt.clone());
+    let active = site_of(&w, &w.admin_a, site);
+    ensure!(active["status"] == "active", "{active}");
+    ensure!(active["wg_public_key"] == edge.request.wg_public_key.to_base64());
+    ensure!(
+        active["uplinks"].as_array().map(Vec::len) == Some(2),
+        "{active}"
+    );
+
+    // Used once: the second use is refused, and the token list says so without the secret.
+    let (status, body) = enroll(&w, &edge.request);
+    ensure!(status == 409, "{status} {body}");
+    let (_, listed) = call(
+        "GET",
+        &format!("{}/api/v1/enrollment-tokens", w.url),
+        Some(&w.admin_a),
+        None,
+    );
+    let entry = listed["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|t| t["id"] == token_id.to_string()))
+        .context("token listed")?;
+    ensure!(entry["state"] == "redeemed", "{entry}");
+    ensure!(
+        !listed.to_string().contains(&token),
+        "a listed token shows its secret"
+    );
+
+    // The credentials work on the NATS server: read the intent the publisher wrote.
+    let nats_key = Arc::new(edge.nats);
+    let signer = nats_key.clone();
+    let client =
+        async_nats::ConnectOptions::with_jwt(enrolled.nats.user_jwt.clone(), move |nonce| {
+            let signer = signer.clone();
+            async move { signer.sign(&nonce).map_err(async_nats::AuthError::new) }
+        })
+        .custom_inbox_prefix(enrolled.nats.inbox_prefix.clone())
+        .request_timeout(Some(Duration::from_secs(2)))
+        .connect(env.nats_url.as_str())
+        .await
+        .context("the site's NATS credentials")?;
+    let mut updates = client.subscribe(enrolled.intent.kv_subject.clone()).await?;
+    client.flush().await?;
+    let intent_bytes = match client
+        .request(enrolled.intent.direct_get_subject.clone(), "".into())
+        .await
+    {
+        Ok(message) if !message.payload.is_empty() => message.payload,
+        _ => {
+            tokio::time::timeout(Duration::from_secs(10), updates.next())
+                .await
+                .context("no intent published for the enrolled site")?
+                .context("subscription closed")?
+                .payload
+        }
+    };
+    let intent: patronus_proto::SiteIntent = patronus_proto::codec::decode(&intent_bytes)?;
+    ensure!(intent.site == site, "intent for {:?}", intent.site);
+    drop(client);
+
+    // Twenty concurrent redemptions of one token: exactly one success.
+    let (token2, _, site2) = new_token(&w, &w.admin_a, "branch-2")?;
+    secrets.push(token2.clone());
+    let mut handles = Vec::new();
+    for _ in 0..20 {
+        let request = edge_request(&token2, w.tenant_a, site2)?.request;
+        let url = w.url.clone();
+        handles.push(std::thread::spawn(move || {
+            call(
+                "POST",
+                &format!("{url}/api/v1/enroll"),
+                None,
+                Some(serde_json::to_value(&request).expect("encodes")),
+            )
+        }));
+    }
+    let statuses: Vec<u16> = handles
+        .into_iter()
+        .map(|h| h.join().map(|(s, _)| s).unwrap_or(0))
+        .collect();
+    ensure!(
+        statuses.iter().filter(|s| **s == 200).count() == 1
+            && statuses.iter().filter(|s| **s == 409).count() == 19,
+        "{statuses:?}"
+    );
+
+    // A revoked token cannot be used.
+    let (token3, token3_id, site3) = new_token(&w, &w.admin_a, "branch-3")?;
+    secrets.push(token3.clone());
+    let (status, _) = call(
+        "DELETE",
+        &format!("{}/api/v1/enrollment-tokens/{token3_id}", w.url),
+        Some(&w.admin_a),
+        None,
+    );
+    ensure!(status == 204);
+    let (status, body) = enroll(&w, &edge_request(&token3, w.tenant_a, site3)?.request);
+    ensure!(
+        status == 401
+            && body["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("revoked")),
+        "{body}"
+    );
+    // Tenant B cannot see or revoke tenant A's tokens.
+    let (status, _) = call(
+        "DELETE",
+        &format!("{}/api/v1/enrollment-tokens/{token3_id}", w.url),
+        Some(&w.admin_b),
+        None,
+    );
+    ensure!(status == 404);
+
+    controller.stop().await;
+    // Nothing secret in the logs: tokens, the user JWT, any private key or nkey seed.
+    let text = String::from_utf8(logs.lock().map(|l| l.clone()).unwrap_or_default())?;
+    ensure!(text.contains("site enrolled"), "logs were not captured");
+    for secret in &secrets {
+        ensure!(
+            !text.contains(secret.as_str()),
+            "a token or JWT appears in the logs"
+        );
+    }
+    ensure!(
+        !text.contains("PRIVATE KEY"),
+        "a private key appears in the logs"
+    );
+    ensure!(
+        !text.contains(&nats_key.seed()?),
+        "an nkey seed appears in the logs"
+    );
+    database.drop_now().await
+}

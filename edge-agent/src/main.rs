@@ -3,10 +3,18 @@
 //! The agent's job (enroll, watch the site's intent, apply it by diffing desired against actual
 //! state, probe paths, fail over locally, report) lands issue by issue. What it does today:
 //!
+//! - `enroll --controller URL --token T --uplink ...`: make this site's keys, enroll with the
+//!   token, keep the answer in the state directory ([`enroll`], [`state`]).
+//! - `status`: who this site is, from the state directory alone.
+//! - `intent`: fetch the site's current intent over NATS with its own credentials ([`nats`]).
 //! - `check-intent FILE`: decode and validate a `SiteIntent` exactly as the agent will before
 //!   applying one (schema version, size limit, references, ranges), and optionally check that
 //!   this site may accept it (tenant, site, rising revision). Operators use it to inspect an
 //!   intent taken from the `intents` KV bucket; scripts use its exit status.
+
+mod enroll;
+mod nats;
+mod state;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -24,8 +32,46 @@ struct Cli {
     command: Command,
 }
 
+/// Where the agent keeps its identity and keys.
+const DEFAULT_STATE_DIR: &str = "/var/lib/patronus-edge";
+
 #[derive(Subcommand)]
 enum Command {
+    /// Enroll this host as a site with a single-use token.
+    Enroll {
+        /// The controller's URL, e.g. https://controller.example.
+        #[arg(long)]
+        controller: String,
+        /// The enrollment token (or set PATRONUS_ENROLL_TOKEN, or use --token-file, so it
+        /// does not show in the process list).
+        #[arg(long, env = "PATRONUS_ENROLL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Read the token from this file.
+        #[arg(long, conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        /// A WAN uplink: name=wan0,address=<public IP>[,type=fiber][,bandwidth=<Mbit/s>][,cost=<per GB>][,metered=true]
+        #[arg(long = "uplink", value_parser = enroll::parse_uplink, required = true)]
+        uplinks: Vec<patronus_proto::enroll::UplinkSpec>,
+        #[arg(long, env = "PATRONUS_EDGE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Enroll again even though the state directory holds a site.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show this site's identity from the state directory.
+    Status {
+        #[arg(long, env = "PATRONUS_EDGE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch this site's current intent over NATS and summarise it (`--json` prints it whole).
+    Intent {
+        #[arg(long, env = "PATRONUS_EDGE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Decode and validate an intent file (`-` for standard input).
     CheckIntent {
         file: PathBuf,
@@ -107,9 +153,115 @@ fn check_intent(
     Ok(())
 }
 
+fn read_token(token: &Option<String>, token_file: &Option<PathBuf>) -> anyhow::Result<String> {
+    match (token, token_file) {
+        (Some(token), _) => Ok(token.trim().to_owned()),
+        (None, Some(file)) => Ok(std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the token file {}", file.display()))?
+            .trim()
+            .to_owned()),
+        (None, None) => anyhow::bail!(
+            "no token: pass --token, --token-file or PATRONUS_ENROLL_TOKEN (create one in the portal or with `patronus-controller token create`)"
+        ),
+    }
+}
+
+fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let identity = state::StateDir::new(state_dir).identity()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&identity)?);
+    } else {
+        let expires = chrono_like(identity.expires_at);
+        println!(
+            "site {} ({}) of tenant {}\n  overlay {}  controller {}  nats {}\n  uplinks: {}\n  credentials expire {}",
+            identity.site_name,
+            identity.site_id,
+            identity.tenant_id,
+            identity.overlay_address,
+            identity.controller_url,
+            identity.nats_url,
+            identity
+                .uplinks
+                .iter()
+                .map(|u| format!("{} {}", u.name, u.address))
+                .collect::<Vec<_>>()
+                .join(", "),
+            expires
+        );
+    }
+    Ok(())
+}
+
+/// Unix seconds as `YYYY-MM-DD` (days since the epoch, civil calendar).
+fn chrono_like(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+fn intent(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let state = state::StateDir::new(state_dir);
+    let identity = state.identity()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let intent = runtime.block_on(async {
+        let client = nats::connect(&state, &identity).await?;
+        nats::fetch_intent(&client, &identity).await
+    })?;
+    match intent {
+        None => anyhow::bail!(
+            "no intent is published for site {} yet; the controller publishes one once the site has peers or policies",
+            identity.site_name
+        ),
+        Some(intent) if json => println!("{}", serde_json::to_string_pretty(&intent)?),
+        Some(intent) => {
+            intent.check_acceptable(identity.tenant_id, identity.site_id, None)?;
+            println!(
+                "intent for site {} revision {}: {} uplinks, {} peers, {} paths",
+                intent.site_name,
+                intent.revision,
+                intent.uplinks.len(),
+                intent.peers.len(),
+                intent.paths.len()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Enroll {
+            controller,
+            token,
+            token_file,
+            uplinks,
+            state_dir,
+            force,
+        } => read_token(token, token_file).and_then(|token| {
+            enroll::enroll(
+                controller,
+                &token,
+                uplinks.clone(),
+                &state::StateDir::new(state_dir),
+                *force,
+            )
+            .map(|_| ())
+        }),
+        Command::Status { state_dir, json } => status(state_dir, *json),
+        Command::Intent { state_dir, json } => intent(state_dir, *json),
         Command::CheckIntent {
             file,
             tenant,

@@ -96,9 +96,57 @@ pub struct IntentLocation {
     pub direct_get_subject: String,
 }
 
+/// The claims of an enrollment token (an EdDSA JWT the controller signs). `sub` is the site.
+/// The edge reads them, unverified, only to learn which site and tenant to name in its CSR;
+/// the controller verifies the signature and burns `jti`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnrollmentClaims {
+    pub iss: String,
+    pub aud: String,
+    pub sub: uuid::Uuid,
+    pub tenant: uuid::Uuid,
+    pub site_name: String,
+    pub jti: uuid::Uuid,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+/// A `.creds` file, the format NATS clients read: the user JWT and the user's seed.
+pub fn creds_file(jwt: &str, seed: &str) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\
+         NKEYs are sensitive and should be treated as secrets.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    )
+}
+
+/// Read a token's claims without checking anything. Never base a decision on the result.
+pub fn peek_claims(token: &str) -> Option<EnrollmentClaims> {
+    let payload = token.trim().split('.').nth(1)?;
+    let bytes =
+        base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn creds_file_has_both_blocks() {
+        let text = creds_file("JWT", "SUSEED");
+        assert!(text.contains("-----BEGIN NATS USER JWT-----\nJWT\n"));
+        assert!(text.contains("-----BEGIN USER NKEY SEED-----\nSUSEED\n"));
+    }
+
+    #[test]
+    fn garbage_tokens_have_no_claims() {
+        for garbage in ["", "a", "a.b.c", "a.e30.c", "x.!!!.y"] {
+            assert_eq!(peek_claims(garbage), None, "{garbage}");
+        }
+    }
 
     #[test]
     fn uplink_defaults_fill_in() {

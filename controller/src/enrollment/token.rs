@@ -3,7 +3,6 @@
 
 use chrono::{DateTime, Utc};
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub const ISSUER: &str = "patronus-controller";
@@ -16,18 +15,7 @@ const ED25519_PKCS8_PREFIX: [u8; 16] = [
     0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
 ];
 
-/// What a token says. `sub` is the site.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct EnrollmentClaims {
-    pub iss: String,
-    pub aud: String,
-    pub sub: Uuid,
-    pub tenant: Uuid,
-    pub site_name: String,
-    pub jti: Uuid,
-    pub iat: i64,
-    pub exp: i64,
-}
+pub use patronus_proto::enroll::{peek_claims, EnrollmentClaims};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
@@ -98,15 +86,6 @@ impl TokenKeys {
                 kind => TokenError::Invalid(format!("{kind:?}")),
             })
     }
-}
-
-/// Read a token's claims without checking anything: what the edge does to learn its tenant
-/// and site for the CSR. Never use the result for a decision.
-pub fn peek_claims(token: &str) -> Option<EnrollmentClaims> {
-    let payload = token.split('.').nth(1)?;
-    let bytes =
-        base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload).ok()?;
-    serde_json::from_slice(&bytes).ok()
 }
 
 #[cfg(test)]

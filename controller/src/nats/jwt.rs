@@ -223,6 +223,8 @@ struct UserNats<'a> {
     version: u8,
 }
 
+pub use patronus_proto::enroll::creds_file;
+
 /// A user JWT issued by an account's key.
 pub fn user(
     account_key: &KeyPair,
@@ -254,17 +256,6 @@ pub fn user(
             kind: "user",
             version: 2,
         },
-    )
-}
-
-/// A `.creds` file, the format NATS clients read: the user JWT and the user's seed.
-pub fn creds_file(jwt: &str, seed: &str) -> String {
-    format!(
-        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
-         ************************* IMPORTANT *************************\n\
-         NKEY Seed printed below can be used to sign and prove identity.\n\
-         NKEYs are sensitive and should be treated as secrets.\n\n\
-         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
     )
 }
 
@@ -373,12 +364,5 @@ mod tests {
         )
         .unwrap();
         assert!(decode(&none).1["nats"].get("revocations").is_none());
-    }
-
-    #[test]
-    fn creds_file_has_both_blocks() {
-        let text = creds_file("JWT", "SUSEED");
-        assert!(text.contains("-----BEGIN NATS USER JWT-----\nJWT\n"));
-        assert!(text.contains("-----BEGIN USER NKEY SEED-----\nSUSEED\n"));
     }
 }

@@ -492,3 +492,161 @@ async fn enrollment_tokens_work_once_for_their_site_and_nothing_else_changes() -
     );
     database.drop_now().await
 }
+
+/// Connect with a site's enrolled credentials; connection events arrive on the channel.
+async fn connect_site(
+    env: &TestEnv,
+    enrolled: &EnrollResponse,
+    key: nkeys::KeyPair,
+) -> anyhow::Result<(
+    async_nats::Client,
+    tokio::sync::mpsc::UnboundedReceiver<async_nats::Event>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let key = Arc::new(key);
+    let client =
+        async_nats::ConnectOptions::with_jwt(enrolled.nats.user_jwt.clone(), move |nonce| {
+            let key = key.clone();
+            async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
+        })
+        .custom_inbox_prefix(enrolled.nats.inbox_prefix.clone())
+        .request_timeout(Some(Duration::from_secs(2)))
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(event);
+            }
+        })
+        .connect(env.nats_url.as_str())
+        .await?;
+    Ok((client, rx))
+}
+
+/// The peers in a site's published intent (empty when none is published).
+async fn published_peers(client: &async_nats::Client, enrolled: &EnrollResponse) -> Vec<SiteId> {
+    match client
+        .request(enrolled.intent.direct_get_subject.clone(), "".into())
+        .await
+    {
+        Ok(m) if !m.payload.is_empty() => {
+            patronus_proto::codec::decode::<patronus_proto::SiteIntent>(&m.payload)
+                .map(|i| i.peers.iter().map(|p| p.site).collect())
+                .unwrap_or_default()
+        }
+        _ => Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_site_is_cut_off_from_nats_and_dropped_by_its_peers_within_5_s(
+) -> anyhow::Result<()> {
+    let env = TestEnv::load()?;
+    let database = TestDatabase::create(&env).await?;
+    patronus_controller::db::migrations::run_pending(&database.owner_url).await?;
+    let controller = RunningController::start(env.controller_config(&database.app_url)?)?;
+    let w = world(&controller.url, &database).await?;
+
+    let mut sites = Vec::new();
+    for name in ["doomed", "survivor"] {
+        let (token, _, site) = new_token(&w, &w.admin_a, name)?;
+        let edge = edge_request(&token, w.tenant_a, site)?;
+        let (status, body) = enroll(&w, &edge.request);
+        ensure!(status == 200, "{body}");
+        let enrolled: EnrollResponse = serde_json::from_value(body)?;
+        sites.push((enrolled, edge.nats));
+    }
+    let (survivor, survivor_key) = sites.pop().context("survivor")?;
+    let (doomed, doomed_key) = sites.pop().context("doomed")?;
+    let (doomed_client, mut doomed_events) = connect_site(&env, &doomed, doomed_key).await?;
+    let (survivor_client, mut survivor_events) =
+        connect_site(&env, &survivor, survivor_key).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !published_peers(&survivor_client, &survivor)
+        .await
+        .contains(&doomed.site_id)
+    {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the survivor never got the doomed peer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let revoked_at = std::time::Instant::now();
+    let (status, body) = call(
+        "POST",
+        &format!("{}/api/v1/sites/{}/revoke", w.url, doomed.site_id.0),
+        Some(&w.admin_a),
+        None,
+    );
+    ensure!(
+        status == 200 && body["status"] == "revoked",
+        "{status} {body}"
+    );
+    // The NATS server drops the revoked edge, and it cannot come back.
+    let disconnected = loop {
+        match tokio::time::timeout(Duration::from_secs(5), doomed_events.recv()).await {
+            Ok(Some(async_nats::Event::Disconnected)) => break revoked_at.elapsed(),
+            Ok(Some(_)) => continue,
+            _ => anyhow::bail!("the revoked site stayed connected for 5 s"),
+        }
+    };
+    // Its peer's next intent no longer lists it.
+    while published_peers(&survivor_client, &survivor)
+        .await
+        .contains(&doomed.site_id)
+    {
+        ensure!(
+            revoked_at.elapsed() < Duration::from_secs(5),
+            "the peer still lists the revoked site after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let dropped = revoked_at.elapsed();
+    // The survivor itself stayed connected through its account's update.
+    while let Ok(event) = survivor_events.try_recv() {
+        ensure!(
+            !matches!(event, async_nats::Event::Disconnected),
+            "the revocation disconnected another site"
+        );
+    }
+    println!(
+        "revocation: NATS connection closed after {disconnected:?}; peer intent without it after {dropped:?}"
+    );
+    ensure!(disconnected < Duration::from_secs(5) && dropped < Duration::from_secs(5));
+    ensure!(
+        doomed_client
+            .request(doomed.intent.direct_get_subject.clone(), "".into())
+            .await
+            .is_err(),
+        "the revoked site still reads its intent"
+    );
+
+    // The revoked site cannot be given a new token, and revoking again is harmless.
+    let (status, _) = call(
+        "POST",
+        &format!("{}/api/v1/enrollment-tokens", w.url),
+        Some(&w.admin_a),
+        Some(json!({ "site": "doomed" })),
+    );
+    ensure!(status == 409, "{status}");
+    let (status, _) = call(
+        "POST",
+        &format!("{}/api/v1/sites/{}/revoke", w.url, doomed.site_id.0),
+        Some(&w.admin_a),
+        None,
+    );
+    ensure!(status == 200);
+    // Tenant B cannot revoke tenant A's site.
+    let (status, _) = call(
+        "POST",
+        &format!("{}/api/v1/sites/{}/revoke", w.url, survivor.site_id.0),
+        Some(&w.admin_b),
+        None,
+    );
+    ensure!(status == 404, "{status}");
+
+    drop((doomed_client, survivor_client));
+    controller.stop().await;
+    database.drop_now().await
+}

@@ -798,6 +798,65 @@ pub async fn enroll(
     }))
 }
 
+/// Revoke everything that lets a site in, in the current tenant transaction: its
+/// certificates (the serials join the revocation list), its NATS users and its unused
+/// enrollment tokens. Returns how many NATS users were revoked (the account must be pushed
+/// after commit for the server to drop them).
+pub async fn revoke_site_credentials(
+    conn: &mut AsyncPgConnection,
+    site: Uuid,
+    reason: &'static str,
+) -> ApiResult<usize> {
+    let now = Utc::now();
+    diesel::update(
+        site_certificates::table
+            .filter(site_certificates::site_id.eq(site))
+            .filter(site_certificates::revoked_at.is_null()),
+    )
+    .set((
+        site_certificates::revoked_at.eq(Some(now)),
+        site_certificates::revocation_reason.eq(Some(reason)),
+    ))
+    .execute(conn)
+    .await?;
+    let users = diesel::update(
+        site_nats_users::table
+            .filter(site_nats_users::site_id.eq(site))
+            .filter(site_nats_users::revoked_at.is_null()),
+    )
+    .set(site_nats_users::revoked_at.eq(Some(now)))
+    .execute(conn)
+    .await?;
+    diesel::update(
+        enrollment_tokens::table
+            .filter(enrollment_tokens::site_id.eq(site))
+            .filter(enrollment_tokens::redeemed_at.is_null())
+            .filter(enrollment_tokens::revoked_at.is_null()),
+    )
+    .set(enrollment_tokens::revoked_at.eq(Some(now)))
+    .execute(conn)
+    .await?;
+    Ok(users)
+}
+
+/// After a revocation commits: push the tenant account so the NATS server closes the site's
+/// connection and refuses it from now on, and withdraw its intent key.
+pub async fn enforce_revocation(state: &AppState, tenant: TenantId, site: SiteId) {
+    if let Err(e) = state.nats_hub.push_account(&state.db, tenant).await {
+        tracing::error!(tenant = %tenant, site = %site, error = %e, "could not push the revocation to NATS; retrying on the next account push");
+    }
+    match state.tenant_nats(tenant).await {
+        Ok(link) => {
+            if let Err(e) = crate::intents::publish::purge_site(&link.intents, tenant, site).await {
+                tracing::warn!(tenant = %tenant, site = %site, error = %e, "could not withdraw the site's intent");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(tenant = %tenant, site = %site, error = %e, "intents bucket unavailable")
+        }
+    }
+}
+
 pub fn routes(cfg: &mut ServiceConfig) {
     cfg.service(list).service(create).service(revoke);
 }

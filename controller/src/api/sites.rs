@@ -584,6 +584,9 @@ async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<Ht
     let deleted = ctx
         .tenant_tx(move |conn| {
             Box::pin(async move {
+                // Credentials are revoked first: their rows outlive the site (site_id becomes
+                // NULL) so the revocation lists keep them.
+                super::enrollment::revoke_site_credentials(conn, id, "site deleted").await?;
                 let n = diesel::delete(sites::table.find(id)).execute(conn).await?;
                 if n > 0 {
                     record_audit(conn, audit).await?;
@@ -596,23 +599,9 @@ async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<Ht
         return Err(ApiError::not_found("site"));
     }
     tracing::info!(tenant = %tenant, site = %id, "site deleted");
-    // Its intent key goes now (its site_intents row went with it); peers are recompiled.
-    match ctx.state.tenant_nats(tenant).await {
-        Ok(link) => {
-            if let Err(e) = crate::intents::publish::purge_site(
-                &link.intents,
-                tenant,
-                patronus_proto::SiteId(id),
-            )
-            .await
-            {
-                tracing::warn!(tenant = %tenant, site = %id, error = %e, "could not purge the deleted site's intent");
-            }
-        }
-        Err(e) => {
-            tracing::warn!(tenant = %tenant, site = %id, error = %e, "intents bucket unavailable")
-        }
-    }
+    // Its NATS user goes, its intent key goes (its site_intents row went with it), and the
+    // peers are recompiled without it.
+    super::enrollment::enforce_revocation(&ctx.state, tenant, patronus_proto::SiteId(id)).await;
     ctx.state
         .emit(
             tenant,
@@ -626,12 +615,68 @@ async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<Ht
     Ok(HttpResponse::NoContent().finish())
 }
 
+#[utoipa::path(operation_id = "revoke_sites", tag = "sites", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 200, body = Site, description = "the revoked site"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[post("/sites/{id}/revoke")]
+async fn revoke(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
+    ctx.require_write()?;
+    let tenant = ctx.tenant()?;
+    let id = id.into_inner().id;
+    let audit = ctx.audit("site.revoke", "site", id, serde_json::json!({}));
+    let site = ctx
+        .tenant_tx(move |conn| {
+            Box::pin(async move {
+                let status: Option<String> = sites::table
+                    .find(id)
+                    .select(sites::status)
+                    .for_update()
+                    .first(conn)
+                    .await
+                    .optional()?;
+                let Some(status) = status else {
+                    return Err(ApiError::not_found("site"));
+                };
+                // Revoking twice is harmless: credentials issued since (none can be) would
+                // be revoked again.
+                super::enrollment::revoke_site_credentials(conn, id, "site revoked").await?;
+                if status != "revoked" {
+                    diesel::update(sites::table.find(id))
+                        .set((
+                            sites::status.eq("revoked"),
+                            sites::updated_at.eq(Utc::now()),
+                        ))
+                        .execute(conn)
+                        .await?;
+                    record_audit(conn, audit).await?;
+                }
+                load_site(conn, id)
+                    .await?
+                    .ok_or_else(|| ApiError::internal("site vanished"))
+            })
+        })
+        .await?;
+    tracing::info!(tenant = %tenant, site = %id, "site revoked");
+    super::enrollment::enforce_revocation(&ctx.state, tenant, patronus_proto::SiteId(id)).await;
+    ctx.state
+        .emit(
+            tenant,
+            Some(patronus_proto::SiteId(id)),
+            patronus_proto::events::SdwanEvent::SiteStatusChanged {
+                site: patronus_proto::SiteId(id),
+                status: patronus_proto::events::SiteStatus::Revoked,
+            },
+        )
+        .await;
+    ctx.state.intents_changed(tenant).await;
+    Ok(HttpResponse::Ok().json(site))
+}
+
 pub fn routes(cfg: &mut ServiceConfig) {
     cfg.service(list)
         .service(create)
         .service(get)
         .service(update)
-        .service(delete);
+        .service(delete)
+        .service(revoke);
 }
 
 #[cfg(test)]

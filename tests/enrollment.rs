@@ -622,6 +622,39 @@ async fn a_revoked_site_is_cut_off_from_nats_and_dropped_by_its_peers_within_5_s
         "the revoked site still reads its intent"
     );
 
+    // Its certificate is on the tenant's revocation list, signed by the tenant CA.
+    let (status, crl) = call(
+        "GET",
+        &format!("{}/api/v1/pki/crl", w.url),
+        Some(&w.admin_a),
+        None,
+    );
+    ensure!(status == 200, "{crl}");
+    let doomed_serial = {
+        let der = pem::parse(&doomed.certificate_pem)?.into_contents();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)?;
+        cert.raw_serial_as_string().replace(':', "")
+    };
+    ensure!(
+        crl["revoked"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|e| e["serial"] == doomed_serial.as_str())),
+        "{crl}"
+    );
+    ensure!(crl["crl_pem"]
+        .as_str()
+        .is_some_and(|p| p.contains("BEGIN X509 CRL")));
+    let (_, crl_b) = call(
+        "GET",
+        &format!("{}/api/v1/pki/crl", w.url),
+        Some(&w.admin_b),
+        None,
+    );
+    ensure!(
+        crl_b["revoked"].as_array().is_some_and(Vec::is_empty),
+        "tenant B sees A's revocations"
+    );
+
     // The revoked site cannot be given a new token, and revoking again is harmless.
     let (status, _) = call(
         "POST",

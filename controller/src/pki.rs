@@ -294,6 +294,55 @@ pub fn sign_site_certificate(
     })
 }
 
+/// One revoked certificate for the CRL.
+#[derive(Debug, Clone)]
+pub struct RevokedSerial {
+    pub serial_hex: String,
+    pub revoked_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// How long a CRL is valid; it is regenerated on every request, so this only bounds how stale
+/// a cached copy may be.
+pub const CRL_VALIDITY_HOURS: i64 = 24;
+
+/// The tenant's certificate revocation list (PEM), signed by its CA. The CRL number is the
+/// issue time in seconds, so it rises with every new list.
+pub fn build_crl(
+    ca_certificate_pem: &str,
+    ca_key_pem: &str,
+    revoked: &[RevokedSerial],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<String, PkiError> {
+    let ca_key = KeyPair::from_pem(ca_key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_certificate_pem, ca_key)
+        .map_err(|e| PkiError::CaCertificate(e.to_string()))?;
+    let mut revoked_certs = Vec::with_capacity(revoked.len());
+    for entry in revoked {
+        let bytes = (0..entry.serial_hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(entry.serial_hex.get(i..i + 2).unwrap_or("zz"), 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|_| {
+                PkiError::CaCertificate(format!("serial {:?} is not hex", entry.serial_hex))
+            })?;
+        revoked_certs.push(rcgen::RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&bytes),
+            revocation_time: offset(entry.revoked_at),
+            reason_code: None,
+            invalidity_date: None,
+        });
+    }
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: offset(now),
+        next_update: offset(now + chrono::Duration::hours(CRL_VALIDITY_HOURS)),
+        crl_number: SerialNumber::from_slice(&now.timestamp().to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    Ok(params.signed_by(&issuer)?.pem()?)
+}
+
 /// A CSR for a site, as the edge makes it (here so tests and the edge share one definition).
 pub fn site_csr_pem(key: &KeyPair, tenant: TenantId, site: SiteId) -> Result<String, PkiError> {
     let mut params = CertificateParams::default();
@@ -415,6 +464,46 @@ mod tests {
             let key = KeyPair::generate_for(alg).unwrap();
             check_csr(&site_csr_pem(&key, tenant, site).unwrap(), tenant, site).unwrap();
         }
+    }
+
+    #[test]
+    fn the_crl_lists_revoked_serials_under_the_ca_signature() {
+        let (tenant, site) = ids();
+        let now = chrono::Utc::now();
+        let ca = create_ca(tenant, now, 3650).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let csr = check_csr(&site_csr_pem(&key, tenant, site).unwrap(), tenant, site).unwrap();
+        let issued = sign_site_certificate(
+            &ca.certificate_pem,
+            &ca.private_key_pem,
+            &csr,
+            tenant,
+            site,
+            now,
+            90,
+        )
+        .unwrap();
+        let crl_pem = build_crl(
+            &ca.certificate_pem,
+            &ca.private_key_pem,
+            &[RevokedSerial {
+                serial_hex: issued.serial_hex.clone(),
+                revoked_at: now,
+            }],
+            now,
+        )
+        .unwrap();
+        let der = pem::parse(&crl_pem).unwrap().into_contents();
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
+        let ca_der = pem::parse(&ca.certificate_pem).unwrap().into_contents();
+        let (_, ca_cert) = X509Certificate::from_der(&ca_der).unwrap();
+        crl.verify_signature(ca_cert.public_key()).unwrap();
+        let listed: Vec<String> = crl
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial_as_string().replace(':', ""))
+            .collect();
+        assert_eq!(listed, vec![issued.serial_hex]);
     }
 
     #[test]

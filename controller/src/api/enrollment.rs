@@ -531,7 +531,7 @@ async fn load_ca(
 
 /// The tenant's CA, created on first use. Concurrent first uses race on the primary key; the
 /// loser's insert does nothing and both read the winner's row.
-async fn tenant_ca(
+pub(crate) async fn tenant_ca(
     conn: &mut AsyncPgConnection,
     tenant: TenantId,
     master_key: &[u8; 32],

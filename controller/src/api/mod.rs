@@ -18,6 +18,7 @@ pub mod error;
 pub mod flows;
 pub mod operators;
 pub mod paths;
+pub mod pki;
 pub mod policies;
 pub mod session;
 pub mod sites;
@@ -129,6 +130,7 @@ fn routes(cfg: &mut ServiceConfig) {
         .configure(operators::routes)
         .configure(tokens::routes)
         .configure(enrollment::routes)
+        .configure(pki::routes)
         .configure(sites::routes)
         .configure(policies::routes)
         .configure(paths::routes)

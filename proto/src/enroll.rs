@@ -84,6 +84,39 @@ pub struct NatsGrant {
     pub inbox_prefix: String,
 }
 
+/// `POST /api/v1/edge/renew` (signed): a new certificate and NATS user for new keys the edge
+/// made. The old certificate and credentials stay valid until they expire, so an answer lost
+/// on the way does not lock the edge out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RenewRequest {
+    pub csr_pem: String,
+    pub nats_public_key: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RenewResponse {
+    pub certificate_pem: String,
+    pub ca_certificate_pem: String,
+    pub expires_at: i64,
+    pub nats: NatsGrant,
+}
+
+/// `GET /api/v1/edge/status` (signed): what the controller knows of this site.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EdgeStatus {
+    #[cfg_attr(feature = "openapi", schema(value_type = uuid::Uuid))]
+    pub site_id: SiteId,
+    pub site_name: String,
+    pub status: String,
+    /// The last intent revision published for the site, if any.
+    pub published_revision: Option<u64>,
+    pub certificate_serial: String,
+    pub certificate_expires_at: i64,
+}
+
 /// Where the site's intent is published.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -9,6 +9,7 @@
 //! - [`metrics`], [`events`], [`flows`]: what an edge reports back.
 //! - [`command`]: controller → edge requests on the `.cmd` subject and their replies.
 //! - [`enroll`]: the enrollment request and answer (`POST /api/v1/enroll`).
+//! - [`edge_auth`]: how an enrolled edge signs its control-plane requests.
 //! - [`probe`]: the binary path-probe wire format (versioned, HMAC-signed, nonce-carrying).
 //! - [`subjects`]: every NATS subject and KV key, built from typed ids so they cannot be misspelt.
 //! - [`codec`]: JSON encoding with a schema version check and a size limit; every decoder
@@ -20,6 +21,7 @@
 
 pub mod codec;
 pub mod command;
+pub mod edge_auth;
 pub mod enroll;
 pub mod events;
 pub mod flows;

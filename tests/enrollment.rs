@@ -153,6 +153,7 @@ fn new_token(w: &World, admin: &str, site: &str) -> anyhow::Result<(String, Uuid
 /// What an edge generates: keys it keeps, and the request it sends.
 struct EdgeKeys {
     nats: nkeys::KeyPair,
+    cert: rcgen::KeyPair,
     request: EnrollRequest,
 }
 
@@ -188,6 +189,7 @@ fn edge_request(token: &str, tenant: TenantId, site: SiteId) -> anyhow::Result<E
             ],
         },
         nats,
+        cert: cert_key,
     })
 }
 
@@ -680,6 +682,257 @@ async fn a_revoked_site_is_cut_off_from_nats_and_dropped_by_its_peers_within_5_s
     ensure!(status == 404, "{status}");
 
     drop((doomed_client, survivor_client));
+    controller.stop().await;
+    database.drop_now().await
+}
+
+/// A request signed as an edge: certificate (PEM), key, and the parts that are signed.
+struct Signed<'a> {
+    certificate_pem: &'a str,
+    key: &'a rcgen::KeyPair,
+    timestamp: i64,
+    nonce: String,
+}
+
+impl Signed<'_> {
+    fn send(
+        &self,
+        url: &str,
+        method: &str,
+        path: &str,
+        signed_body: &[u8],
+        sent_body: &[u8],
+    ) -> (u16, Value) {
+        use patronus_proto::edge_auth::*;
+        use rcgen::SigningKey;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let der = pem::parse(self.certificate_pem)
+            .expect("certificate pem")
+            .into_contents();
+        let signature = self
+            .key
+            .sign(&canonical_request(
+                method,
+                path,
+                self.timestamp,
+                &self.nonce,
+                signed_body,
+            ))
+            .expect("signs");
+        let request = ureq::request(method, &format!("{url}{path}"))
+            .set(CERTIFICATE_HEADER, &base64::Engine::encode(&b64, der))
+            .set(TIMESTAMP_HEADER, &self.timestamp.to_string())
+            .set(NONCE_HEADER, &self.nonce)
+            .set(SIGNATURE_HEADER, &base64::Engine::encode(&b64, signature));
+        let response = if sent_body.is_empty() {
+            request.call()
+        } else {
+            request
+                .set("Content-Type", "application/json")
+                .send_bytes(sent_body)
+        };
+        let response = match response {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{e}"),
+        };
+        let status = response.status();
+        (status, response.into_json().unwrap_or(Value::Null))
+    }
+}
+
+fn nonce() -> String {
+    Uuid::new_v4().simple().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn edge_calls_need_a_fresh_signature_by_a_valid_unrevoked_site_certificate(
+) -> anyhow::Result<()> {
+    let env = TestEnv::load()?;
+    let database = TestDatabase::create(&env).await?;
+    patronus_controller::db::migrations::run_pending(&database.owner_url).await?;
+    let controller = RunningController::start(env.controller_config(&database.app_url)?)?;
+    let w = world(&controller.url, &database).await?;
+    let mut enrolled = Vec::new();
+    for (admin, tenant, name) in [
+        (&w.admin_a, w.tenant_a, "signer"),
+        (&w.admin_b, TenantId(Uuid::nil()), "other"),
+    ] {
+        let (token, _, site) = new_token(&w, admin, name)?;
+        let tenant = if tenant.0.is_nil() {
+            TenantId(
+                patronus_controller::enrollment::token::peek_claims(&token)
+                    .context("claims")?
+                    .tenant,
+            )
+        } else {
+            tenant
+        };
+        let edge = edge_request(&token, tenant, site)?;
+        let (status, body) = enroll(&w, &edge.request);
+        ensure!(status == 200, "{body}");
+        let answer: EnrollResponse = serde_json::from_value(body)?;
+        enrolled.push((answer, edge.cert));
+    }
+    let (other, other_key) = enrolled.pop().context("other")?;
+    let (mine, my_key) = enrolled.pop().context("mine")?;
+    let now = chrono::Utc::now().timestamp();
+    let good = Signed {
+        certificate_pem: &mine.certificate_pem,
+        key: &my_key,
+        timestamp: now,
+        nonce: nonce(),
+    };
+
+    // Signed properly: status answers about this site.
+    let (status, body) = good.send(&w.url, "GET", "/api/v1/edge/status", b"", b"");
+    ensure!(
+        status == 200 && body["site_id"] == mine.site_id.0.to_string(),
+        "{status} {body}"
+    );
+    ensure!(body["status"] == "active");
+    // The same nonce again is a replay.
+    let (status, body) = good.send(&w.url, "GET", "/api/v1/edge/status", b"", b"");
+    ensure!(
+        status == 401 && body["error"] == "replayed_request",
+        "{status} {body}"
+    );
+    // Unsigned.
+    let (status, body) = call("GET", &format!("{}/api/v1/edge/status", w.url), None, None);
+    ensure!(
+        status == 401 && body["error"] == "unsigned_request",
+        "{status} {body}"
+    );
+    // Signed ten minutes ago.
+    let stale = Signed {
+        timestamp: now - 600,
+        nonce: nonce(),
+        ..good
+    };
+    let (status, body) = stale.send(&w.url, "GET", "/api/v1/edge/status", b"", b"");
+    ensure!(
+        status == 401 && body["error"] == "stale_request",
+        "{status} {body}"
+    );
+    // A body other than the one signed.
+    let renew_body = serde_json::to_vec(&json!({ "csr_pem": "x", "nats_public_key": "y" }))?;
+    let tampered = Signed {
+        nonce: nonce(),
+        ..stale
+    };
+    let tampered = Signed {
+        timestamp: now,
+        ..tampered
+    };
+    let (status, body) = tampered.send(
+        &w.url,
+        "POST",
+        "/api/v1/edge/renew",
+        &renew_body,
+        b"{\"csr_pem\":\"z\"}",
+    );
+    ensure!(
+        status == 401 && body["error"] == "invalid_signature",
+        "{status} {body}"
+    );
+    // Someone else's certificate with my key, and my certificate with someone else's key.
+    let swapped = Signed {
+        certificate_pem: &other.certificate_pem,
+        key: &my_key,
+        timestamp: now,
+        nonce: nonce(),
+    };
+    let (status, body) = swapped.send(&w.url, "GET", "/api/v1/edge/status", b"", b"");
+    ensure!(
+        status == 401 && body["error"] == "invalid_signature",
+        "{status} {body}"
+    );
+    let wrong_key = Signed {
+        certificate_pem: &mine.certificate_pem,
+        key: &other_key,
+        timestamp: now,
+        nonce: nonce(),
+    };
+    let (status, body) = wrong_key.send(&w.url, "GET", "/api/v1/edge/status", b"", b"");
+    ensure!(
+        status == 401 && body["error"] == "invalid_signature",
+        "{status} {body}"
+    );
+    // A certificate from a CA that is not the tenant's (self-made, same subject).
+    let mut forged_params = rcgen::CertificateParams::default();
+    forged_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, mine.site_id.0.to_string());
+    forged_params.distinguished_name.push(
+        rcgen::DnType::OrganizationName,
+        mine.tenant_id.0.to_string(),
+    );
+    let forged_cert = forged_params.self_signed(&my_key)?;
+    let forged = Signed {
+        certificate_pem: &forged_cert.pem(),
+        key: &my_key,
+        timestamp: now,
+        nonce: nonce(),
+    };
+    let (status, body) = forged.send(&w.url, "GET", "/api/v1/edge/status", b"", b"");
+    ensure!(status == 401, "{status} {body}");
+
+    // Renewal with a signed body: a new certificate for a new key.
+    let new_key = rcgen::KeyPair::generate()?;
+    let renew = serde_json::to_vec(&json!({
+        "csr_pem": patronus_controller::pki::site_csr_pem(&new_key, mine.tenant_id, mine.site_id)?,
+        "nats_public_key": nkeys::KeyPair::new_user().public_key(),
+    }))?;
+    let signer = Signed {
+        certificate_pem: &mine.certificate_pem,
+        key: &my_key,
+        timestamp: now,
+        nonce: nonce(),
+    };
+    let (status, body) = signer.send(&w.url, "POST", "/api/v1/edge/renew", &renew, &renew);
+    ensure!(status == 200, "{status} {body}");
+    let renewed = body["certificate_pem"]
+        .as_str()
+        .context("certificate")?
+        .to_owned();
+    // A CSR for another site is refused even when signed correctly.
+    let bad_renew = serde_json::to_vec(&json!({
+        "csr_pem": patronus_controller::pki::site_csr_pem(&new_key, mine.tenant_id, other.site_id)?,
+        "nats_public_key": nkeys::KeyPair::new_user().public_key(),
+    }))?;
+    let signer = Signed {
+        nonce: nonce(),
+        ..signer
+    };
+    let (status, body) = signer.send(&w.url, "POST", "/api/v1/edge/renew", &bad_renew, &bad_renew);
+    ensure!(
+        status == 422 && body["error"] == "wrong_subject",
+        "{status} {body}"
+    );
+
+    // After revocation neither the old nor the renewed certificate is accepted.
+    let (status, _) = call(
+        "POST",
+        &format!("{}/api/v1/sites/{}/revoke", w.url, mine.site_id.0),
+        Some(&w.admin_a),
+        None,
+    );
+    ensure!(status == 200);
+    for (pem_text, key) in [
+        (mine.certificate_pem.as_str(), &my_key),
+        (renewed.as_str(), &new_key),
+    ] {
+        let after = Signed {
+            certificate_pem: pem_text,
+            key,
+            timestamp: now,
+            nonce: nonce(),
+        };
+        let (status, body) = after.send(&w.url, "GET", "/api/v1/edge/status", b"", b"");
+        ensure!(
+            status == 401 && body["error"] == "certificate_revoked",
+            "{status} {body}"
+        );
+    }
     controller.stop().await;
     database.drop_now().await
 }

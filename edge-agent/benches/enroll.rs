@@ -64,7 +64,10 @@ fn hammer<J: Fn() -> bool + Send + Sync + 'static>(
         .collect();
     let mut all = Vec::new();
     for t in threads {
-        all.extend(t.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??);
+        all.extend(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))??,
+        );
     }
     Ok((all, started.elapsed()))
 }
@@ -187,7 +190,8 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // The edge command end to end.
-    let dir = std::env::temp_dir().join(format!("patronus-enroll-bench-{}", Uuid::new_v4().simple()));
+    let dir =
+        std::env::temp_dir().join(format!("patronus-enroll-bench-{}", Uuid::new_v4().simple()));
     let mut runs = Vec::new();
     for (i, (token, _)) in cli_tokens.iter().enumerate() {
         let state = dir.join(format!("edge-{i}"));
@@ -198,10 +202,18 @@ async fn main() -> anyhow::Result<()> {
             .args(["--uplink", "name=fiber,address=198.18.0.2"])
             .output()?;
         runs.push(started.elapsed());
-        ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let wall: Duration = runs.iter().sum();
-    report("patronus-edge enroll, start to credentials on disk", runs, wall);
+    report(
+        "patronus-edge enroll, start to credentials on disk",
+        runs,
+        wall,
+    );
     let _ = std::fs::remove_dir_all(&dir);
 
     controller.stop().await;

@@ -86,7 +86,11 @@ pub fn parse_uplink(text: &str) -> Result<UplinkSpec, String> {
 }
 
 /// A CSR for this site (`CN=<site>, O=<tenant>`), as the controller requires.
-fn site_csr(key: &rcgen::KeyPair, tenant: TenantId, site: SiteId) -> anyhow::Result<String> {
+pub(crate) fn site_csr(
+    key: &rcgen::KeyPair,
+    tenant: TenantId,
+    site: SiteId,
+) -> anyhow::Result<String> {
     let mut params = rcgen::CertificateParams::default();
     params
         .distinguished_name

@@ -5,13 +5,16 @@
 //!
 //! - `enroll --controller URL --token T --uplink ...`: make this site's keys, enroll with the
 //!   token, keep the answer in the state directory ([`enroll`], [`state`]).
-//! - `status`: who this site is, from the state directory alone.
+//! - `status [--remote]`: who this site is, from the state directory alone (or, signed with the
+//!   site certificate, what the controller knows of it: [`control`]).
+//! - `renew`: new certificate and NATS credentials for new keys, swapped in as one set.
 //! - `intent`: fetch the site's current intent over NATS with its own credentials ([`nats`]).
 //! - `check-intent FILE`: decode and validate a `SiteIntent` exactly as the agent will before
 //!   applying one (schema version, size limit, references, ranges), and optionally check that
 //!   this site may accept it (tenant, site, rising revision). Operators use it to inspect an
 //!   intent taken from the `intents` KV bucket; scripts use its exit status.
 
+mod control;
 mod enroll;
 mod nats;
 mod state;
@@ -64,6 +67,14 @@ enum Command {
         state_dir: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Also ask the controller (a request signed with the site certificate).
+        #[arg(long)]
+        remote: bool,
+    },
+    /// Replace the site certificate and NATS credentials with new ones for new keys.
+    Renew {
+        #[arg(long, env = "PATRONUS_EDGE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Fetch this site's current intent over NATS and summarise it (`--json` prints it whole).
     Intent {
@@ -166,8 +177,27 @@ fn read_token(token: &Option<String>, token_file: &Option<PathBuf>) -> anyhow::R
     }
 }
 
-fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
-    let identity = state::StateDir::new(state_dir).identity()?;
+fn status(state_dir: &std::path::Path, json: bool, remote: bool) -> anyhow::Result<()> {
+    let state = state::StateDir::new(state_dir);
+    let identity = state.identity()?;
+    if remote {
+        let known = control::remote_status(&state, &identity)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&known)?);
+        } else {
+            println!(
+                "controller: site {} is {}; published intent revision {}; certificate {} valid until {}",
+                known.site_name,
+                known.status,
+                known
+                    .published_revision
+                    .map_or_else(|| "none".to_owned(), |r| r.to_string()),
+                known.certificate_serial,
+                chrono_like(known.certificate_expires_at)
+            );
+        }
+        return Ok(());
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&identity)?);
     } else {
@@ -260,7 +290,14 @@ fn main() -> ExitCode {
             )
             .map(|_| ())
         }),
-        Command::Status { state_dir, json } => status(state_dir, *json),
+        Command::Status {
+            state_dir,
+            json,
+            remote,
+        } => status(state_dir, *json, *remote),
+        Command::Renew { state_dir } => {
+            control::renew(&state::StateDir::new(state_dir)).map(|_| ())
+        }
         Command::Intent { state_dir, json } => intent(state_dir, *json),
         Command::CheckIntent {
             file,

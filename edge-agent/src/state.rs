@@ -87,6 +87,7 @@ impl StateDir {
     }
 
     pub fn identity(&self) -> anyhow::Result<Identity> {
+        self.recover()?;
         let text = self.read(IDENTITY_FILE)?;
         serde_json::from_str(&text).with_context(|| {
             format!(
@@ -94,6 +95,53 @@ impl StateDir {
                 self.file(IDENTITY_FILE).display()
             )
         })
+    }
+}
+
+/// Marker that a set of `.new` files is complete and must replace the current ones.
+const STAGED_MARKER: &str = "staged";
+
+impl StateDir {
+    /// Replace several files as one: write every `<name>.new`, then the marker naming them,
+    /// then rename each into place, then drop the marker. A crash before the marker leaves
+    /// the old set; after it, [`StateDir::recover`] finishes the job.
+    pub fn replace_all(&self, files: &[(&str, &[u8])]) -> anyhow::Result<()> {
+        for (name, contents) in files {
+            self.write(&format!("{name}.new"), contents)?;
+        }
+        let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+        self.write(STAGED_MARKER, names.join("\n").as_bytes())?;
+        self.recover()
+    }
+
+    /// Finish an interrupted [`StateDir::replace_all`], or discard one that never got its
+    /// marker.
+    pub fn recover(&self) -> anyhow::Result<()> {
+        let marker = self.file(STAGED_MARKER);
+        match std::fs::read_to_string(&marker) {
+            Ok(names) => {
+                for name in names.lines().filter(|n| !n.is_empty()) {
+                    let staged = self.file(&format!("{name}.new"));
+                    if staged.exists() {
+                        std::fs::rename(&staged, self.file(name)).with_context(|| {
+                            format!("cannot move {} into place", staged.display())
+                        })?;
+                    }
+                }
+                std::fs::remove_file(&marker)
+                    .with_context(|| format!("cannot remove {}", marker.display()))?;
+            }
+            Err(_) => {
+                if let Ok(entries) = std::fs::read_dir(&self.path) {
+                    for entry in entries.flatten() {
+                        if entry.file_name().to_string_lossy().ends_with(".new") {
+                            let _ = std::fs::remove_file(entry.path());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -143,6 +191,21 @@ mod tests {
         let dir_mode = std::fs::metadata(&dir).unwrap().permissions().mode();
         assert_eq!(dir_mode & 0o777, 0o700);
         assert!(!state.is_enrolled());
+        // A staged set with its marker is finished by recover(); one without is discarded.
+        state.write("a.new", b"new a").unwrap();
+        state.write(STAGED_MARKER, b"a").unwrap();
+        state.recover().unwrap();
+        assert_eq!(state.read("a").unwrap(), "new a");
+        assert!(!state.file(STAGED_MARKER).exists());
+        state.write("a.new", b"half-written set").unwrap();
+        state.recover().unwrap();
+        assert_eq!(state.read("a").unwrap(), "new a");
+        assert!(!state.file("a.new").exists());
+        state
+            .replace_all(&[("a", b"third".as_slice()), ("b", b"bee".as_slice())])
+            .unwrap();
+        assert_eq!(state.read("a").unwrap(), "third");
+        assert_eq!(state.read("b").unwrap(), "bee");
         assert!(state.identity().unwrap_err().to_string().contains("enroll"));
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -199,6 +199,43 @@ async fn an_edge_enrolls_with_a_token_and_runs_from_its_state_alone() -> anyhow:
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // Signed with the site certificate: the controller's view, then a renewal.
+    let out = edge(&["status", "--remote", "--state-dir", state])?;
+    ensure!(
+        out.status.success() && text(&out).contains("site hq is active"),
+        "{}",
+        text(&out)
+    );
+    let old_cert = std::fs::read(state_dir.join("site.crt"))?;
+    let old_key = std::fs::read(state_dir.join("site.key"))?;
+    let out = edge(&["renew", "--state-dir", state])?;
+    ensure!(out.status.success(), "{}", text(&out));
+    ensure!(
+        std::fs::read(state_dir.join("site.crt"))? != old_cert,
+        "the certificate was not replaced"
+    );
+    ensure!(
+        std::fs::read(state_dir.join("site.key"))? != old_key,
+        "the key was not replaced"
+    );
+    ensure!(!state_dir.join("staged").exists());
+    for file in ["site.key", "site.crt", "nats.creds", "identity.json"] {
+        let meta = std::fs::metadata(state_dir.join(file))?;
+        ensure!(
+            meta.permissions().mode() & 0o777 == 0o600,
+            "{file} is not 0600 after renew"
+        );
+    }
+    // The renewed credentials work for both channels.
+    let out = edge(&["status", "--remote", "--state-dir", state])?;
+    ensure!(out.status.success(), "{}", text(&out));
+    let out = edge(&["intent", "--state-dir", state])?;
+    ensure!(
+        out.status.success() && text(&out).contains("1 peers"),
+        "{}",
+        text(&out)
+    );
+
     // Refusals leave the directory as it was.
     let before = snapshot(&state_dir);
     let out = edge(&[

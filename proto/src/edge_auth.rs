@@ -42,7 +42,10 @@ pub fn canonical_request(
 
 /// A nonce is exactly 32 lowercase hex characters.
 pub fn valid_nonce(nonce: &str) -> bool {
-    nonce.len() == 32 && nonce.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    nonce.len() == 32
+        && nonce
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]

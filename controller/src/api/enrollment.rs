@@ -415,13 +415,9 @@ fn invalid_token(detail: impl Into<String>) -> ApiError {
     )
 }
 
-/// Everything checked before the transaction: no database needed to refuse these.
-fn check_enroll_body(
-    body: &EnrollRequest,
-    tenant: TenantId,
-    site: SiteId,
-) -> ApiResult<pki::CheckedCsr> {
-    let key = nkeys::KeyPair::from_public_key(&body.nats_public_key).map_err(|_| {
+/// A NATS user public nkey, or a 422 saying what it should be.
+pub(crate) fn check_user_nkey(key: &str) -> ApiResult<()> {
+    let key = nkeys::KeyPair::from_public_key(key).map_err(|_| {
         ApiError::unprocessable("invalid_value", "nats_public_key is not a NATS public nkey")
     })?;
     if key.key_pair_type() != nkeys::KeyPairType::User {
@@ -430,6 +426,16 @@ fn check_enroll_body(
             "nats_public_key must be a user nkey (it starts with U)",
         ));
     }
+    Ok(())
+}
+
+/// Everything checked before the transaction: no database needed to refuse these.
+fn check_enroll_body(
+    body: &EnrollRequest,
+    tenant: TenantId,
+    site: SiteId,
+) -> ApiResult<pki::CheckedCsr> {
+    check_user_nkey(&body.nats_public_key)?;
     if body.uplinks.is_empty() {
         return Err(ApiError::unprocessable(
             "invalid_value",
@@ -517,7 +523,7 @@ struct CaRow {
     private_key_sealed: Vec<u8>,
 }
 
-async fn load_ca(
+pub(crate) async fn load_ca(
     conn: &mut AsyncPgConnection,
     tenant: TenantId,
 ) -> Result<Option<(String, Vec<u8>)>, diesel::result::Error> {

@@ -13,6 +13,7 @@
 
 pub mod audit;
 pub mod context;
+pub mod edge;
 pub mod enrollment;
 pub mod error;
 pub mod flows;
@@ -150,6 +151,7 @@ fn register(cfg: &mut ServiceConfig) {
                 .service(session::login)
                 .service(session::refresh)
                 .service(enrollment::enroll)
+                .configure(edge::routes)
                 .service(openapi_json)
                 .configure(tenants::item_routes)
                 // The same routes again under the tenant prefix an MSP admin may use (documented

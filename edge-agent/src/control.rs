@@ -1,0 +1,138 @@
+//! Calls to the controller as this site: every request signed with the site certificate's key
+//! ([`patronus_proto::edge_auth`]), and `renew`, which replaces the certificate and NATS
+//! credentials with ones for keys made here and now.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use patronus_proto::edge_auth::{
+    canonical_request, CERTIFICATE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
+};
+use patronus_proto::enroll::{creds_file, EdgeStatus, RenewRequest, RenewResponse};
+use rand::RngCore;
+use rcgen::SigningKey;
+
+use crate::state::{self, Identity, StateDir};
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The base64 DER inside a PEM certificate.
+fn certificate_der_b64(pem: &str) -> anyhow::Result<String> {
+    let body: String = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .map(str::trim)
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(&body)
+        .context("site.crt is not a PEM certificate")?;
+    Ok(body)
+}
+
+/// Send `method path` with `body`, signed; returns the JSON answer or the controller's error.
+fn signed_call<T: serde::de::DeserializeOwned>(
+    state: &StateDir,
+    identity: &Identity,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<T> {
+    let key = rcgen::KeyPair::from_pem(&state.read(state::SITE_KEY_FILE)?)
+        .context("site.key is damaged; enroll again")?;
+    let certificate = certificate_der_b64(&state.read(state::SITE_CERT_FILE)?)?;
+    let timestamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_secs() as i64;
+    let mut nonce_bytes = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut nonce_bytes);
+    let nonce: String = nonce_bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let signature = key
+        .sign(&canonical_request(method, path, timestamp, &nonce, body))
+        .context("signing the request")?;
+    let url = format!("{}{path}", identity.controller_url);
+    let request = ureq::request(method, &url)
+        .timeout(CALL_TIMEOUT)
+        .set(CERTIFICATE_HEADER, &certificate)
+        .set(TIMESTAMP_HEADER, &timestamp.to_string())
+        .set(NONCE_HEADER, &nonce)
+        .set(
+            SIGNATURE_HEADER,
+            &base64::engine::general_purpose::STANDARD.encode(signature),
+        );
+    let response = if body.is_empty() {
+        request.call()
+    } else {
+        request
+            .set("Content-Type", "application/json")
+            .send_bytes(body)
+    };
+    match response {
+        Ok(r) => r
+            .into_json()
+            .context("the controller's answer does not decode"),
+        Err(ureq::Error::Status(code, r)) => {
+            let body: serde_json::Value = r.into_json().unwrap_or_default();
+            bail!(
+                "the controller refused ({code} {}): {}",
+                body["error"].as_str().unwrap_or("error"),
+                body["detail"].as_str().unwrap_or("no detail")
+            )
+        }
+        Err(e) => bail!(
+            "cannot reach the controller at {}: {e}",
+            identity.controller_url
+        ),
+    }
+}
+
+/// What the controller knows of this site.
+pub fn remote_status(state: &StateDir, identity: &Identity) -> anyhow::Result<EdgeStatus> {
+    signed_call(state, identity, "GET", "/api/v1/edge/status", b"")
+}
+
+/// New certificate key and NATS nkey, a new certificate and NATS user for them, swapped in
+/// as one set. The old ones stay valid until they expire.
+pub fn renew(state: &StateDir) -> anyhow::Result<Identity> {
+    let mut identity = state.identity()?;
+    eprintln!("renew: generating a new certificate key and NATS key");
+    let cert_key = rcgen::KeyPair::generate().context("generating the certificate key")?;
+    let nats_key = nkeys::KeyPair::new_user();
+    let request = RenewRequest {
+        csr_pem: crate::enroll::site_csr(&cert_key, identity.tenant_id, identity.site_id)?,
+        nats_public_key: nats_key.public_key(),
+    };
+    eprintln!(
+        "renew: asking {} (signed with the current certificate)",
+        identity.controller_url
+    );
+    let answer: RenewResponse = signed_call(
+        state,
+        &identity,
+        "POST",
+        "/api/v1/edge/renew",
+        &serde_json::to_vec(&request)?,
+    )?;
+    let seed = nats_key
+        .seed()
+        .map_err(|e| anyhow::anyhow!("NATS seed: {e}"))?;
+    identity.expires_at = answer.expires_at;
+    identity.nats_url = answer.nats.url.clone();
+    identity.inbox_prefix = answer.nats.inbox_prefix.clone();
+    let identity_json = serde_json::to_string_pretty(&identity)?;
+    let creds = creds_file(&answer.nats.user_jwt, &seed);
+    let key_pem = cert_key.serialize_pem();
+    state.replace_all(&[
+        (state::SITE_KEY_FILE, key_pem.as_bytes()),
+        (state::SITE_CERT_FILE, answer.certificate_pem.as_bytes()),
+        (state::CA_CERT_FILE, answer.ca_certificate_pem.as_bytes()),
+        (state::NATS_CREDS_FILE, creds.as_bytes()),
+        (state::IDENTITY_FILE, identity_json.as_bytes()),
+    ])?;
+    eprintln!(
+        "renew: site {} has a new certificate and NATS credentials, valid until unix {}",
+        identity.site_name, identity.expires_at
+    );
+    Ok(identity)
+}

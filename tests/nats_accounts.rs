@@ -139,7 +139,10 @@ async fn a_site_user_gets_exactly_its_grant_and_loses_it_on_revocation() -> anyh
     let mut updates = edge
         .subscribe(subjects::intent_kv_subject(tenant, site))
         .await?;
-    edge.flush().await?;
+    // `flush` only empties the socket buffer; a request on the same connection is answered
+    // only after the server processed the subscriptions before it.
+    edge.request(subjects::intent_direct_get_subject(tenant, site), "".into())
+        .await?;
     link.client
         .publish(subjects::cmd_subject(tenant, site), "ping".into())
         .await?;
@@ -159,7 +162,7 @@ async fn a_site_user_gets_exactly_its_grant_and_loses_it_on_revocation() -> anyh
         .client
         .subscribe(subjects::metrics_subject(tenant, site))
         .await?;
-    link.client.flush().await?;
+    link.intents.get(subjects::intent_key(tenant, site)).await?;
     edge.publish(subjects::metrics_subject(tenant, site), "m".into())
         .await?;
     edge.flush().await?;
@@ -199,16 +202,28 @@ async fn a_site_user_gets_exactly_its_grant_and_loses_it_on_revocation() -> anyh
     }
     // And tenants are separate accounts: the other tenant's link never sees this site.
     let mut elsewhere = other_link.client.subscribe(">").await?;
-    other_link.client.flush().await?;
+    other_link
+        .intents
+        .get(subjects::intent_key(other_tenant, other_site))
+        .await?;
     edge.publish(subjects::metrics_subject(tenant, site), "m".into())
         .await?;
     edge.flush().await?;
-    ensure!(
-        tokio::time::timeout(Duration::from_millis(500), elsewhere.next())
-            .await
-            .is_err(),
-        "another tenant's account saw this site's traffic"
-    );
+    // A message of its own, so the watch is known to work.
+    let own = subjects::metrics_subject(other_tenant, other_site);
+    other_link.client.publish(own.clone(), "own".into()).await?;
+    // The other account sees its own traffic (JetStream replies, advisories), never ours.
+    let window = tokio::time::Instant::now() + Duration::from_millis(500);
+    let mut saw_own = false;
+    while let Ok(Some(message)) = tokio::time::timeout_at(window, elsewhere.next()).await {
+        ensure!(
+            !message.subject.contains(&tenant.to_string()),
+            "another tenant's account saw {}",
+            message.subject
+        );
+        saw_own |= message.subject.as_str() == own;
+    }
+    ensure!(saw_own, "the other account's watch saw nothing at all");
 
     // Revocation: mark the user revoked and push the account; the server drops the connection.
     let mut owner = AsyncPgConnection::establish(&database.owner_url).await?;

@@ -23,6 +23,10 @@ pub const WAN_SPACE: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(198, 18, 0, 0), 
     Err(_) => panic!("constant prefix"),
 };
 pub const INTERNET_NS: &str = "pl-inet";
+/// Prefix of every namespace and host-side interface the lab creates (what `down` removes).
+pub const PREFIX: &str = "pl-";
+/// The host's bridge for the management link.
+pub const MGMT_BRIDGE: &str = "pl-mgmt";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -53,6 +57,8 @@ pub struct SitePlan {
     pub lan_router_addr: Ipv4Net,
     pub lan_host_addr: Ipv4Net,
     pub mgmt_addr: Ipv4Net,
+    /// Host side of the site's management veth (on the host bridge).
+    pub mgmt_host_if: String,
     pub uplinks: Vec<UplinkPlan>,
 }
 
@@ -61,6 +67,7 @@ pub struct LabPlan {
     /// Every WAN address of the lab lies in this prefix.
     pub wan_space: Ipv4Net,
     pub internet_ns: String,
+    pub mgmt_bridge: String,
     pub mgmt_host_addr: Ipv4Net,
     pub sites: Vec<SitePlan>,
 }
@@ -90,6 +97,7 @@ pub fn plan(sites: u16, uplinks: u8) -> Result<LabPlan, PlanError> {
                 lan_router_addr: net(10, octet, 0, 1, 24),
                 lan_host_addr: net(10, octet, 0, 10, 24),
                 mgmt_addr: net(198, 19, 254, octet + 1, 24),
+                mgmt_host_if: format!("pl-m{i}"),
                 uplinks: (0..uplinks)
                     .map(|u| UplinkPlan {
                         index: u,
@@ -105,6 +113,7 @@ pub fn plan(sites: u16, uplinks: u8) -> Result<LabPlan, PlanError> {
     Ok(LabPlan {
         wan_space: WAN_SPACE,
         internet_ns: INTERNET_NS.into(),
+        mgmt_bridge: MGMT_BRIDGE.into(),
         mgmt_host_addr: net(198, 19, 254, 1, 24),
         sites,
     })
@@ -146,6 +155,8 @@ mod tests {
                 prop_assert!(names.insert(site.router_ns.clone()) && names.insert(site.lan_ns.clone()));
                 prop_assert!(addrs.insert(site.mgmt_addr.addr()));
                 prop_assert!(addrs.insert(site.lan_host_addr.addr()));
+                prop_assert!(site.mgmt_host_if.len() <= 15 && site.mgmt_host_if.starts_with(PREFIX));
+                prop_assert!(names.insert(site.mgmt_host_if.clone()));
                 for up in &site.uplinks {
                     // WAN addresses never leave RFC 2544 space.
                     prop_assert!(WAN_SPACE.contains(&up.router_addr.addr()));

@@ -3,11 +3,15 @@
 //!
 //! Modules: [`plan`] is the pure address and naming plan every other part derives from;
 //! [`netns`] turns a plan into iproute2 steps (pure) and runs them, and tears a lab down.
-//! Commands: `plan`, `up`, `down`, `status`. The WAN emulator (`impair`) and the benchmarks
-//! build on these in the edge-agent-and-lab issue.
+//! [`wan`] decides what the emulated WAN does to a packet (pure); [`daemon`] is the emulator
+//! process around it (TUN in the internet namespace, a control socket).
+//! Commands: `plan`, `up`, `down`, `status`, `impair`. The benchmarks build on these in the
+//! edge-agent-and-lab issue.
 
+mod daemon;
 mod netns;
 mod plan;
+mod wan;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +22,10 @@ use serde::{Deserialize, Serialize};
 
 /// Where `up` records the size of the running lab.
 const STATE_FILE: &str = "/var/lib/patronus/lab/state.json";
+/// The WAN emulator's control socket, pid file and log.
+const WAN_SOCKET: &str = "/var/lib/patronus/lab/wan.sock";
+const WAN_PID: &str = "/var/lib/patronus/lab/wan.pid";
+const WAN_LOG: &str = "/var/lib/patronus/lab/wan.log";
 
 #[derive(Serialize, Deserialize)]
 struct LabState {
@@ -62,6 +70,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set what one uplink suffers (exactly these values; unnamed ones are zero).
+    Impair {
+        /// Site number (1..N).
+        #[arg(long)]
+        site: u16,
+        /// Uplink index (0..U-1).
+        #[arg(long)]
+        uplink: u8,
+        /// Round-trip time added, in ms (half each way).
+        #[arg(long, default_value_t = 0.0)]
+        delay: f64,
+        /// Delay variation, in ms (at most the delay).
+        #[arg(long, default_value_t = 0.0)]
+        jitter: f64,
+        /// Packet loss in each direction, in percent.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Rate limit in Mbit/s, each direction.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Drop everything on the uplink.
+        #[arg(long, conflicts_with = "restore")]
+        cut: bool,
+        /// Remove every impairment.
+        #[arg(long)]
+        restore: bool,
+    },
+    /// The WAN emulator process (started by `up`).
+    #[command(hide = true)]
+    WanDaemon {
+        #[arg(long)]
+        sites: u16,
+        #[arg(long)]
+        uplinks: u8,
+    },
 }
 
 fn require_root() -> anyhow::Result<()> {
@@ -102,6 +145,12 @@ fn up(sites: u16, uplinks: u8) -> anyhow::Result<()> {
     if let Some(dir) = state.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    if let Err(e) = start_wan_daemon(sites, uplinks) {
+        eprintln!("lab: the WAN emulator did not start, removing the lab");
+        let _ = stop_wan_daemon();
+        let _ = netns::down();
+        return Err(e);
+    }
     std::fs::write(&state, serde_json::to_vec(&LabState { sites, uplinks })?)
         .with_context(|| format!("cannot write {STATE_FILE}"))?;
     eprintln!(
@@ -111,8 +160,132 @@ fn up(sites: u16, uplinks: u8) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn start_wan_daemon(sites: u16, uplinks: u8) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(WAN_LOG)
+        .with_context(|| format!("cannot open {WAN_LOG}"))?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "wan-daemon",
+            "--sites",
+            &sites.to_string(),
+            "--uplinks",
+            &uplinks.to_string(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the WAN emulator")?;
+    std::fs::write(WAN_PID, child.id().to_string())?;
+    let socket = PathBuf::from(WAN_SOCKET);
+    for _ in 0..100 {
+        let probe = daemon::Request {
+            uplink: std::net::Ipv4Addr::UNSPECIFIED,
+            set: None,
+        };
+        if daemon::control(&socket, &probe).is_ok() {
+            eprintln!(
+                "lab: WAN emulator running (pid {}, log {WAN_LOG})",
+                child.id()
+            );
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    bail!("the WAN emulator did not come up within 5 s; see {WAN_LOG}")
+}
+
+/// Stop the emulator named by the pid file (only if that pid still is one).
+fn stop_wan_daemon() -> anyhow::Result<()> {
+    if let Ok(pid) = std::fs::read_to_string(WAN_PID) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("wan-daemon") {
+                // SAFETY: sending a signal to a pid we checked is our daemon.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                for _ in 0..40 {
+                    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(WAN_PID);
+    let _ = std::fs::remove_file(WAN_SOCKET);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn impair(
+    site: u16,
+    uplink: u8,
+    delay: f64,
+    jitter: f64,
+    loss: f64,
+    rate: Option<f64>,
+    cut: bool,
+    restore: bool,
+) -> anyhow::Result<()> {
+    let state: LabState = std::fs::read(STATE_FILE)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .context("no lab is up; run `patronus-lab up` first")?;
+    let lab = plan::plan(state.sites, state.uplinks)?;
+    let target = lab
+        .sites
+        .iter()
+        .find(|s| s.index == site)
+        .with_context(|| format!("--site {site}: the lab has sites 1-{}", state.sites))?
+        .uplinks
+        .iter()
+        .find(|u| u.index == uplink)
+        .with_context(|| {
+            format!(
+                "--uplink {uplink}: sites have uplinks 0-{}",
+                state.uplinks - 1
+            )
+        })?;
+    let impairment = if restore {
+        wan::Impairment::default()
+    } else {
+        wan::Impairment {
+            delay_ms: delay,
+            jitter_ms: jitter,
+            loss_pct: loss,
+            rate_mbit: rate,
+            cut,
+        }
+    };
+    impairment.validate()?;
+    let reply = daemon::control(
+        std::path::Path::new(WAN_SOCKET),
+        &daemon::Request {
+            uplink: target.router_addr.addr(),
+            set: Some(impairment),
+        },
+    )?;
+    if !reply.ok {
+        bail!("{}", reply.error.unwrap_or_else(|| "refused".into()));
+    }
+    eprintln!(
+        "lab: site{site} {} ({}) now: {}",
+        target.router_if,
+        target.router_addr.addr(),
+        serde_json::to_string(&reply.impairment.unwrap_or_default())?
+    );
+    Ok(())
+}
+
 fn down() -> anyhow::Result<()> {
     require_root()?;
+    stop_wan_daemon()?;
     let removed = netns::down()?;
     let _ = std::fs::remove_file(STATE_FILE);
     eprintln!("lab: down ({removed} namespaces removed)");
@@ -185,6 +358,19 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up { sites, uplinks } => up(sites, uplinks),
         Command::Down => down(),
+        Command::Impair {
+            site,
+            uplink,
+            delay,
+            jitter,
+            loss,
+            rate,
+            cut,
+            restore,
+        } => impair(site, uplink, delay, jitter, loss, rate, cut, restore),
+        Command::WanDaemon { sites, uplinks } => plan::plan(sites, uplinks)
+            .map_err(anyhow::Error::from)
+            .and_then(|lab| daemon::run(&lab, std::path::Path::new(WAN_SOCKET))),
         Command::Status { json } => status(json),
         Command::Plan {
             sites,

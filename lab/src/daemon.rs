@@ -119,8 +119,73 @@ struct Counters {
     dropped: AtomicU64,
 }
 
-/// Run until killed: TUN in the internet namespace, routing into it, the control socket.
-pub fn run(plan: &LabPlan, socket: &std::path::Path) -> anyhow::Result<()> {
+/// One TCP relay on the management link: sites reach host services (the controller, NATS)
+/// that listen on loopback only, through the host end of the link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Relay {
+    pub listen: std::net::SocketAddr,
+    pub target: std::net::SocketAddr,
+}
+
+impl std::str::FromStr for Relay {
+    type Err = String;
+    /// `PORT=HOST:PORT`: listen on that port of the management address.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (port, target) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?} is not PORT=HOST:PORT"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{port:?} is not a port"))?;
+        let target = target
+            .parse()
+            .map_err(|_| format!("{target:?} is not HOST:PORT"))?;
+        Ok(Relay {
+            listen: std::net::SocketAddr::from(([0, 0, 0, 0], port)),
+            target,
+        })
+    }
+}
+
+fn serve_relay(listener: std::net::TcpListener, target: std::net::SocketAddr) {
+    for inbound in listener.incoming() {
+        let Ok(inbound) = inbound else { continue };
+        std::thread::spawn(move || {
+            let Ok(outbound) = std::net::TcpStream::connect(target) else {
+                return;
+            };
+            let _ = inbound.set_nodelay(true);
+            let _ = outbound.set_nodelay(true);
+            let (Ok(mut in_read), Ok(mut out_write)) = (inbound.try_clone(), outbound.try_clone())
+            else {
+                return;
+            };
+            let upstream = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut in_read, &mut out_write);
+                let _ = out_write.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut out_read, mut in_write) = (outbound, inbound);
+            let _ = std::io::copy(&mut out_read, &mut in_write);
+            let _ = in_write.shutdown(std::net::Shutdown::Write);
+            let _ = upstream.join();
+        });
+    }
+}
+
+/// Run until killed: TUN in the internet namespace, routing into it, the management relays,
+/// the control socket.
+pub fn run(plan: &LabPlan, socket: &std::path::Path, relays: &[Relay]) -> anyhow::Result<()> {
+    for relay in relays {
+        let listen = std::net::SocketAddr::new(
+            std::net::IpAddr::V4(plan.mgmt_host_addr.addr()),
+            relay.listen.port(),
+        );
+        let listener = std::net::TcpListener::bind(listen)
+            .with_context(|| format!("cannot relay on {listen}"))?;
+        let target = relay.target;
+        std::thread::spawn(move || serve_relay(listener, target));
+        eprintln!("wan-daemon: relaying {listen} -> {target}");
+    }
     let inet = plan.internet_ns.clone();
     let (tun_tx, tun_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

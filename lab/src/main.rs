@@ -62,6 +62,10 @@ enum Command {
         sites: u16,
         #[arg(long, default_value_t = 2)]
         uplinks: u8,
+        /// Relay a port of the management address to a loopback service, e.g.
+        /// `8080=127.0.0.1:8080` (the controller) or `4222=127.0.0.1:4222` (NATS).
+        #[arg(long = "relay")]
+        relays: Vec<daemon::Relay>,
     },
     /// Remove everything `up` created (also after a crash).
     Down,
@@ -104,6 +108,8 @@ enum Command {
         sites: u16,
         #[arg(long)]
         uplinks: u8,
+        #[arg(long = "relay")]
+        relays: Vec<daemon::Relay>,
     },
 }
 
@@ -120,7 +126,7 @@ fn require_root() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn up(sites: u16, uplinks: u8) -> anyhow::Result<()> {
+fn up(sites: u16, uplinks: u8, relays: &[daemon::Relay]) -> anyhow::Result<()> {
     require_root()?;
     let lab = plan::plan(sites, uplinks)?;
     let existing = netns::lab_namespaces()?;
@@ -145,7 +151,7 @@ fn up(sites: u16, uplinks: u8) -> anyhow::Result<()> {
     if let Some(dir) = state.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    if let Err(e) = start_wan_daemon(sites, uplinks) {
+    if let Err(e) = start_wan_daemon(sites, uplinks, relays) {
         eprintln!("lab: the WAN emulator did not start, removing the lab");
         let _ = stop_wan_daemon();
         let _ = netns::down();
@@ -160,21 +166,27 @@ fn up(sites: u16, uplinks: u8) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_wan_daemon(sites: u16, uplinks: u8) -> anyhow::Result<()> {
+fn start_wan_daemon(sites: u16, uplinks: u8, relays: &[daemon::Relay]) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(WAN_LOG)
         .with_context(|| format!("cannot open {WAN_LOG}"))?;
-    let child = std::process::Command::new(std::env::current_exe()?)
-        .args([
-            "wan-daemon",
-            "--sites",
-            &sites.to_string(),
-            "--uplinks",
-            &uplinks.to_string(),
-        ])
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command.args([
+        "wan-daemon",
+        "--sites",
+        &sites.to_string(),
+        "--uplinks",
+        &uplinks.to_string(),
+    ]);
+    for relay in relays {
+        command
+            .arg("--relay")
+            .arg(format!("{}={}", relay.listen.port(), relay.target));
+    }
+    let child = command
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -356,7 +368,11 @@ fn status(json: bool) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Up { sites, uplinks } => up(sites, uplinks),
+        Command::Up {
+            sites,
+            uplinks,
+            relays,
+        } => up(sites, uplinks, &relays),
         Command::Down => down(),
         Command::Impair {
             site,
@@ -368,9 +384,13 @@ fn main() -> ExitCode {
             cut,
             restore,
         } => impair(site, uplink, delay, jitter, loss, rate, cut, restore),
-        Command::WanDaemon { sites, uplinks } => plan::plan(sites, uplinks)
+        Command::WanDaemon {
+            sites,
+            uplinks,
+            relays,
+        } => plan::plan(sites, uplinks)
             .map_err(anyhow::Error::from)
-            .and_then(|lab| daemon::run(&lab, std::path::Path::new(WAN_SOCKET))),
+            .and_then(|lab| daemon::run(&lab, std::path::Path::new(WAN_SOCKET), &relays)),
         Command::Status { json } => status(json),
         Command::Plan {
             sites,

@@ -95,9 +95,22 @@ pub struct RunningController {
 }
 
 impl RunningController {
-    /// Start serving `config`; returns once the port accepts connections.
+    /// Start serving `config` on a free loopback port; returns once it accepts connections.
     pub fn start(config: patronus_controller::config::ControllerConfig) -> anyhow::Result<Self> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        Self::serve(std::net::TcpListener::bind("127.0.0.1:0")?, config)
+    }
+
+    /// Start serving on `config.http.listen`.
+    pub fn start_on(config: patronus_controller::config::ControllerConfig) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind(config.http.listen)
+            .with_context(|| format!("binding {}", config.http.listen))?;
+        Self::serve(listener, config)
+    }
+
+    fn serve(
+        listener: std::net::TcpListener,
+        config: patronus_controller::config::ControllerConfig,
+    ) -> anyhow::Result<Self> {
         let url = format!("http://{}", listener.local_addr()?);
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {

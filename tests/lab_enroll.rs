@@ -1,0 +1,201 @@
+//! Sites of a real lab enroll from inside their namespaces: `patronus-lab up` (root, network
+//! namespaces) relays the controller and NATS over the management link, each site's router
+//! runs `patronus-edge enroll` with a token, and each then reads, over NATS with its own
+//! credentials, an intent that names the other site's WAN uplinks as its peer.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use patronus_proto::TenantId;
+use patronus_test_support::{RunningController, TestDatabase, TestEnv};
+use uuid::Uuid;
+
+/// A workspace binary next to this test's executable (`target/debug/deps/..`).
+fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|debug| debug.join(name))
+        .context("target directory")?;
+    ensure!(
+        path.exists(),
+        "{} is not built; `cargo test --workspace` (scripts/test) builds it",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Run `program args` inside network namespace `ns`.
+fn in_ns(ns: &str, program: &PathBuf, args: &[&str]) -> anyhow::Result<Output> {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(program)
+        .args(args)
+        .output()
+        .context("ip netns exec")
+}
+
+fn port_of(url: &str) -> anyhow::Result<u16> {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .with_context(|| format!("no port in {url}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> anyhow::Result<()> {
+    let root = std::fs::read_to_string("/proc/self/status")?
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    ensure!(
+        root,
+        "this test creates network namespaces and must run as root (scripts/test does)"
+    );
+    let lab = binary("patronus-lab")?;
+    let edge = binary("patronus-edge")?;
+
+    let env = TestEnv::load()?;
+    let database = TestDatabase::create(&env).await?;
+    patronus_controller::db::migrations::run_pending(&database.owner_url).await?;
+    let tenant = TenantId(Uuid::new_v4());
+    let mut owner = AsyncPgConnection::establish(&database.owner_url).await?;
+    owner
+        .batch_execute(&format!(
+            "INSERT INTO msps (id, name) VALUES ('{msp}', 'lab msp');
+             INSERT INTO tenants (id, msp_id, name, slug) VALUES ('{}', '{msp}', 'lab', 'lab');",
+            tenant.0,
+            msp = Uuid::new_v4()
+        ))
+        .await?;
+    drop(owner);
+
+    // The controller listens on loopback; sites reach it and NATS through the lab's relays.
+    let http_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.port()
+    };
+    let nats_port = port_of(&env.nats_url)?;
+    let mut config = env.controller_config(&database.app_url)?;
+    config.http.listen = ([127, 0, 0, 1], http_port).into();
+    config.nats.edge_url = Some(format!("nats://198.19.254.1:{nats_port}"));
+    let keys = patronus_controller::enrollment::TokenKeys::from_seed(
+        &patronus_controller::config::secret_bytes_32(&config.provisioning.token_signing_key)
+            .context("token key")?,
+    );
+    let pool = patronus_controller::db::pool(&database.app_url, 1)?;
+    let mut tokens = Vec::new();
+    for site in ["site1", "site2"] {
+        let (token, _) = patronus_controller::api::enrollment::create_from_cli(
+            &pool,
+            &keys,
+            tenant,
+            site,
+            chrono::Duration::minutes(10),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        tokens.push(token);
+    }
+    drop(pool);
+    let controller = RunningController::start_on(config)?;
+    ensure!(controller.url.ends_with(&format!(":{http_port}")));
+
+    let out = Command::new(&lab)
+        .args(["up", "--sites", "2", "--uplinks", "2"])
+        .args(["--relay", &format!("{http_port}=127.0.0.1:{http_port}")])
+        .args(["--relay", &format!("{nats_port}=127.0.0.1:{nats_port}")])
+        .output()?;
+    ensure!(out.status.success(), "{}", text(&out));
+    let dir = std::env::temp_dir().join(format!("patronus-lab-enroll-{}", Uuid::new_v4().simple()));
+    let result = async {
+        let controller_url = format!("http://198.19.254.1:{http_port}");
+        let mut enrolled_at = Instant::now();
+        for (i, token) in tokens.iter().enumerate() {
+            let n = i + 1;
+            let state = dir.join(format!("site{n}"));
+            enrolled_at = Instant::now();
+            let out = in_ns(
+                &format!("pl-s{n}"),
+                &edge,
+                &[
+                    "enroll",
+                    "--controller",
+                    &controller_url,
+                    "--token",
+                    token,
+                    "--state-dir",
+                    state.to_str().context("path")?,
+                    "--uplink",
+                    &format!("name=wan0,address=198.18.{n}.1,type=fiber,bandwidth=1000"),
+                    "--uplink",
+                    &format!("name=wan1,address=198.18.{n}.5,type=lte,bandwidth=50"),
+                ],
+            )?;
+            ensure!(out.status.success(), "site{n}: {}", text(&out));
+        }
+        // Site 1 learns site 2 (its uplinks as peer endpoints) over NATS through the relay.
+        let state1 = dir.join("site1");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let learned = loop {
+            let out = in_ns(
+                "pl-s1",
+                &edge,
+                &[
+                    "intent",
+                    "--json",
+                    "--state-dir",
+                    state1.to_str().context("path")?,
+                ],
+            )?;
+            if out.status.success() {
+                let intent: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+                let text = intent["peers"].to_string();
+                if text.contains("198.18.2.1") && text.contains("198.18.2.5") {
+                    break enrolled_at.elapsed();
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "site1 never learned site2: {}",
+                text(&out)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        println!("site2 enroll → site1's intent lists it: {learned:?}");
+        let out = in_ns(
+            "pl-s2",
+            &edge,
+            &[
+                "status",
+                "--remote",
+                "--state-dir",
+                dir.join("site2").to_str().context("path")?,
+            ],
+        )?;
+        ensure!(
+            out.status.success() && text(&out).contains("is active"),
+            "{}",
+            text(&out)
+        );
+        Ok(())
+    }
+    .await;
+    let down = Command::new(&lab).arg("down").output()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    controller.stop().await;
+    result?;
+    ensure!(down.status.success(), "{}", text(&down));
+    database.drop_now().await
+}

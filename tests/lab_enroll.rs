@@ -174,6 +174,18 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         println!("site2 enroll → site1's intent lists it: {learned:?}");
+        // What applying it means: a tunnel per (local uplink, remote uplink), all endpoints in
+        // the lab's WAN.
+        let out = in_ns(
+            "pl-s1",
+            &edge,
+            &["intent", "--plan", "--state-dir", state1.to_str().context("path")?],
+        )?;
+        let plan = text(&out);
+        ensure!(out.status.success(), "{plan}");
+        ensure!(plan.contains("4 tunnel interfaces"), "{plan}");
+        ensure!(plan.contains("198.18.2.1") && plan.contains("198.18.2.5"), "{plan}");
+        ensure!(plan.matches("CreateInterface").count() == 4, "{plan}");
         let out = in_ns(
             "pl-s2",
             &edge,

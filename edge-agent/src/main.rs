@@ -15,6 +15,7 @@
 //!   intent taken from the `intents` KV bucket; scripts use its exit status.
 
 mod control;
+mod desired;
 mod enroll;
 mod nats;
 mod state;
@@ -82,6 +83,10 @@ enum Command {
         state_dir: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Print the tunnel changes a first apply of this intent makes (interfaces, peers,
+        /// routes, rules), without making them.
+        #[arg(long, conflicts_with = "json")]
+        plan: bool,
     },
     /// Decode and validate an intent file (`-` for standard input).
     CheckIntent {
@@ -238,7 +243,7 @@ fn chrono_like(unix: i64) -> String {
     format!("{year:04}-{month:02}-{day:02}")
 }
 
-fn intent(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+fn intent(state_dir: &std::path::Path, json: bool, plan: bool) -> anyhow::Result<()> {
     let state = state::StateDir::new(state_dir);
     let identity = state.identity()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -255,6 +260,22 @@ fn intent(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             identity.site_name
         ),
         Some(intent) if json => println!("{}", serde_json::to_string_pretty(&intent)?),
+        Some(intent) if plan => {
+            intent.check_acceptable(identity.tenant_id, identity.site_id, None)?;
+            let want = desired::desired(&intent);
+            let actions = desired::diff(&want, &desired::NetState::default());
+            println!(
+                "revision {}: {} tunnel interfaces, {} routes, {} rules, endpoints {:?}",
+                intent.revision,
+                want.interfaces.len(),
+                want.routes.len(),
+                want.rules.len(),
+                desired::endpoints(&want)
+            );
+            for action in actions {
+                println!("  {action:?}");
+            }
+        }
         Some(intent) => {
             intent.check_acceptable(identity.tenant_id, identity.site_id, None)?;
             println!(
@@ -298,7 +319,11 @@ fn main() -> ExitCode {
         Command::Renew { state_dir } => {
             control::renew(&state::StateDir::new(state_dir)).map(|_| ())
         }
-        Command::Intent { state_dir, json } => intent(state_dir, *json),
+        Command::Intent {
+            state_dir,
+            json,
+            plan,
+        } => intent(state_dir, *json, *plan),
         Command::CheckIntent {
             file,
             tenant,

@@ -96,12 +96,13 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
     );
     let pool = patronus_controller::db::pool(&database.app_url, 1)?;
     let mut tokens = Vec::new();
-    for site in ["site1", "site2"] {
+    for (i, site) in ["site1", "site2"].into_iter().enumerate() {
         let (token, _) = patronus_controller::api::enrollment::create_from_cli(
             &pool,
             &keys,
             tenant,
             site,
+            vec![format!("10.{}.0.0/24", i + 1).parse()?],
             chrono::Duration::minutes(10),
         )
         .await
@@ -179,13 +180,88 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
         let out = in_ns(
             "pl-s1",
             &edge,
-            &["intent", "--plan", "--state-dir", state1.to_str().context("path")?],
+            &[
+                "intent",
+                "--plan",
+                "--state-dir",
+                state1.to_str().context("path")?,
+            ],
         )?;
         let plan = text(&out);
         ensure!(out.status.success(), "{plan}");
         ensure!(plan.contains("4 tunnel interfaces"), "{plan}");
-        ensure!(plan.contains("198.18.2.1") && plan.contains("198.18.2.5"), "{plan}");
+        ensure!(
+            plan.contains("198.18.2.1") && plan.contains("198.18.2.5"),
+            "{plan}"
+        );
         ensure!(plan.matches("CreateInterface").count() == 4, "{plan}");
+
+        // The agents build the tunnels: LAN host to LAN host across them.
+        let mut agents = Vec::new();
+        for n in 1..=2 {
+            let log = std::fs::File::create(dir.join(format!("run{n}.log")))?;
+            agents.push(
+                Command::new("ip")
+                    .args(["netns", "exec", &format!("pl-s{n}")])
+                    .arg(&edge)
+                    .args(["run", "--state-dir"])
+                    .arg(dir.join(format!("site{n}")))
+                    .stdout(std::process::Stdio::null())
+                    .stderr(log)
+                    .spawn()?,
+            );
+        }
+        let started = Instant::now();
+        let reached = loop {
+            let ok = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    "pl-s1-lan",
+                    "ping",
+                    "-c",
+                    "1",
+                    "-W",
+                    "1",
+                    "10.2.0.10",
+                ])
+                .output()?
+                .status
+                .success();
+            if ok {
+                break started.elapsed();
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let logs: Vec<String> = (1..=2)
+                    .map(|n| {
+                        std::fs::read_to_string(dir.join(format!("run{n}.log"))).unwrap_or_default()
+                    })
+                    .collect();
+                for mut agent in agents {
+                    let _ = agent.kill();
+                }
+                anyhow::bail!(
+                    "LAN 1 never reached LAN 2 through the tunnels; agent logs: {logs:?}"
+                );
+            }
+        };
+        println!("agents started → first LAN-to-LAN ping answered: {reached:?}");
+        let out = in_ns(
+            "pl-s1",
+            &edge,
+            &["status", "--state-dir", state1.to_str().context("path")?],
+        )?;
+        let status = text(&out);
+        for mut agent in agents {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        ensure!(status.contains("applied intent revision"), "{status}");
+        let carried = status
+            .lines()
+            .filter(|l| l.contains("tunnel pw"))
+            .any(|l| !l.contains("received 0 B"));
+        ensure!(carried, "no tunnel carried traffic: {status}");
         let out = in_ns(
             "pl-s2",
             &edge,

@@ -76,6 +76,9 @@ enum TokenAction {
         /// Lifetime: 90s, 15m, 1h, 2d (default: provisioning.token_ttl_s).
         #[arg(long)]
         ttl: Option<String>,
+        /// A LAN prefix behind the site (when the site is created); repeat for more.
+        #[arg(long = "lan")]
+        lan_prefixes: Vec<ipnet::IpNet>,
         /// The controller URL the edge should use, for the printed command.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         controller_url: String,
@@ -219,6 +222,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     site,
                     ttl,
                     controller_url,
+                    lan_prefixes,
                 },
         } => {
             let ttl_s = match ttl {
@@ -243,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &keys,
                 patronus_proto::TenantId(tenant),
                 &site,
+                lan_prefixes,
                 chrono::Duration::seconds(ttl_s as i64),
             )
             .await

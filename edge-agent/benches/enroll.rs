@@ -140,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
             &keys,
             tenant,
             &format!("site-{i}"),
+            Vec::new(),
             chrono::Duration::hours(1),
         )
         .await

@@ -15,6 +15,10 @@ use ipnet::IpNet;
 use patronus_proto::intent::tunnel_port;
 use patronus_proto::{SiteId, SiteIntent, WgPublicKey};
 
+/// The kernel's main table: each destination's default path lives here (until the data
+/// plane marks flows onto other paths).
+pub const MAIN_TABLE: u32 = 254;
+
 /// First routing table (and firewall mark) of the tunnels; tunnel (l, r) uses
 /// `TABLE_BASE + 8·l + r`, which also orders `ip rule` priorities.
 pub const TABLE_BASE: u32 = 1000;
@@ -108,6 +112,8 @@ pub fn desired(intent: &SiteIntent) -> NetState {
     let overlay = IpNet::from(intent.overlay.address);
     let peers: BTreeMap<SiteId, &patronus_proto::intent::Peer> =
         intent.peers.iter().map(|p| (p.site, p)).collect();
+    // Each peer's default path: its lowest (local uplink, remote uplink) tunnel.
+    let mut default_path: BTreeMap<SiteId, (u8, u8)> = BTreeMap::new();
     for path in &intent.paths {
         let Some(peer) = peers.get(&path.remote_site) else {
             continue;
@@ -164,6 +170,34 @@ pub fn desired(intent: &SiteIntent) -> NetState {
                 keepalive_s: intent.wireguard.persistent_keepalive_s,
             },
         );
+        let best = default_path
+            .entry(peer.site)
+            .or_insert((path.local_uplink, path.remote_uplink));
+        *best = (*best).min((path.local_uplink, path.remote_uplink));
+    }
+    for (site, (local, remote)) in default_path {
+        let name = interface_name(intent.site, local, remote);
+        let table = table_of(local, remote);
+        let through: Vec<IpNet> = state
+            .routes
+            .iter()
+            .filter(|r| r.table == table && r.dev == name)
+            .filter(|r| {
+                peers.get(&site).is_some_and(|p| {
+                    IpNet::from(p.overlay_address) == r.dst
+                        || p.lan_prefixes.contains(&r.dst)
+                        || p.transit_prefixes.contains(&r.dst)
+                })
+            })
+            .map(|r| r.dst)
+            .collect();
+        for dst in through {
+            state.routes.insert(Route {
+                table: MAIN_TABLE,
+                dst,
+                dev: name.clone(),
+            });
+        }
     }
     state
 }

@@ -8,6 +8,8 @@
 //! - `status [--remote]`: who this site is, from the state directory alone (or, signed with the
 //!   site certificate, what the controller knows of it: [`control`]).
 //! - `renew`: new certificate and NATS credentials for new keys, swapped in as one set.
+//! - `run`: apply the intent and keep the namespace equal to it ([`run`], [`desired`] pure,
+//!   [`tunnels`] the I/O: wireguard-go + wireguard-control + iproute2).
 //! - `intent`: fetch the site's current intent over NATS with its own credentials ([`nats`]).
 //! - `check-intent FILE`: decode and validate a `SiteIntent` exactly as the agent will before
 //!   applying one (schema version, size limit, references, ranges), and optionally check that
@@ -18,7 +20,9 @@ mod control;
 mod desired;
 mod enroll;
 mod nats;
+mod run;
 mod state;
+mod tunnels;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -71,6 +75,11 @@ enum Command {
         /// Also ask the controller (a request signed with the site certificate).
         #[arg(long)]
         remote: bool,
+    },
+    /// Run the agent: apply the site's intent and keep the namespace equal to it.
+    Run {
+        #[arg(long, env = "PATRONUS_EDGE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Replace the site certificate and NATS credentials with new ones for new keys.
     Renew {
@@ -223,6 +232,22 @@ fn status(state_dir: &std::path::Path, json: bool, remote: bool) -> anyhow::Resu
                 .join(", "),
             expires
         );
+        let applied = state
+            .read(run::INTENT_FILE)
+            .ok()
+            .and_then(|t| codec::decode::<SiteIntent>(t.as_bytes()).ok());
+        match applied {
+            Some(intent) => println!(
+                "  applied intent revision {}: {} peers, {} paths",
+                intent.revision,
+                intent.peers.len(),
+                intent.paths.len()
+            ),
+            None => println!("  no intent applied yet (patronus-edge run applies it)"),
+        }
+        for (name, (rx, tx)) in tunnels::transfer(identity.site_id) {
+            println!("  tunnel {name}: received {rx} B, sent {tx} B");
+        }
     }
     Ok(())
 }
@@ -316,6 +341,7 @@ fn main() -> ExitCode {
             json,
             remote,
         } => status(state_dir, *json, *remote),
+        Command::Run { state_dir } => run::run(state::StateDir::new(state_dir)),
         Command::Renew { state_dir } => {
             control::renew(&state::StateDir::new(state_dir)).map(|_| ())
         }

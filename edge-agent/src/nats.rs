@@ -26,6 +26,21 @@ pub async fn connect(state: &StateDir, identity: &Identity) -> anyhow::Result<as
         })
 }
 
+/// The raw current value of the site's intent key (`None` when nothing is published).
+pub async fn fetch_intent_bytes(
+    client: &async_nats::Client,
+    identity: &Identity,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    let reply = client
+        .request(identity.intent.direct_get_subject.clone(), "".into())
+        .await
+        .context("reading the intent from NATS")?;
+    if reply.status == Some(async_nats::StatusCode::NOT_FOUND) || reply.payload.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(reply.payload.to_vec()))
+}
+
 /// The site's current intent, if one is published (a direct get of its one key).
 pub async fn fetch_intent(
     client: &async_nats::Client,

@@ -75,6 +75,7 @@ async fn an_edge_enrolls_with_a_token_and_runs_from_its_state_alone() -> anyhow:
             &keys,
             tenant,
             site,
+            Vec::new(),
             chrono::Duration::minutes(10),
         )
         .await

@@ -269,10 +269,45 @@ pub fn lab_namespaces() -> anyhow::Result<Vec<String>> {
 /// Remove every namespace and host interface of the lab. Returns how many namespaces went.
 pub fn down() -> anyhow::Result<usize> {
     let namespaces = lab_namespaces()?;
+    // A process inside (an edge agent, wireguard-go) keeps a deleted namespace alive with
+    // its interfaces; stop them first.
     for ns in &namespaces {
+        let pids = ip(&["netns".into(), "pids".into(), ns.clone()]).unwrap_or_default();
+        for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+            // SAFETY: signalling a process that lives in the lab's own namespace.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+    for ns in &namespaces {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while !ip(&["netns".into(), "pids".into(), ns.clone()])
+            .unwrap_or_default()
+            .trim()
+            .is_empty()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        for pid in ip(&["netns".into(), "pids".into(), ns.clone()])
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: as above; it did not stop on SIGTERM.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         ip(&["netns".into(), "del".into(), ns.clone()])?;
     }
-    // Host-side veths die with their peers; the bridge is ours to remove.
+    // Host-side veths normally die with their peers; remove any a lingering namespace kept.
+    let links = ip(&["-o".into(), "link".into(), "show".into()]).unwrap_or_default();
+    for name in links
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n))
+        .filter(|n| n.starts_with(PREFIX) && *n != MGMT_BRIDGE)
+    {
+        let _ = ip(&["link".into(), "del".into(), name.to_owned()]);
+    }
     if ip(&["link".into(), "show".into(), MGMT_BRIDGE.into()]).is_ok() {
         ip(&["link".into(), "del".into(), MGMT_BRIDGE.into()])?;
     }

@@ -173,6 +173,7 @@ pub async fn create_from_cli(
     keys: &crate::enrollment::TokenKeys,
     tenant: TenantId,
     site: &str,
+    lan_prefixes: Vec<IpNet>,
     lifetime: Duration,
 ) -> ApiResult<(String, EnrollmentToken)> {
     let now = Utc::now();
@@ -181,7 +182,7 @@ pub async fn create_from_cli(
         site: site.to_owned(),
         region: None,
         role: None,
-        lan_prefixes: Vec::new(),
+        lan_prefixes,
         ttl_s: None,
     };
     let mut conn = pool.get().await.map_err(db::DbError::from)?;

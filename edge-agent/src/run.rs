@@ -1,0 +1,238 @@
+//! `patronus-edge run`: keep this site's tunnels equal to its intent.
+//!
+//! At start the last applied intent is read from the state directory and applied, so a
+//! restarted agent restores its tunnels with no controller and no NATS. Then it follows its
+//! intent key (a subscription plus a direct get of the current value) and, for every new
+//! revision: decode and check it (tenant, site, revision above the applied one), diff the
+//! desired state against what the namespace holds, execute the difference; if execution fails
+//! half-way, put back the previous intent's state. Applied intents are stored atomically and
+//! reported with `IntentApplied`, refusals with `IntentRejected`. Every `RECONCILE` the
+//! desired state of the applied intent is compared with the namespace again, which repairs
+//! what someone changed by hand. NATS reconnects by itself with backoff.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use patronus_proto::events::{EventEnvelope, SdwanEvent};
+use patronus_proto::{codec, SiteIntent, SCHEMA_VERSION};
+use wireguard_control::Key;
+
+use crate::desired::{self, NetState};
+use crate::state::{Identity, StateDir, WIREGUARD_KEY_FILE};
+use crate::tunnels;
+
+/// How often the namespace is compared with the applied intent.
+const RECONCILE: Duration = Duration::from_secs(5);
+/// The last applied intent, in the state directory.
+pub const INTENT_FILE: &str = "intent.json";
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Agent {
+    identity: Identity,
+    state: StateDir,
+    key: Key,
+    applied: Option<SiteIntent>,
+}
+
+impl Agent {
+    fn want(&self) -> NetState {
+        self.applied
+            .as_ref()
+            .map(desired::desired)
+            .unwrap_or_default()
+    }
+
+    /// Make the namespace match `want`; returns how many actions it took.
+    fn converge(&self, want: &NetState) -> anyhow::Result<usize> {
+        let have = tunnels::observe(self.identity.site_id)?;
+        let actions = desired::diff(want, &have);
+        tunnels::execute(&actions, &self.key)?;
+        Ok(actions.len())
+    }
+
+    /// Apply a new intent, or keep the old one and say why not.
+    fn apply(&mut self, intent: SiteIntent) -> Result<usize, String> {
+        let applied_revision = self.applied.as_ref().map(|i| i.revision);
+        intent
+            .check_acceptable(
+                self.identity.tenant_id,
+                self.identity.site_id,
+                applied_revision,
+            )
+            .map_err(|e| e.to_string())?;
+        let want = desired::desired(&intent);
+        match self.converge(&want) {
+            Ok(changes) => {
+                let text = serde_json::to_vec_pretty(&intent).map_err(|e| e.to_string())?;
+                self.state
+                    .write(INTENT_FILE, &text)
+                    .map_err(|e| format!("applied, but not stored: {e:#}"))?;
+                self.applied = Some(intent);
+                Ok(changes)
+            }
+            Err(e) => {
+                // Put back what the previous intent had.
+                let previous = self.want();
+                if let Err(back) = self.converge(&previous) {
+                    eprintln!("run: could not restore the previous state either: {back:#}");
+                }
+                Err(format!("applying failed and was undone: {e:#}"))
+            }
+        }
+    }
+}
+
+async fn report(client: &async_nats::Client, identity: &Identity, event: SdwanEvent) {
+    let envelope = EventEnvelope {
+        schema_version: SCHEMA_VERSION,
+        tenant: identity.tenant_id,
+        site: Some(identity.site_id),
+        at_unix_ms: now_ms(),
+        event,
+    };
+    let subject = patronus_proto::subjects::events_subject(identity.tenant_id, identity.site_id);
+    if client
+        .publish(subject, codec::encode(&envelope).into())
+        .await
+        .is_err()
+    {
+        eprintln!("run: could not report an event (NATS down); it is dropped");
+    }
+}
+
+/// Handle one value of the intent key; `None` payload means the controller withdrew it.
+async fn on_intent(agent: &mut Agent, client: &async_nats::Client, payload: &[u8]) {
+    if payload.is_empty() {
+        return;
+    }
+    let intent: SiteIntent = match codec::decode(payload) {
+        Ok(intent) => intent,
+        Err(e) => {
+            eprintln!("run: refused an undecodable intent: {e}");
+            report(
+                client,
+                &agent.identity,
+                SdwanEvent::IntentRejected {
+                    revision: 0,
+                    reason: format!("does not decode: {}", e.reason()),
+                },
+            )
+            .await;
+            return;
+        }
+    };
+    let revision = intent.revision;
+    if agent
+        .applied
+        .as_ref()
+        .is_some_and(|a| a.revision == revision)
+    {
+        return;
+    }
+    match agent.apply(intent) {
+        Ok(changes) => {
+            eprintln!("run: applied intent revision {revision} ({changes} changes)");
+            report(
+                client,
+                &agent.identity,
+                SdwanEvent::IntentApplied { revision },
+            )
+            .await;
+        }
+        Err(reason) => {
+            eprintln!("run: refused intent revision {revision}: {reason}");
+            report(
+                client,
+                &agent.identity,
+                SdwanEvent::IntentRejected { revision, reason },
+            )
+            .await;
+        }
+    }
+}
+
+pub fn run(state: StateDir) -> anyhow::Result<()> {
+    let identity = state.identity()?;
+    let key = Key::from_base64(state.read(WIREGUARD_KEY_FILE)?.trim())
+        .map_err(|_| anyhow::anyhow!("wireguard.key is damaged; enroll again"))?;
+    let mut agent = Agent {
+        identity: identity.clone(),
+        state,
+        key,
+        applied: None,
+    };
+    // Restore from disk first: no controller needed.
+    if let Ok(text) = agent.state.read(INTENT_FILE) {
+        match codec::decode::<SiteIntent>(text.as_bytes()) {
+            Ok(intent) => match agent.apply(intent) {
+                Ok(changes) => eprintln!(
+                    "run: restored intent revision {} from disk ({changes} changes)",
+                    agent.applied.as_ref().map_or(0, |i| i.revision)
+                ),
+                Err(e) => eprintln!("run: the stored intent was not applied: {e}"),
+            },
+            Err(e) => {
+                eprintln!("run: the stored intent is damaged ({e}); waiting for the controller")
+            }
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let creds = agent.state.read(crate::state::NATS_CREDS_FILE)?;
+        let client = async_nats::ConnectOptions::with_credentials(&creds)
+            .context("nats.creds is damaged; enroll again")?
+            .custom_inbox_prefix(identity.inbox_prefix.clone())
+            .name(format!("patronus-edge {}", identity.site_name))
+            .request_timeout(Some(Duration::from_secs(5)))
+            .retry_on_initial_connect()
+            .connect(identity.nats_url.as_str())
+            .await
+            .context("NATS")?;
+        let mut updates = client
+            .subscribe(identity.intent.kv_subject.clone())
+            .await
+            .context("subscribing to the intent")?;
+        eprintln!(
+            "run: site {} following its intent on {}",
+            identity.site_name, identity.nats_url
+        );
+        let mut reconcile = tokio::time::interval(RECONCILE);
+        let mut fetched = false;
+        loop {
+            if !fetched {
+                // The current value, once the connection is up (updates arrive by subscription).
+                if let Ok(Some(reply)) = crate::nats::fetch_intent_bytes(&client, &identity).await {
+                    on_intent(&mut agent, &client, &reply).await;
+                    fetched = true;
+                }
+            }
+            tokio::select! {
+                message = updates.next() => match message {
+                    Some(message) => on_intent(&mut agent, &client, &message.payload).await,
+                    None => anyhow::bail!("the intent subscription ended"),
+                },
+                _ = reconcile.tick() => {
+                    match agent.converge(&agent.want()) {
+                        Ok(0) => {}
+                        Ok(n) => eprintln!("run: reconcile repaired {n} differences"),
+                        Err(e) => eprintln!("run: reconcile failed: {e:#}"),
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("run: stopping; tunnels stay up");
+                    return Ok(());
+                }
+            }
+        }
+    })
+}

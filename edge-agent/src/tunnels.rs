@@ -1,0 +1,306 @@
+//! The I/O side of [`crate::desired`]: observe this site's tunnels, routes and rules in the
+//! current network namespace, and execute [`Action`]s.
+//!
+//! WireGuard runs in userspace here (the kernel has no module): each interface is a
+//! `wireguard-go` process, configured through its UAPI socket by `wireguard-control`.
+//! Interfaces, addresses, routes and rules go through iproute2 (`ip -j` for reading).
+//! Only objects named with this site's interface prefix are observed or touched.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ipnet::IpNet;
+use patronus_proto::{SiteId, WgPublicKey};
+use wireguard_control::{Backend, Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
+
+use crate::desired::{Action, InterfaceState, MarkRule, NetState, PeerState, Route, TABLE_BASE};
+
+/// `pw<site 8 hex>-`: every interface of this site starts so.
+pub fn prefix(site: SiteId) -> String {
+    crate::desired::interface_name(site, 0, 0)
+        .trim_end_matches("00")
+        .to_owned()
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run `ip` (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip_json(args: &[&str]) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut all = vec!["-j"];
+    all.extend_from_slice(args);
+    let text = ip(&all)?;
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(&text).context("unreadable `ip -j` output")
+}
+
+fn iface(name: &str) -> anyhow::Result<InterfaceName> {
+    name.parse()
+        .map_err(|e| anyhow::anyhow!("interface name {name:?}: {e:?}"))
+}
+
+/// What the namespace holds for this site's tunnels.
+pub fn observe(site: SiteId) -> anyhow::Result<NetState> {
+    let prefix = prefix(site);
+    let mut state = NetState::default();
+    for link in ip_json(&["link", "show"])? {
+        let Some(name) = link["ifname"].as_str().filter(|n| n.starts_with(&prefix)) else {
+            continue;
+        };
+        let mut interface = InterfaceState {
+            mtu: link["mtu"].as_u64().unwrap_or(0) as u16,
+            ..Default::default()
+        };
+        for addr in ip_json(&["addr", "show", "dev", name])? {
+            if let Some(info) = addr["addr_info"].as_array() {
+                interface.address = info
+                    .iter()
+                    .filter_map(|a| {
+                        let ip: IpAddr = a["local"].as_str()?.parse().ok()?;
+                        IpNet::new(ip, a["prefixlen"].as_u64()? as u8).ok()
+                    })
+                    .next();
+            }
+        }
+        // A link without its wireguard-go (crashed) reads as an empty interface; the diff
+        // then reconfigures it.
+        if let Ok(device) = Device::get(&iface(name)?, Backend::Userspace) {
+            interface.listen_port = device.listen_port.unwrap_or(0);
+            for peer in device.peers {
+                let config = peer.config;
+                let Some(endpoint) = config.endpoint else {
+                    continue;
+                };
+                interface.peers.insert(
+                    WgPublicKey(config.public_key.0),
+                    PeerState {
+                        endpoint,
+                        allowed_ips: config
+                            .allowed_ips
+                            .iter()
+                            .filter_map(|a| IpNet::new(a.address, a.cidr).ok())
+                            .collect(),
+                        keepalive_s: config.persistent_keepalive_interval.unwrap_or(0),
+                    },
+                );
+            }
+        }
+        state.interfaces.insert(name.to_owned(), interface);
+    }
+    for route in ip_json(&["route", "show", "table", "all"])? {
+        let (Some(dev), Some(dst)) = (route["dev"].as_str(), route["dst"].as_str()) else {
+            continue;
+        };
+        if !dev.starts_with(&prefix) || route["type"].as_str().is_some_and(|t| t != "unicast") {
+            continue;
+        }
+        let table = match route["table"].as_str() {
+            None | Some("main") => 254,
+            Some(t) => match t.parse() {
+                Ok(t) => t,
+                Err(_) => continue,
+            },
+        };
+        let dst: IpNet = match dst.parse::<IpNet>() {
+            Ok(net) => net,
+            Err(_) => match dst.parse::<IpAddr>() {
+                Ok(ip) => IpNet::from(ip),
+                Err(_) => continue,
+            },
+        };
+        state.routes.insert(Route {
+            table,
+            dst,
+            dev: dev.to_owned(),
+        });
+    }
+    for rule in ip_json(&["rule", "show"])? {
+        let Some(mark) = rule["fwmark"]
+            .as_str()
+            .and_then(|m| u32::from_str_radix(m.trim_start_matches("0x"), 16).ok())
+        else {
+            continue;
+        };
+        if !(TABLE_BASE..TABLE_BASE + 64).contains(&mark) {
+            continue;
+        }
+        let table = rule["table"]
+            .as_str()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        let priority = rule["priority"].as_u64().unwrap_or(0) as u32;
+        state.rules.insert(MarkRule {
+            mark,
+            table,
+            priority,
+        });
+    }
+    Ok(state)
+}
+
+/// Start `wireguard-go` for `name` and wait for its UAPI socket.
+fn create_interface(name: &str) -> anyhow::Result<()> {
+    let status = Command::new("wireguard-go")
+        .arg(name)
+        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("cannot run wireguard-go (scripts/setup installs it)")?;
+    if !status.success() {
+        bail!("wireguard-go {name} failed");
+    }
+    let socket = format!("/var/run/wireguard/{name}.sock");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::path::Path::new(&socket).exists() {
+        if Instant::now() > deadline {
+            bail!("wireguard-go {name} did not open {socket}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn route_args(route: &Route) -> Vec<String> {
+    vec![
+        route.dst.to_string(),
+        "dev".into(),
+        route.dev.clone(),
+        "table".into(),
+        route.table.to_string(),
+    ]
+}
+
+/// Execute actions in order; the first failure stops and is returned.
+pub fn execute(actions: &[Action], private_key: &Key) -> anyhow::Result<()> {
+    for action in actions {
+        match action {
+            Action::CreateInterface { name } => create_interface(name)?,
+            Action::DeleteInterface { name } => {
+                ip(&["link", "del", name])?;
+            }
+            Action::ConfigureInterface {
+                name,
+                listen_port,
+                mtu,
+                address,
+            } => {
+                DeviceUpdate::new()
+                    .set_private_key(private_key.clone())
+                    .set_listen_port(*listen_port)
+                    .apply(&iface(name)?, Backend::Userspace)
+                    .with_context(|| format!("configuring {name}"))?;
+                ip(&["link", "set", name, "mtu", &mtu.to_string(), "up"])?;
+                ip(&["addr", "flush", "dev", name])?;
+                if let Some(address) = address {
+                    ip(&["addr", "add", &address.to_string(), "dev", name])?;
+                }
+            }
+            Action::SetPeer {
+                interface,
+                key,
+                peer,
+            } => {
+                let mut builder = PeerConfigBuilder::new(&Key(key.0))
+                    .set_endpoint(peer.endpoint)
+                    .replace_allowed_ips()
+                    .set_persistent_keepalive_interval(peer.keepalive_s);
+                for net in &peer.allowed_ips {
+                    builder = builder.add_allowed_ip(net.addr(), net.prefix_len());
+                }
+                DeviceUpdate::new()
+                    .add_peer(builder)
+                    .apply(&iface(interface)?, Backend::Userspace)
+                    .with_context(|| format!("setting a peer on {interface}"))?;
+            }
+            Action::RemovePeer { interface, key } => {
+                DeviceUpdate::new()
+                    .remove_peer_by_key(&Key(key.0))
+                    .apply(&iface(interface)?, Backend::Userspace)
+                    .with_context(|| format!("removing a peer from {interface}"))?;
+            }
+            Action::AddRoute(route) => {
+                let mut args = vec!["route".to_owned(), "replace".to_owned()];
+                args.extend(route_args(route));
+                ip(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+            }
+            Action::DeleteRoute(route) => {
+                let mut args = vec!["route".to_owned(), "del".to_owned()];
+                args.extend(route_args(route));
+                // Gone already (its interface went first) is what we wanted.
+                let _ = ip(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            }
+            Action::AddRule(rule) => {
+                ip(&[
+                    "rule",
+                    "add",
+                    "fwmark",
+                    &rule.mark.to_string(),
+                    "lookup",
+                    &rule.table.to_string(),
+                    "priority",
+                    &rule.priority.to_string(),
+                ])?;
+            }
+            Action::DeleteRule(rule) => {
+                ip(&[
+                    "rule",
+                    "del",
+                    "fwmark",
+                    &rule.mark.to_string(),
+                    "lookup",
+                    &rule.table.to_string(),
+                    "priority",
+                    &rule.priority.to_string(),
+                ])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// WireGuard transfer counters per interface: (received, sent) bytes.
+pub fn transfer(site: SiteId) -> BTreeMap<String, (u64, u64)> {
+    let prefix = prefix(site);
+    // wireguard-control's userspace listing looks for `.name` files, which wireguard-go on
+    // Linux does not write; the sockets are the truth.
+    let names: Vec<String> = std::fs::read_dir("/var/run/wireguard")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let file = e.file_name().to_string_lossy().into_owned();
+                    file.strip_suffix(".sock").map(str::to_owned)
+                })
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default();
+    names
+        .into_iter()
+        .filter_map(|n| iface(&n).ok())
+        .filter_map(|n| Device::get(&n, Backend::Userspace).ok())
+        .map(|d| {
+            let (rx, tx) = d.peers.iter().fold((0, 0), |(rx, tx), p| {
+                (rx + p.stats.rx_bytes, tx + p.stats.tx_bytes)
+            });
+            (d.name.as_str_lossy().into_owned(), (rx, tx))
+        })
+        .collect()
+}

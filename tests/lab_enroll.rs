@@ -1,7 +1,10 @@
 //! Sites of a real lab enroll from inside their namespaces: `patronus-lab up` (root, network
 //! namespaces) relays the controller and NATS over the management link, each site's router
 //! runs `patronus-edge enroll` with a token, and each then reads, over NATS with its own
-//! credentials, an intent that names the other site's WAN uplinks as its peer.
+//! credentials, an intent that names the other site's WAN uplinks as its peer; then their
+//! agents build the tunnels and a LAN host reaches the other site's LAN host through them, a
+//! tunnel deleted by hand is repaired, and an agent restarted with NATS unreachable restores
+//! the tunnels from its state directory.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -45,6 +48,25 @@ fn in_ns(ns: &str, program: &PathBuf, args: &[&str]) -> anyhow::Result<Output> {
         .args(args)
         .output()
         .context("ip netns exec")
+}
+
+/// One ping from site 1's LAN host to site 2's.
+fn lan_ping() -> anyhow::Result<bool> {
+    Ok(Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "pl-s1-lan",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "10.2.0.10",
+        ])
+        .output()?
+        .status
+        .success())
 }
 
 fn port_of(url: &str) -> anyhow::Result<u16> {
@@ -252,16 +274,104 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
             &["status", "--state-dir", state1.to_str().context("path")?],
         )?;
         let status = text(&out);
+        let checked = (|| -> anyhow::Result<()> {
+            ensure!(status.contains("applied intent revision"), "{status}");
+            let carried = status
+                .lines()
+                .filter(|l| l.contains("tunnel pw"))
+                .any(|l| !l.contains("received 0 B"));
+            ensure!(carried, "no tunnel carried traffic: {status}");
+            let tunnels: Vec<String> = status
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("tunnel "))
+                .filter_map(|l| l.split(':').next())
+                .map(str::to_owned)
+                .collect();
+            ensure!(tunnels.len() == 4, "{status}");
+
+            // Deleted by hand: the reconcile loop puts it back and traffic flows again.
+            let victim = &tunnels[0];
+            ensure!(Command::new("ip")
+                .args(["-n", "pl-s1", "link", "del", victim])
+                .status()?
+                .success());
+            let started = Instant::now();
+            loop {
+                let back = Command::new("ip")
+                    .args(["-n", "pl-s1", "link", "show", victim])
+                    .output()?
+                    .status
+                    .success();
+                if back && lan_ping()? {
+                    break;
+                }
+                ensure!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "{victim} was not repaired"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            println!(
+                "hand-deleted {victim} repaired and carrying traffic after {:?}",
+                started.elapsed()
+            );
+            Ok(())
+        })();
+        // Restart without NATS: the agent restores its tunnels from its state directory.
+        let restart = (|| -> anyhow::Result<()> {
+            checked?;
+            let mut first = agents.remove(0);
+            first.kill()?;
+            first.wait()?;
+            let identity_file = state1.join("identity.json");
+            let mut identity: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&identity_file)?)?;
+            identity["nats_url"] = "nats://198.19.254.1:1".into();
+            std::fs::write(&identity_file, serde_json::to_vec(&identity)?)?;
+            let links = Command::new("ip")
+                .args(["-n", "pl-s1", "-o", "link", "show"])
+                .output()?;
+            for name in String::from_utf8_lossy(&links.stdout)
+                .lines()
+                .filter_map(|l| l.split(": ").nth(1))
+                .filter(|n| n.starts_with("pw"))
+            {
+                Command::new("ip")
+                    .args(["-n", "pl-s1", "link", "del", name])
+                    .status()?;
+            }
+            ensure!(!lan_ping()?, "traffic flowed with site1's tunnels gone");
+            let log = std::fs::File::create(dir.join("run1-restart.log"))?;
+            agents.insert(
+                0,
+                Command::new("ip")
+                    .args(["netns", "exec", "pl-s1"])
+                    .arg(&edge)
+                    .args(["run", "--state-dir"])
+                    .arg(&state1)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(log)
+                    .spawn()?,
+            );
+            let started = Instant::now();
+            while !lan_ping()? {
+                ensure!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "the restarted agent did not restore the tunnels: {}",
+                    std::fs::read_to_string(dir.join("run1-restart.log")).unwrap_or_default()
+                );
+            }
+            println!(
+                "agent restarted with NATS unreachable: traffic again after {:?}",
+                started.elapsed()
+            );
+            Ok(())
+        })();
         for mut agent in agents {
             let _ = agent.kill();
             let _ = agent.wait();
         }
-        ensure!(status.contains("applied intent revision"), "{status}");
-        let carried = status
-            .lines()
-            .filter(|l| l.contains("tunnel pw"))
-            .any(|l| !l.contains("received 0 B"));
-        ensure!(carried, "no tunnel carried traffic: {status}");
+        restart?;
         let out = in_ns(
             "pl-s2",
             &edge,

@@ -1,4 +1,4 @@
-//! Sites of a real lab enroll from inside their namespaces: `patronus-lab up` (root, network
+//! Three sites of a real lab enroll from inside their namespaces: `patronus-lab up` (root, network
 //! namespaces) relays the controller and NATS over the management link, each site's router
 //! runs `patronus-edge enroll` with a token, and each then reads, over NATS with its own
 //! credentials, an intent that names the other site's WAN uplinks as its peer; then their
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use futures_util::StreamExt;
 use patronus_proto::TenantId;
 use patronus_test_support::{RunningController, TestDatabase, TestEnv};
 use uuid::Uuid;
@@ -50,8 +51,21 @@ fn in_ns(ns: &str, program: &PathBuf, args: &[&str]) -> anyhow::Result<Output> {
         .context("ip netns exec")
 }
 
-/// One ping from site 1's LAN host to site 2's.
-fn lan_ping() -> anyhow::Result<bool> {
+/// The next event an agent reports, within 5 s.
+async fn next_event(
+    events: &mut async_nats::Subscriber,
+) -> anyhow::Result<patronus_proto::events::SdwanEvent> {
+    let message = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .context("no event from the agent")?
+        .context("event subscription ended")?;
+    let envelope: patronus_proto::events::EventEnvelope =
+        patronus_proto::codec::decode(&message.payload)?;
+    Ok(envelope.event)
+}
+
+/// One ping from site 1's LAN host to another site's LAN host.
+fn lan_ping(to: &str) -> anyhow::Result<bool> {
     Ok(Command::new("ip")
         .args([
             "netns",
@@ -62,7 +76,7 @@ fn lan_ping() -> anyhow::Result<bool> {
             "1",
             "-W",
             "1",
-            "10.2.0.10",
+            to,
         ])
         .output()?
         .status
@@ -118,7 +132,7 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
     );
     let pool = patronus_controller::db::pool(&database.app_url, 1)?;
     let mut tokens = Vec::new();
-    for (i, site) in ["site1", "site2"].into_iter().enumerate() {
+    for (i, site) in ["site1", "site2", "site3"].into_iter().enumerate() {
         let (token, _) = patronus_controller::api::enrollment::create_from_cli(
             &pool,
             &keys,
@@ -132,11 +146,12 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
         tokens.push(token);
     }
     drop(pool);
+    let reader_config = config.clone();
     let controller = RunningController::start_on(config)?;
     ensure!(controller.url.ends_with(&format!(":{http_port}")));
 
     let out = Command::new(&lab)
-        .args(["up", "--sites", "2", "--uplinks", "2"])
+        .args(["up", "--sites", "3", "--uplinks", "2"])
         .args(["--relay", &format!("{http_port}=127.0.0.1:{http_port}")])
         .args(["--relay", &format!("{nats_port}=127.0.0.1:{nats_port}")])
         .output()?;
@@ -185,7 +200,10 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
             if out.status.success() {
                 let intent: serde_json::Value = serde_json::from_slice(&out.stdout)?;
                 let text = intent["peers"].to_string();
-                if text.contains("198.18.2.1") && text.contains("198.18.2.5") {
+                if ["198.18.2.1", "198.18.2.5", "198.18.3.1", "198.18.3.5"]
+                    .iter()
+                    .all(|a| text.contains(a))
+                {
                     break enrolled_at.elapsed();
                 }
             }
@@ -196,7 +214,7 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        println!("site2 enroll → site1's intent lists it: {learned:?}");
+        println!("last site's enroll → site1's intent lists every peer: {learned:?}");
         // What applying it means: a tunnel per (local uplink, remote uplink), all endpoints in
         // the lab's WAN.
         let out = in_ns(
@@ -217,10 +235,12 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
             "{plan}"
         );
         ensure!(plan.matches("CreateInterface").count() == 4, "{plan}");
+        // Every interface holds each of the two peers once.
+        ensure!(plan.matches("SetPeer").count() == 8, "{plan}");
 
         // The agents build the tunnels: LAN host to LAN host across them.
         let mut agents = Vec::new();
-        for n in 1..=2 {
+        for n in 1..=3 {
             let log = std::fs::File::create(dir.join(format!("run{n}.log")))?;
             agents.push(
                 Command::new("ip")
@@ -235,26 +255,12 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
         }
         let started = Instant::now();
         let reached = loop {
-            let ok = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    "pl-s1-lan",
-                    "ping",
-                    "-c",
-                    "1",
-                    "-W",
-                    "1",
-                    "10.2.0.10",
-                ])
-                .output()?
-                .status
-                .success();
-            if ok {
+            // The seed's test: site A's LAN host reaches site C's, and B's too.
+            if lan_ping("10.3.0.10")? && lan_ping("10.2.0.10")? {
                 break started.elapsed();
             }
             if started.elapsed() > Duration::from_secs(20) {
-                let logs: Vec<String> = (1..=2)
+                let logs: Vec<String> = (1..=3)
                     .map(|n| {
                         std::fs::read_to_string(dir.join(format!("run{n}.log"))).unwrap_or_default()
                     })
@@ -268,6 +274,59 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
             }
         };
         println!("agents started → first LAN-to-LAN ping answered: {reached:?}");
+
+        // A bad intent changes nothing and is reported; the same content again (a higher
+        // revision) is applied with no change.
+        let site1: patronus_proto::SiteId = serde_json::from_slice::<serde_json::Value>(
+            &std::fs::read(state1.join("identity.json"))?,
+        )?["site_id"]
+            .as_str()
+            .context("site id")?
+            .parse()?;
+        let reader = patronus_controller::server::AppState::connect(&reader_config).await?;
+        let link = reader.tenant_nats(tenant).await?;
+        let key = patronus_proto::subjects::intent_key(tenant, site1);
+        let mut events = link
+            .client
+            .subscribe(patronus_proto::subjects::events_subject(tenant, site1))
+            .await?;
+        link.intents.get(key.clone()).await?;
+        link.intents
+            .put(key.clone(), "{not an intent".into())
+            .await?;
+        let event = next_event(&mut events).await?;
+        ensure!(
+            matches!(
+                event,
+                patronus_proto::events::SdwanEvent::IntentRejected { .. }
+            ),
+            "{event:?}"
+        );
+        ensure!(lan_ping("10.3.0.10")?, "a bad intent broke the tunnels");
+        let stored: patronus_proto::SiteIntent =
+            patronus_proto::codec::decode(&std::fs::read(state1.join("intent.json"))?)?;
+        let mut again = stored.clone();
+        again.revision += 1;
+        link.intents
+            .put(key.clone(), patronus_proto::codec::encode(&again).into())
+            .await?;
+        let event = next_event(&mut events).await?;
+        ensure!(
+            event
+                == patronus_proto::events::SdwanEvent::IntentApplied {
+                    revision: again.revision
+                },
+            "{event:?}"
+        );
+        let log = std::fs::read_to_string(dir.join("run1.log"))?;
+        ensure!(
+            log.contains(&format!(
+                "applied intent revision {} (0 changes)",
+                again.revision
+            )),
+            "the same content changed something: {log}"
+        );
+        drop((events, link, reader));
         let out = in_ns(
             "pl-s1",
             &edge,
@@ -302,7 +361,7 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
                     .output()?
                     .status
                     .success();
-                if back && lan_ping()? {
+                if back && lan_ping("10.3.0.10")? {
                     break;
                 }
                 ensure!(
@@ -340,7 +399,10 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
                     .args(["-n", "pl-s1", "link", "del", name])
                     .status()?;
             }
-            ensure!(!lan_ping()?, "traffic flowed with site1's tunnels gone");
+            ensure!(
+                !lan_ping("10.3.0.10")?,
+                "traffic flowed with site1's tunnels gone"
+            );
             let log = std::fs::File::create(dir.join("run1-restart.log"))?;
             agents.insert(
                 0,
@@ -354,7 +416,7 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
                     .spawn()?,
             );
             let started = Instant::now();
-            while !lan_ping()? {
+            while !lan_ping("10.3.0.10")? {
                 ensure!(
                     started.elapsed() < Duration::from_secs(15),
                     "the restarted agent did not restore the tunnels: {}",

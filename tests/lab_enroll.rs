@@ -275,6 +275,31 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
         };
         println!("agents started → first LAN-to-LAN ping answered: {reached:?}");
 
+        // Each tunnel leaves by its own uplink: what site 2's WireGuard saw as the source of
+        // every handshake is the remote uplink the tunnel is for (uplink r ends in .1 or .5).
+        std::thread::sleep(Duration::from_millis(500));
+        let out = Command::new("ip")
+            .args(["netns", "exec", "pl-s2", "wg", "show", "all", "endpoints"])
+            .output()?;
+        let endpoints = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            out.status.success() && !endpoints.is_empty(),
+            "{}",
+            text(&out)
+        );
+        for line in endpoints.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(name), Some(endpoint)) = (fields.first(), fields.get(2)) else {
+                continue;
+            };
+            let remote_uplink = name.chars().last().context("interface name")?;
+            let want = if remote_uplink == '0' { ".1:" } else { ".5:" };
+            ensure!(
+                endpoint.contains(want),
+                "{name} talks to {endpoint}: {endpoints}"
+            );
+        }
+
         // A bad intent changes nothing and is reported; the same content again (a higher
         // revision) is applied with no change.
         let site1: patronus_proto::SiteId = serde_json::from_slice::<serde_json::Value>(

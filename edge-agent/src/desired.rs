@@ -45,18 +45,39 @@ pub struct PeerState {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct InterfaceState {
     pub listen_port: u16,
+    /// Mark on the encrypted packets (selects the local uplink's table).
+    pub fwmark: u32,
     /// The overlay address (as a host prefix).
     pub address: Option<IpNet>,
     pub mtu: u16,
     pub peers: BTreeMap<WgPublicKey, PeerState>,
 }
 
-/// A route: `dst` through `dev` in `table`.
+/// A route: `dst` through `dev` in `table`, optionally via a gateway and with a preferred
+/// source address.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Route {
     pub table: u32,
     pub dst: IpNet,
     pub dev: String,
+    pub via: Option<IpAddr>,
+    pub src: Option<IpAddr>,
+}
+
+/// First routing table and firewall mark that pin a tunnel's encrypted packets to its local
+/// uplink: uplink l uses `UPLINK_BASE + l`. WireGuard's socket is bound to no address, so
+/// without this every tunnel would leave by the site's default uplink (and peers would see
+/// the wrong source address and roam).
+pub const UPLINK_BASE: u32 = 1100;
+
+/// How a local uplink is reached, as found on the system: its interface, its address and
+/// its gateway (none when the uplink is on-link).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UplinkRoute {
+    pub index: u8,
+    pub dev: String,
+    pub src: IpAddr,
+    pub gateway: Option<IpAddr>,
 }
 
 /// `ip rule fwmark <mark> lookup <table> priority <priority>`.
@@ -84,10 +105,11 @@ pub enum Action {
     DeleteInterface {
         name: String,
     },
-    /// Listen port, MTU and overlay address of an interface.
+    /// Listen port, mark, MTU and overlay address of an interface.
     ConfigureInterface {
         name: String,
         listen_port: u16,
+        fwmark: u32,
         mtu: u16,
         address: Option<IpNet>,
     },
@@ -106,9 +128,31 @@ pub enum Action {
     DeleteRule(MarkRule),
 }
 
-/// The state an intent asks for.
-pub fn desired(intent: &SiteIntent) -> NetState {
+/// The state an intent asks for, given how this site's uplinks are reached. Tunnels of a
+/// local uplink missing from `uplinks` are left out (their traffic could not leave by it).
+pub fn desired(intent: &SiteIntent, uplinks: &[UplinkRoute]) -> NetState {
     let mut state = NetState::default();
+    for uplink in uplinks {
+        let table = UPLINK_BASE + u32::from(uplink.index);
+        let default = if uplink.src.is_ipv4() {
+            IpNet::from(IpAddr::from([0, 0, 0, 0]))
+        } else {
+            IpNet::from(IpAddr::from([0u16; 8]))
+        };
+        let default = IpNet::new(default.addr(), 0).unwrap_or(default);
+        state.routes.insert(Route {
+            table,
+            dst: default,
+            dev: uplink.dev.clone(),
+            via: uplink.gateway,
+            src: Some(uplink.src),
+        });
+        state.rules.insert(MarkRule {
+            mark: table,
+            table,
+            priority: table,
+        });
+    }
     let overlay = IpNet::from(intent.overlay.address);
     let peers: BTreeMap<SiteId, &patronus_proto::intent::Peer> =
         intent.peers.iter().map(|p| (p.site, p)).collect();
@@ -118,6 +162,9 @@ pub fn desired(intent: &SiteIntent) -> NetState {
         let Some(peer) = peers.get(&path.remote_site) else {
             continue;
         };
+        if !uplinks.iter().any(|u| u.index == path.local_uplink) {
+            continue;
+        }
         let Some(endpoint) = peer
             .endpoints
             .iter()
@@ -146,6 +193,8 @@ pub fn desired(intent: &SiteIntent) -> NetState {
                 table,
                 dst: *dst,
                 dev: name.clone(),
+                via: None,
+                src: None,
             });
         }
         state.rules.insert(MarkRule {
@@ -158,6 +207,7 @@ pub fn desired(intent: &SiteIntent) -> NetState {
             .entry(name)
             .or_insert_with(|| InterfaceState {
                 listen_port: local_port,
+                fwmark: UPLINK_BASE + u32::from(path.local_uplink),
                 address: Some(overlay),
                 mtu: intent.wireguard.mtu,
                 peers: BTreeMap::new(),
@@ -196,6 +246,8 @@ pub fn desired(intent: &SiteIntent) -> NetState {
                 table: MAIN_TABLE,
                 dst,
                 dev: name.clone(),
+                via: None,
+                src: None,
             });
         }
     }
@@ -231,11 +283,15 @@ pub fn diff(desired: &NetState, actual: &NetState) -> Vec<Action> {
             actions.push(Action::CreateInterface { name: name.clone() });
         }
         if have.is_none_or(|h| {
-            h.listen_port != want.listen_port || h.mtu != want.mtu || h.address != want.address
+            h.listen_port != want.listen_port
+                || h.fwmark != want.fwmark
+                || h.mtu != want.mtu
+                || h.address != want.address
         }) {
             actions.push(Action::ConfigureInterface {
                 name: name.clone(),
                 listen_port: want.listen_port,
+                fwmark: want.fwmark,
                 mtu: want.mtu,
                 address: want.address,
             });
@@ -297,11 +353,13 @@ mod tests {
                 Action::ConfigureInterface {
                     name,
                     listen_port,
+                    fwmark,
                     mtu,
                     address,
                 } => {
                     if let Some(i) = state.interfaces.get_mut(name) {
                         i.listen_port = *listen_port;
+                        i.fwmark = *fwmark;
                         i.mtu = *mtu;
                         i.address = *address;
                     }
@@ -360,6 +418,7 @@ mod tests {
         )
             .prop_map(|(listen_port, peers)| InterfaceState {
                 listen_port,
+                fwmark: UPLINK_BASE,
                 address: Some(IpNet::from(IpAddr::from([100, 64, 0, 1]))),
                 mtu: 1420,
                 peers,
@@ -375,6 +434,8 @@ mod tests {
                     table: table_of(l, 0),
                     dst: IpNet::from(IpAddr::from([10, n, 0, 0])),
                     dev: format!("pw00000000-{l}0"),
+                    via: None,
+                    src: None,
                 }),
                 0..5,
             ),

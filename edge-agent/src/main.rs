@@ -287,7 +287,8 @@ fn intent(state_dir: &std::path::Path, json: bool, plan: bool) -> anyhow::Result
         Some(intent) if json => println!("{}", serde_json::to_string_pretty(&intent)?),
         Some(intent) if plan => {
             intent.check_acceptable(identity.tenant_id, identity.site_id, None)?;
-            let want = desired::desired(&intent);
+            let uplinks = tunnels::uplink_routes(&identity)?;
+            let want = desired::desired(&intent, &uplinks);
             let actions = desired::diff(&want, &desired::NetState::default());
             println!(
                 "revision {}: {} tunnel interfaces, {} routes, {} rules, endpoints {:?}",

@@ -43,10 +43,14 @@ struct Agent {
 
 impl Agent {
     fn want(&self) -> NetState {
-        self.applied
-            .as_ref()
-            .map(desired::desired)
-            .unwrap_or_default()
+        match (&self.applied, tunnels::uplink_routes(&self.identity)) {
+            (Some(intent), Ok(uplinks)) => desired::desired(intent, &uplinks),
+            (Some(_), Err(e)) => {
+                eprintln!("run: cannot read the uplinks' routes: {e:#}");
+                NetState::default()
+            }
+            (None, _) => NetState::default(),
+        }
     }
 
     /// Make the namespace match `want`; returns how many actions it took.
@@ -54,6 +58,7 @@ impl Agent {
         let have = tunnels::observe(self.identity.site_id)?;
         let actions = desired::diff(want, &have);
         tunnels::execute(&actions, &self.key)?;
+        tunnels::poke_new_peers(&actions);
         Ok(actions.len())
     }
 
@@ -67,7 +72,9 @@ impl Agent {
                 applied_revision,
             )
             .map_err(|e| e.to_string())?;
-        let want = desired::desired(&intent);
+        let uplinks = tunnels::uplink_routes(&self.identity)
+            .map_err(|e| format!("cannot read the uplinks' routes: {e:#}"))?;
+        let want = desired::desired(&intent, &uplinks);
         match self.converge(&want) {
             Ok(changes) => {
                 let text = serde_json::to_vec_pretty(&intent).map_err(|e| e.to_string())?;

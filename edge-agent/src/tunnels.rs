@@ -7,7 +7,7 @@
 //! Only objects named with this site's interface prefix are observed or touched.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,11 @@ use ipnet::IpNet;
 use patronus_proto::{SiteId, WgPublicKey};
 use wireguard_control::{Backend, Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
 
-use crate::desired::{Action, InterfaceState, MarkRule, NetState, PeerState, Route, TABLE_BASE};
+use crate::desired::{
+    Action, InterfaceState, MarkRule, NetState, PeerState, Route, UplinkRoute, TABLE_BASE,
+    UPLINK_BASE,
+};
+use crate::state::Identity;
 
 /// `pw<site 8 hex>-`: every interface of this site starts so.
 pub fn prefix(site: SiteId) -> String {
@@ -82,6 +86,7 @@ pub fn observe(site: SiteId) -> anyhow::Result<NetState> {
         // then reconfigures it.
         if let Ok(device) = Device::get(&iface(name)?, Backend::Userspace) {
             interface.listen_port = device.listen_port.unwrap_or(0);
+            interface.fwmark = device.fwmark.unwrap_or(0);
             for peer in device.peers {
                 let config = peer.config;
                 let Some(endpoint) = config.endpoint else {
@@ -107,7 +112,7 @@ pub fn observe(site: SiteId) -> anyhow::Result<NetState> {
         let (Some(dev), Some(dst)) = (route["dev"].as_str(), route["dst"].as_str()) else {
             continue;
         };
-        if !dev.starts_with(&prefix) || route["type"].as_str().is_some_and(|t| t != "unicast") {
+        if route["type"].as_str().is_some_and(|t| t != "unicast") {
             continue;
         }
         let table = match route["table"].as_str() {
@@ -117,17 +122,36 @@ pub fn observe(site: SiteId) -> anyhow::Result<NetState> {
                 Err(_) => continue,
             },
         };
-        let dst: IpNet = match dst.parse::<IpNet>() {
-            Ok(net) => net,
-            Err(_) => match dst.parse::<IpAddr>() {
-                Ok(ip) => IpNet::from(ip),
+        let ours = dev.starts_with(&prefix) || (UPLINK_BASE..UPLINK_BASE + 8).contains(&table);
+        if !ours {
+            continue;
+        }
+        let via: Option<IpAddr> = route["gateway"].as_str().and_then(|g| g.parse().ok());
+        let dst: IpNet = if dst == "default" {
+            let unspecified: IpAddr = if via.is_some_and(|v| v.is_ipv6()) {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            };
+            match IpNet::new(unspecified, 0) {
+                Ok(net) => net,
                 Err(_) => continue,
-            },
+            }
+        } else {
+            match dst.parse::<IpNet>() {
+                Ok(net) => net,
+                Err(_) => match dst.parse::<IpAddr>() {
+                    Ok(ip) => IpNet::from(ip),
+                    Err(_) => continue,
+                },
+            }
         };
         state.routes.insert(Route {
             table,
             dst,
             dev: dev.to_owned(),
+            via,
+            src: route["prefsrc"].as_str().and_then(|s| s.parse().ok()),
         });
     }
     for rule in ip_json(&["rule", "show"])? {
@@ -137,7 +161,9 @@ pub fn observe(site: SiteId) -> anyhow::Result<NetState> {
         else {
             continue;
         };
-        if !(TABLE_BASE..TABLE_BASE + 64).contains(&mark) {
+        if !(TABLE_BASE..TABLE_BASE + 64).contains(&mark)
+            && !(UPLINK_BASE..UPLINK_BASE + 8).contains(&mark)
+        {
             continue;
         }
         let table = rule["table"]
@@ -178,13 +204,49 @@ fn create_interface(name: &str) -> anyhow::Result<()> {
 }
 
 fn route_args(route: &Route) -> Vec<String> {
-    vec![
-        route.dst.to_string(),
-        "dev".into(),
-        route.dev.clone(),
-        "table".into(),
-        route.table.to_string(),
-    ]
+    let mut args = vec![route.dst.to_string()];
+    if let Some(via) = route.via {
+        args.extend(["via".into(), via.to_string()]);
+    }
+    args.extend(["dev".into(), route.dev.clone()]);
+    if let Some(src) = route.src {
+        args.extend(["src".into(), src.to_string()]);
+    }
+    args.extend(["table".into(), route.table.to_string()]);
+    args
+}
+
+/// How each of this site's uplinks is reached: the interface holding its address and the
+/// gateway of a default route through that interface (in any table), if there is one.
+pub fn uplink_routes(identity: &Identity) -> anyhow::Result<Vec<UplinkRoute>> {
+    let addresses = ip_json(&["addr", "show"])?;
+    let routes = ip_json(&["route", "show", "table", "all"])?;
+    let mut found = Vec::new();
+    for (index, uplink) in identity.uplinks.iter().enumerate() {
+        let address = uplink.address.to_string();
+        let Some(dev) = addresses.iter().find_map(|link| {
+            let has = link["addr_info"]
+                .as_array()?
+                .iter()
+                .any(|a| a["local"].as_str() == Some(address.as_str()));
+            has.then(|| link["ifname"].as_str().map(str::to_owned))
+                .flatten()
+        }) else {
+            // Not configured here (yet): its tunnels wait.
+            continue;
+        };
+        let gateway = routes
+            .iter()
+            .filter(|r| r["dst"].as_str() == Some("default") && r["dev"].as_str() == Some(&dev))
+            .find_map(|r| r["gateway"].as_str().and_then(|g| g.parse().ok()));
+        found.push(UplinkRoute {
+            index: index as u8,
+            dev,
+            src: uplink.address,
+            gateway,
+        });
+    }
+    Ok(found)
 }
 
 /// Execute actions in order; the first failure stops and is returned.
@@ -198,12 +260,14 @@ pub fn execute(actions: &[Action], private_key: &Key) -> anyhow::Result<()> {
             Action::ConfigureInterface {
                 name,
                 listen_port,
+                fwmark,
                 mtu,
                 address,
             } => {
                 DeviceUpdate::new()
                     .set_private_key(private_key.clone())
                     .set_listen_port(*listen_port)
+                    .set_fwmark(*fwmark)
                     .apply(&iface(name)?, Backend::Userspace)
                     .with_context(|| format!("configuring {name}"))?;
                 ip(&["link", "set", name, "mtu", &mtu.to_string(), "up"])?;
@@ -273,6 +337,51 @@ pub fn execute(actions: &[Action], private_key: &Key) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Send one datagram to each peer through each interface that just got it, so WireGuard
+/// starts its handshake now: if a peer's first handshake arrived before that peer was
+/// configured here, WireGuard would otherwise wait its 5 s rekey timeout before retrying.
+/// The datagram goes to the discard port of the peer's overlay address.
+pub fn poke_new_peers(actions: &[Action]) {
+    for action in actions {
+        let Action::SetPeer {
+            interface, peer, ..
+        } = action
+        else {
+            continue;
+        };
+        let Some(target) = peer
+            .allowed_ips
+            .iter()
+            .find(|n| n.prefix_len() == n.max_prefix_len())
+            .map(|n| SocketAddr::new(n.addr(), 9))
+        else {
+            continue;
+        };
+        let bind = if target.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let Ok(socket) = std::net::UdpSocket::bind(bind) else {
+            continue;
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid socket and a buffer of the given length.
+        let bound = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                interface.as_ptr().cast(),
+                interface.len() as libc::socklen_t,
+            )
+        } == 0;
+        if bound {
+            let _ = socket.send_to(b"patronus", target);
+        }
+    }
 }
 
 /// WireGuard transfer counters per interface: (received, sent) bytes.

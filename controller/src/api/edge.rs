@@ -274,14 +274,8 @@ pub async fn renew(
     let request: RenewRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
     let (tenant, site) = (who.tenant, who.site);
-    let csr = pki::check_csr(&request.csr_pem, tenant, site).map_err(|e| {
-        let code = match e {
-            pki::CsrError::WeakKey(_) => "weak_key",
-            pki::CsrError::WrongSubject(_) => "wrong_subject",
-            _ => "invalid_csr",
-        };
-        ApiError::unprocessable(code, e.to_string())
-    })?;
+    let csr =
+        pki::check_csr(&request.csr_pem, tenant, site).map_err(super::enrollment::csr_refused)?;
     super::enrollment::check_user_nkey(&request.nats_public_key)?;
     let master_key = state.master_key.0;
     let provisioning = state.provisioning.clone();
@@ -328,33 +322,7 @@ pub async fn renew(
                 provisioning.certificate_lifetime_days,
             )
             .map_err(ApiError::internal)?;
-            diesel::insert_into(site_certificates::table)
-                .values((
-                    site_certificates::tenant_id.eq(tenant.0),
-                    site_certificates::site_id.eq(Some(site.0)),
-                    site_certificates::serial.eq(&issued.serial_hex),
-                    site_certificates::subject.eq(&issued.subject),
-                    site_certificates::not_before.eq(issued.not_before),
-                    site_certificates::not_after.eq(issued.not_after),
-                    site_certificates::certificate_pem.eq(&issued.certificate_pem),
-                ))
-                .execute(conn)
-                .await?;
-            let inserted = diesel::insert_into(site_nats_users::table)
-                .values((
-                    site_nats_users::public_key.eq(&nats_key),
-                    site_nats_users::tenant_id.eq(tenant.0),
-                    site_nats_users::site_id.eq(Some(site.0)),
-                    site_nats_users::expires_at.eq(issued.not_after),
-                ))
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await?;
-            if inserted == 0 {
-                return Err(ApiError::conflict(
-                    "this NATS public key was already issued; generate a new key pair",
-                ));
-            }
+            super::enrollment::record_issued(conn, tenant, site, &issued, &nats_key).await?;
             record_audit(
                 conn,
                 AuditEntry {

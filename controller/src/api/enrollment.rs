@@ -416,6 +416,55 @@ fn invalid_token(detail: impl Into<String>) -> ApiError {
     )
 }
 
+/// Record a certificate just issued to a site and the NATS user that goes with it, in the
+/// current tenant transaction (enrollment and renewal).
+pub(crate) async fn record_issued(
+    conn: &mut AsyncPgConnection,
+    tenant: TenantId,
+    site: SiteId,
+    issued: &pki::IssuedCertificate,
+    nats_public_key: &str,
+) -> ApiResult<()> {
+    diesel::insert_into(site_certificates::table)
+        .values((
+            site_certificates::tenant_id.eq(tenant.0),
+            site_certificates::site_id.eq(Some(site.0)),
+            site_certificates::serial.eq(&issued.serial_hex),
+            site_certificates::subject.eq(&issued.subject),
+            site_certificates::not_before.eq(issued.not_before),
+            site_certificates::not_after.eq(issued.not_after),
+            site_certificates::certificate_pem.eq(&issued.certificate_pem),
+        ))
+        .execute(conn)
+        .await?;
+    let inserted = diesel::insert_into(site_nats_users::table)
+        .values((
+            site_nats_users::public_key.eq(nats_public_key),
+            site_nats_users::tenant_id.eq(tenant.0),
+            site_nats_users::site_id.eq(Some(site.0)),
+            site_nats_users::expires_at.eq(issued.not_after),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    if inserted == 0 {
+        return Err(ApiError::conflict(
+            "this NATS public key was already issued; generate a new key pair",
+        ));
+    }
+    Ok(())
+}
+
+/// A CSR that failed its checks, as the API answers it.
+pub(crate) fn csr_refused(e: pki::CsrError) -> ApiError {
+    let code = match e {
+        pki::CsrError::WeakKey(_) => "weak_key",
+        pki::CsrError::WrongSubject(_) => "wrong_subject",
+        _ => "invalid_csr",
+    };
+    ApiError::unprocessable(code, e.to_string())
+}
+
 /// A NATS user public nkey, or a 422 saying what it should be.
 pub(crate) fn check_user_nkey(key: &str) -> ApiResult<()> {
     let key = nkeys::KeyPair::from_public_key(key).map_err(|_| {
@@ -453,14 +502,7 @@ fn check_enroll_body(
         }
     }
     check_uplinks(&uplinks_of(body))?;
-    pki::check_csr(&body.csr_pem, tenant, site).map_err(|e| {
-        let code = match e {
-            pki::CsrError::WeakKey(_) => "weak_key",
-            pki::CsrError::WrongSubject(_) => "wrong_subject",
-            _ => "invalid_csr",
-        };
-        ApiError::unprocessable(code, e.to_string())
-    })
+    pki::check_csr(&body.csr_pem, tenant, site).map_err(csr_refused)
 }
 
 fn uplinks_of(body: &EnrollRequest) -> Vec<CreateUplink> {
@@ -653,53 +695,10 @@ pub async fn enroll(
                 provisioning.certificate_lifetime_days,
             )
             .map_err(ApiError::internal)?;
-            // A re-enrollment supersedes the previous certificate and NATS user.
-            diesel::update(
-                site_certificates::table
-                    .filter(site_certificates::site_id.eq(site.0))
-                    .filter(site_certificates::revoked_at.is_null()),
-            )
-            .set((
-                site_certificates::revoked_at.eq(Some(Utc::now())),
-                site_certificates::revocation_reason.eq(Some("superseded")),
-            ))
-            .execute(conn)
-            .await?;
-            diesel::insert_into(site_certificates::table)
-                .values((
-                    site_certificates::tenant_id.eq(tenant.0),
-                    site_certificates::site_id.eq(Some(site.0)),
-                    site_certificates::serial.eq(&issued.serial_hex),
-                    site_certificates::subject.eq(&issued.subject),
-                    site_certificates::not_before.eq(issued.not_before),
-                    site_certificates::not_after.eq(issued.not_after),
-                    site_certificates::certificate_pem.eq(&issued.certificate_pem),
-                ))
-                .execute(conn)
-                .await?;
-            let superseded = diesel::update(
-                site_nats_users::table
-                    .filter(site_nats_users::site_id.eq(site.0))
-                    .filter(site_nats_users::revoked_at.is_null()),
-            )
-            .set(site_nats_users::revoked_at.eq(Some(Utc::now())))
-            .execute(conn)
-            .await?;
-            let inserted = diesel::insert_into(site_nats_users::table)
-                .values((
-                    site_nats_users::public_key.eq(&nats_key),
-                    site_nats_users::tenant_id.eq(tenant.0),
-                    site_nats_users::site_id.eq(Some(site.0)),
-                    site_nats_users::expires_at.eq(issued.not_after),
-                ))
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await?;
-            if inserted == 0 {
-                return Err(ApiError::conflict(
-                    "this NATS public key was already issued; generate a new key pair",
-                ));
-            }
+            // A re-enrollment supersedes the previous certificate and NATS user, and any other
+            // token still outstanding for this site.
+            let superseded = revoke_site_credentials(conn, site.0, "superseded").await?;
+            record_issued(conn, tenant, site, &issued, &nats_key).await?;
             let updated = diesel::update(sites::table.find(site.0))
                 .set((
                     sites::wg_public_key.eq(Some(&wg_key)),

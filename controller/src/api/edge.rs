@@ -30,7 +30,7 @@ use x509_parser::oid_registry::{
 
 use super::context::{record_audit, AuditEntry};
 use super::error::{ApiError, ApiResult};
-use crate::db::schema::{site_certificates, site_intents, site_nats_users, sites, tenants};
+use crate::db::schema::{site_certificates, site_intents, sites, tenants};
 use crate::db::{self, Scope};
 use crate::pki;
 use crate::server::AppState;

@@ -51,17 +51,25 @@ fn in_ns(ns: &str, program: &PathBuf, args: &[&str]) -> anyhow::Result<Output> {
         .context("ip netns exec")
 }
 
-/// The next event an agent reports, within 5 s.
+/// The next event an agent reports within 5 s, heartbeats aside.
 async fn next_event(
     events: &mut async_nats::Subscriber,
 ) -> anyhow::Result<patronus_proto::events::SdwanEvent> {
-    let message = tokio::time::timeout(Duration::from_secs(5), events.next())
-        .await
-        .context("no event from the agent")?
-        .context("event subscription ended")?;
-    let envelope: patronus_proto::events::EventEnvelope =
-        patronus_proto::codec::decode(&message.payload)?;
-    Ok(envelope.event)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let message = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .context("no event from the agent")?
+            .context("event subscription ended")?;
+        let envelope: patronus_proto::events::EventEnvelope =
+            patronus_proto::codec::decode(&message.payload)?;
+        if !matches!(
+            envelope.event,
+            patronus_proto::events::SdwanEvent::Heartbeat { .. }
+        ) {
+            return Ok(envelope.event);
+        }
+    }
 }
 
 /// One ping from site 1's LAN host to another site's LAN host.
@@ -316,6 +324,29 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
             .subscribe(patronus_proto::subjects::events_subject(tenant, site1))
             .await?;
         link.intents.get(key.clone()).await?;
+        // The heartbeat: every path (4 tunnels × 2 peers) handshook and is up.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let message = tokio::time::timeout_at(deadline, events.next())
+                .await
+                .context("no heartbeat with every path up")?
+                .context("event subscription ended")?;
+            let envelope: patronus_proto::events::EventEnvelope =
+                patronus_proto::codec::decode(&message.payload)?;
+            if let patronus_proto::events::SdwanEvent::Heartbeat {
+                tunnels_up,
+                paths_up,
+                paths_total,
+                applied_revision,
+                ..
+            } = envelope.event
+            {
+                ensure!(applied_revision > 0, "heartbeat before any intent");
+                if (tunnels_up, paths_up, paths_total) == (4, 8, 8) {
+                    break;
+                }
+            }
+        }
         link.intents
             .put(key.clone(), "{not an intent".into())
             .await?;

@@ -6,7 +6,8 @@
 //! revision: decode and check it (tenant, site, revision above the applied one), diff the
 //! desired state against what the namespace holds, execute the difference; if execution fails
 //! half-way, put back the previous intent's state. Applied intents are stored atomically and
-//! reported with `IntentApplied`, refusals with `IntentRejected`. Every `RECONCILE` the
+//! reported with `IntentApplied`, refusals with `IntentRejected`; a `Heartbeat` every 10 s
+//! (liveness from WireGuard handshakes until the probes exist). Every `RECONCILE` the
 //! desired state of the applied intent is compared with the namespace again, which repairs
 //! what someone changed by hand. NATS reconnects by itself with backoff.
 
@@ -24,6 +25,8 @@ use crate::tunnels;
 
 /// How often the namespace is compared with the applied intent.
 const RECONCILE: Duration = Duration::from_secs(5);
+/// How often a heartbeat is published (the first two seconds after start).
+const HEARTBEAT: Duration = Duration::from_secs(10);
 /// The last applied intent, in the state directory.
 pub const INTENT_FILE: &str = "intent.json";
 
@@ -214,6 +217,11 @@ pub fn run(state: StateDir) -> anyhow::Result<()> {
             identity.site_name, identity.nats_url
         );
         let mut reconcile = tokio::time::interval(RECONCILE);
+        let started = std::time::Instant::now();
+        let mut heartbeat = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(2),
+            HEARTBEAT,
+        );
         let mut fetched = false;
         loop {
             if !fetched {
@@ -234,6 +242,18 @@ pub fn run(state: StateDir) -> anyhow::Result<()> {
                         Ok(n) => eprintln!("run: reconcile repaired {n} differences"),
                         Err(e) => eprintln!("run: reconcile failed: {e:#}"),
                     }
+                }
+                _ = heartbeat.tick() => {
+                    let (tunnels_up, paths_up, paths_total) = tunnels::liveness(identity.site_id);
+                    report(&client, &identity, SdwanEvent::Heartbeat {
+                        applied_revision: agent.applied.as_ref().map_or(0, |i| i.revision),
+                        uptime_s: started.elapsed().as_secs(),
+                        tunnels_up,
+                        paths_up,
+                        paths_total,
+                        // Steering by eBPF arrives with the data-plane issue.
+                        dataplane: patronus_proto::events::DataplaneMode::RoutesOnly,
+                    }).await;
                 }
                 _ = tokio::signal::ctrl_c() => {
                     eprintln!("run: stopping; tunnels stay up");

@@ -384,8 +384,36 @@ pub fn poke_new_peers(actions: &[Action]) {
     }
 }
 
-/// WireGuard transfer counters per interface: (received, sent) bytes.
-pub fn transfer(site: SiteId) -> BTreeMap<String, (u64, u64)> {
+/// A WireGuard session lives at most this long without a new handshake (REJECT_AFTER_TIME).
+const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+
+/// Liveness from WireGuard alone (until the probes of the monitoring issue): a path (tunnel ×
+/// peer) is up when its last handshake is younger than a session's lifetime; a tunnel is up
+/// when one of its paths is. Returns (tunnels up, paths up, paths configured).
+pub fn liveness(site: SiteId) -> (u32, u32, u32) {
+    let now = std::time::SystemTime::now();
+    let (mut tunnels_up, mut paths_up, mut paths) = (0, 0, 0);
+    for device in devices(site) {
+        let mut any = false;
+        for peer in &device.peers {
+            paths += 1;
+            let fresh = peer
+                .stats
+                .last_handshake_time
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age < SESSION_LIFETIME);
+            if fresh {
+                paths_up += 1;
+                any = true;
+            }
+        }
+        tunnels_up += u32::from(any);
+    }
+    (tunnels_up, paths_up, paths)
+}
+
+/// This site's WireGuard devices, as their UAPI sockets answer.
+fn devices(site: SiteId) -> Vec<Device> {
     let prefix = prefix(site);
     // wireguard-control's userspace listing looks for `.name` files, which wireguard-go on
     // Linux does not write; the sockets are the truth.
@@ -405,6 +433,13 @@ pub fn transfer(site: SiteId) -> BTreeMap<String, (u64, u64)> {
         .into_iter()
         .filter_map(|n| iface(&n).ok())
         .filter_map(|n| Device::get(&n, Backend::Userspace).ok())
+        .collect()
+}
+
+/// WireGuard transfer counters per interface: (received, sent) bytes.
+pub fn transfer(site: SiteId) -> BTreeMap<String, (u64, u64)> {
+    devices(site)
+        .into_iter()
         .map(|d| {
             let (rx, tx) = d.peers.iter().fold((0, 0), |(rx, tx), p| {
                 (rx + p.stats.rx_bytes, tx + p.stats.tx_bytes)

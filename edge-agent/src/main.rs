@@ -16,6 +16,7 @@
 //!   this site may accept it (tenant, site, rising revision). Operators use it to inspect an
 //!   intent taken from the `intents` KV bucket; scripts use its exit status.
 
+mod config;
 mod control;
 mod desired;
 mod enroll;
@@ -36,12 +37,12 @@ use patronus_proto::{codec, SiteId, SiteIntent, TenantId};
 #[derive(Parser)]
 #[command(name = "patronus-edge", version, about = "Patronus SD-WAN edge agent")]
 struct Cli {
+    /// TOML configuration (settings also come from PATRONUS_EDGE_* variables).
+    #[arg(long, global = true, env = "PATRONUS_EDGE_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
-
-/// Where the agent keeps its identity and keys.
-const DEFAULT_STATE_DIR: &str = "/var/lib/patronus-edge";
 
 #[derive(Subcommand)]
 enum Command {
@@ -60,16 +61,18 @@ enum Command {
         /// A WAN uplink: name=wan0,address=<public IP>[,type=fiber][,bandwidth=<Mbit/s>][,cost=<per GB>][,metered=true]
         #[arg(long = "uplink", value_parser = enroll::parse_uplink, required = true)]
         uplinks: Vec<patronus_proto::enroll::UplinkSpec>,
-        #[arg(long, env = "PATRONUS_EDGE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        /// The state directory (default: the configuration's `state_dir`).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// Enroll again even though the state directory holds a site.
         #[arg(long)]
         force: bool,
     },
     /// Show this site's identity from the state directory.
     Status {
-        #[arg(long, env = "PATRONUS_EDGE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        /// The state directory (default: the configuration's `state_dir`).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         #[arg(long)]
         json: bool,
         /// Also ask the controller (a request signed with the site certificate).
@@ -78,18 +81,21 @@ enum Command {
     },
     /// Run the agent: apply the site's intent and keep the namespace equal to it.
     Run {
-        #[arg(long, env = "PATRONUS_EDGE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        /// The state directory (default: the configuration's `state_dir`).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Replace the site certificate and NATS credentials with new ones for new keys.
     Renew {
-        #[arg(long, env = "PATRONUS_EDGE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        /// The state directory (default: the configuration's `state_dir`).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Fetch this site's current intent over NATS and summarise it (`--json` prints it whole).
     Intent {
-        #[arg(long, env = "PATRONUS_EDGE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        /// The state directory (default: the configuration's `state_dir`).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         #[arg(long)]
         json: bool,
         /// Print the tunnel changes a first apply of this intent makes (interfaces, peers,
@@ -191,11 +197,10 @@ fn read_token(token: &Option<String>, token_file: &Option<PathBuf>) -> anyhow::R
     }
 }
 
-fn status(state_dir: &std::path::Path, json: bool, remote: bool) -> anyhow::Result<()> {
-    let state = state::StateDir::new(state_dir);
+fn status(state: &state::StateDir, json: bool, remote: bool) -> anyhow::Result<()> {
     let identity = state.identity()?;
     if remote {
-        let known = control::remote_status(&state, &identity)?;
+        let known = control::remote_status(state, &identity)?;
         if json {
             println!("{}", serde_json::to_string_pretty(&known)?);
         } else {
@@ -268,15 +273,14 @@ fn chrono_like(unix: i64) -> String {
     format!("{year:04}-{month:02}-{day:02}")
 }
 
-fn intent(state_dir: &std::path::Path, json: bool, plan: bool) -> anyhow::Result<()> {
-    let state = state::StateDir::new(state_dir);
+fn intent(state: &state::StateDir, json: bool, plan: bool) -> anyhow::Result<()> {
     let identity = state.identity()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     let intent = runtime.block_on(async {
-        let client = nats::connect(&state, &identity).await?;
+        let client = nats::connect(state, &identity).await?;
         nats::fetch_intent(&client, &identity).await
     })?;
     match intent {
@@ -319,6 +323,23 @@ fn intent(state_dir: &std::path::Path, json: bool, plan: bool) -> anyhow::Result
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let config = match &cli.command {
+        // Works on a file alone; needs no configuration.
+        Command::CheckIntent { .. } => config::EdgeConfig::default(),
+        _ => {
+            match config::EdgeConfig::load(cli.config.as_deref(), &|name| std::env::var(name).ok())
+            {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("patronus-edge: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    let dir = |flag: &Option<PathBuf>| {
+        state::StateDir::new(flag.clone().unwrap_or_else(|| config.state_dir.clone()))
+    };
     let result = match &cli.command {
         Command::Enroll {
             controller,
@@ -328,29 +349,20 @@ fn main() -> ExitCode {
             state_dir,
             force,
         } => read_token(token, token_file).and_then(|token| {
-            enroll::enroll(
-                controller,
-                &token,
-                uplinks.clone(),
-                &state::StateDir::new(state_dir),
-                *force,
-            )
-            .map(|_| ())
+            enroll::enroll(controller, &token, uplinks.clone(), &dir(state_dir), *force).map(|_| ())
         }),
         Command::Status {
             state_dir,
             json,
             remote,
-        } => status(state_dir, *json, *remote),
-        Command::Run { state_dir } => run::run(state::StateDir::new(state_dir)),
-        Command::Renew { state_dir } => {
-            control::renew(&state::StateDir::new(state_dir)).map(|_| ())
-        }
+        } => status(&dir(state_dir), *json, *remote),
+        Command::Run { state_dir } => run::run(dir(state_dir), &config),
+        Command::Renew { state_dir } => control::renew(&dir(state_dir)).map(|_| ()),
         Command::Intent {
             state_dir,
             json,
             plan,
-        } => intent(state_dir, *json, *plan),
+        } => intent(&dir(state_dir), *json, *plan),
         Command::CheckIntent {
             file,
             tenant,

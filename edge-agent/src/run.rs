@@ -6,8 +6,8 @@
 //! revision: decode and check it (tenant, site, revision above the applied one), diff the
 //! desired state against what the namespace holds, execute the difference; if execution fails
 //! half-way, put back the previous intent's state. Applied intents are stored atomically and
-//! reported with `IntentApplied`, refusals with `IntentRejected`; a `Heartbeat` every 10 s
-//! (liveness from WireGuard handshakes until the probes exist). Every `RECONCILE` the
+//! reported with `IntentApplied`, refusals with `IntentRejected`; a `Heartbeat` periodically
+//! (liveness from WireGuard handshakes until the probes exist). Periodically the
 //! desired state of the applied intent is compared with the namespace again, which repairs
 //! what someone changed by hand. NATS reconnects by itself with backoff.
 
@@ -19,14 +19,11 @@ use patronus_proto::events::{EventEnvelope, SdwanEvent};
 use patronus_proto::{codec, SiteIntent, SCHEMA_VERSION};
 use wireguard_control::Key;
 
+use crate::config::EdgeConfig;
 use crate::desired::{self, NetState};
 use crate::state::{Identity, StateDir, WIREGUARD_KEY_FILE};
 use crate::tunnels;
 
-/// How often the namespace is compared with the applied intent.
-const RECONCILE: Duration = Duration::from_secs(5);
-/// How often a heartbeat is published (the first two seconds after start).
-const HEARTBEAT: Duration = Duration::from_secs(10);
 /// The last applied intent, in the state directory.
 pub const INTENT_FILE: &str = "intent.json";
 
@@ -41,6 +38,7 @@ struct Agent {
     identity: Identity,
     state: StateDir,
     key: Key,
+    backend: tunnels::WgBackend,
     applied: Option<SiteIntent>,
 }
 
@@ -60,7 +58,7 @@ impl Agent {
     fn converge(&self, want: &NetState) -> anyhow::Result<usize> {
         let have = tunnels::observe(self.identity.site_id)?;
         let actions = desired::diff(want, &have);
-        tunnels::execute(&actions, &self.key)?;
+        tunnels::execute(&actions, &self.key, self.backend)?;
         tunnels::poke_new_peers(&actions);
         Ok(actions.len())
     }
@@ -168,16 +166,21 @@ async fn on_intent(agent: &mut Agent, client: &async_nats::Client, payload: &[u8
     }
 }
 
-pub fn run(state: StateDir) -> anyhow::Result<()> {
+pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
     let identity = state.identity()?;
     let key = Key::from_base64(state.read(WIREGUARD_KEY_FILE)?.trim())
         .map_err(|_| anyhow::anyhow!("wireguard.key is damaged; enroll again"))?;
+    let backend = tunnels::resolve_backend(config.wireguard.backend)?;
+    eprintln!("run: WireGuard backend {backend:?}");
     let mut agent = Agent {
         identity: identity.clone(),
         state,
         key,
+        backend,
         applied: None,
     };
+    let (reconcile_every, heartbeat_every) =
+        (config.reconcile_interval(), config.heartbeat_interval());
     // Restore from disk first: no controller needed.
     if let Ok(text) = agent.state.read(INTENT_FILE) {
         match codec::decode::<SiteIntent>(text.as_bytes()) {
@@ -216,11 +219,11 @@ pub fn run(state: StateDir) -> anyhow::Result<()> {
             "run: site {} following its intent on {}",
             identity.site_name, identity.nats_url
         );
-        let mut reconcile = tokio::time::interval(RECONCILE);
+        let mut reconcile = tokio::time::interval(reconcile_every);
         let started = std::time::Instant::now();
         let mut heartbeat = tokio::time::interval_at(
             tokio::time::Instant::now() + Duration::from_secs(2),
-            HEARTBEAT,
+            heartbeat_every,
         );
         let mut fetched = false;
         loop {

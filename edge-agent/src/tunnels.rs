@@ -1,10 +1,12 @@
 //! The I/O side of [`crate::desired`]: observe this site's tunnels, routes and rules in the
 //! current network namespace, and execute [`Action`]s.
 //!
-//! WireGuard runs in userspace here (the kernel has no module): each interface is a
-//! `wireguard-go` process, configured through its UAPI socket by `wireguard-control`.
-//! Interfaces, addresses, routes and rules go through iproute2 (`ip -j` for reading).
-//! Only objects named with this site's interface prefix are observed or touched.
+//! WireGuard interfaces are the kernel's (`ip link add … type wireguard`) where the module
+//! exists, otherwise `wireguard-go` processes ([`WgBackend`], chosen by configuration, `auto`
+//! probing once). Either way `wireguard-control` configures them: through the UAPI socket of
+//! a userspace interface, through netlink for a kernel one ([`api_for`] tells which an
+//! interface is). Interfaces, addresses, routes and rules go through iproute2 (`ip -j` for
+//! reading). Only objects named with this site's interface prefix are observed or touched.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -21,6 +23,55 @@ use crate::desired::{
     UPLINK_BASE,
 };
 use crate::state::Identity;
+
+/// How new WireGuard interfaces are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WgBackend {
+    Kernel,
+    Userspace,
+}
+
+/// What the configuration asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+/// Decide the backend: `auto` tries to create (and deletes) a kernel WireGuard interface.
+pub fn resolve_backend(choice: BackendChoice) -> anyhow::Result<WgBackend> {
+    let kernel_works = || {
+        let probe = format!("pwprobe{}", std::process::id() % 100_000);
+        let made = ip(&["link", "add", &probe, "type", "wireguard"]).is_ok();
+        if made {
+            let _ = ip(&["link", "del", &probe]);
+        }
+        made
+    };
+    match choice {
+        BackendChoice::Userspace => Ok(WgBackend::Userspace),
+        BackendChoice::Kernel if kernel_works() => Ok(WgBackend::Kernel),
+        BackendChoice::Kernel => bail!(
+            "wireguard.backend = kernel, but this kernel cannot create WireGuard interfaces (no module); use auto or userspace"
+        ),
+        BackendChoice::Auto if kernel_works() => Ok(WgBackend::Kernel),
+        BackendChoice::Auto => {
+            eprintln!("wireguard: the kernel has no WireGuard module; using userspace wireguard-go");
+            Ok(WgBackend::Userspace)
+        }
+    }
+}
+
+/// The API an existing interface answers on: a userspace one has a UAPI socket.
+pub fn api_for(name: &str) -> Backend {
+    if std::path::Path::new(&format!("/var/run/wireguard/{name}.sock")).exists() {
+        Backend::Userspace
+    } else {
+        Backend::Kernel
+    }
+}
 
 /// `pw<site 8 hex>-`: every interface of this site starts so.
 pub fn prefix(site: SiteId) -> String {
@@ -84,7 +135,7 @@ pub fn observe(site: SiteId) -> anyhow::Result<NetState> {
         }
         // A link without its wireguard-go (crashed) reads as an empty interface; the diff
         // then reconfigures it.
-        if let Ok(device) = Device::get(&iface(name)?, Backend::Userspace) {
+        if let Ok(device) = Device::get(&iface(name)?, api_for(name)) {
             interface.listen_port = device.listen_port.unwrap_or(0);
             interface.fwmark = device.fwmark.unwrap_or(0);
             for peer in device.peers {
@@ -180,8 +231,12 @@ pub fn observe(site: SiteId) -> anyhow::Result<NetState> {
     Ok(state)
 }
 
-/// Start `wireguard-go` for `name` and wait for its UAPI socket.
-fn create_interface(name: &str) -> anyhow::Result<()> {
+/// Make interface `name` with `backend`.
+fn create_interface(name: &str, backend: WgBackend) -> anyhow::Result<()> {
+    if backend == WgBackend::Kernel {
+        ip(&["link", "add", name, "type", "wireguard"])?;
+        return Ok(());
+    }
     let status = Command::new("wireguard-go")
         .arg(name)
         .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
@@ -250,10 +305,10 @@ pub fn uplink_routes(identity: &Identity) -> anyhow::Result<Vec<UplinkRoute>> {
 }
 
 /// Execute actions in order; the first failure stops and is returned.
-pub fn execute(actions: &[Action], private_key: &Key) -> anyhow::Result<()> {
+pub fn execute(actions: &[Action], private_key: &Key, backend: WgBackend) -> anyhow::Result<()> {
     for action in actions {
         match action {
-            Action::CreateInterface { name } => create_interface(name)?,
+            Action::CreateInterface { name } => create_interface(name, backend)?,
             Action::DeleteInterface { name } => {
                 ip(&["link", "del", name])?;
             }
@@ -268,7 +323,7 @@ pub fn execute(actions: &[Action], private_key: &Key) -> anyhow::Result<()> {
                     .set_private_key(private_key.clone())
                     .set_listen_port(*listen_port)
                     .set_fwmark(*fwmark)
-                    .apply(&iface(name)?, Backend::Userspace)
+                    .apply(&iface(name)?, api_for(name))
                     .with_context(|| format!("configuring {name}"))?;
                 ip(&["link", "set", name, "mtu", &mtu.to_string(), "up"])?;
                 ip(&["addr", "flush", "dev", name])?;
@@ -290,13 +345,13 @@ pub fn execute(actions: &[Action], private_key: &Key) -> anyhow::Result<()> {
                 }
                 DeviceUpdate::new()
                     .add_peer(builder)
-                    .apply(&iface(interface)?, Backend::Userspace)
+                    .apply(&iface(interface)?, api_for(interface))
                     .with_context(|| format!("setting a peer on {interface}"))?;
             }
             Action::RemovePeer { interface, key } => {
                 DeviceUpdate::new()
                     .remove_peer_by_key(&Key(key.0))
-                    .apply(&iface(interface)?, Backend::Userspace)
+                    .apply(&iface(interface)?, api_for(interface))
                     .with_context(|| format!("removing a peer from {interface}"))?;
             }
             Action::AddRoute(route) => {
@@ -412,27 +467,16 @@ pub fn liveness(site: SiteId) -> (u32, u32, u32) {
     (tunnels_up, paths_up, paths)
 }
 
-/// This site's WireGuard devices, as their UAPI sockets answer.
+/// This site's WireGuard devices in this namespace.
 fn devices(site: SiteId) -> Vec<Device> {
     let prefix = prefix(site);
-    // wireguard-control's userspace listing looks for `.name` files, which wireguard-go on
-    // Linux does not write; the sockets are the truth.
-    let names: Vec<String> = std::fs::read_dir("/var/run/wireguard")
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| {
-                    let file = e.file_name().to_string_lossy().into_owned();
-                    file.strip_suffix(".sock").map(str::to_owned)
-                })
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
-        })
-        .unwrap_or_default();
-    names
-        .into_iter()
-        .filter_map(|n| iface(&n).ok())
-        .filter_map(|n| Device::get(&n, Backend::Userspace).ok())
+    ip_json(&["link", "show"])
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|link| link["ifname"].as_str())
+        .filter(|name| name.starts_with(&prefix))
+        .filter_map(|name| Some((iface(name).ok()?, api_for(name))))
+        .filter_map(|(name, api)| Device::get(&name, api).ok())
         .collect()
 }
 

@@ -294,6 +294,52 @@ async fn an_edge_enrolls_with_a_token_and_runs_from_its_state_alone() -> anyhow:
         "a refused enrollment changed the state directory"
     );
 
+    // wireguard.backend = kernel where the kernel has no WireGuard: a clear refusal, in a
+    // namespace of its own so nothing touches the host's links.
+    let ns = format!("pe-wg-{}", std::process::id());
+    ensure!(Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()?
+        .success());
+    let kernel_has_wireguard = Command::new("ip")
+        .args(["-n", &ns, "link", "add", "probe0", "type", "wireguard"])
+        .output()?
+        .status
+        .success();
+    let mut agent = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(env!("CARGO_BIN_EXE_patronus-edge"))
+        .args(["run", "--state-dir", state])
+        .env("PATRONUS_EDGE_WG_BACKEND", "kernel")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let exited = agent.try_wait()?.is_some();
+    if !exited {
+        agent.kill()?;
+    }
+    let out = agent.wait_with_output()?;
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    if kernel_has_wireguard {
+        ensure!(text(&out).contains("backend Kernel"), "{}", text(&out));
+    } else {
+        ensure!(
+            exited && !out.status.success(),
+            "the kernel backend was accepted without a module"
+        );
+        ensure!(text(&out).contains("no module"), "{}", text(&out));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_patronus-edge"))
+        .args(["status", "--state-dir", state])
+        .env("PATRONUS_EDGE_WG_BACKEND", "warp")
+        .output()?;
+    ensure!(
+        !out.status.success() && text(&out).contains("PATRONUS_EDGE_WG_BACKEND"),
+        "{}",
+        text(&out)
+    );
+
     controller.stop().await;
     std::fs::remove_dir_all(&dir)?;
     database.drop_now().await

@@ -1,0 +1,180 @@
+//! The edge agent's one configuration: defaults, then a TOML file (`--config`,
+//! `PATRONUS_EDGE_CONFIG`), then `PATRONUS_EDGE_*` variables and flags; validated at start
+//! with a message that names the setting.
+//!
+//! ```toml
+//! state_dir = "/var/lib/patronus-edge"
+//! [wireguard]
+//! backend = "auto"            # auto | kernel | userspace
+//! [agent]
+//! reconcile_interval_s = 5
+//! heartbeat_interval_s = 10
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::tunnels::BackendChoice;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    pub state_dir: PathBuf,
+    pub wireguard: WireguardConfig,
+    pub agent: AgentConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WireguardConfig {
+    pub backend: BackendChoice,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// How often the namespace is compared with the applied intent.
+    pub reconcile_interval_s: u64,
+    /// How often a heartbeat is published.
+    pub heartbeat_interval_s: u64,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/patronus-edge"),
+            wireguard: WireguardConfig::default(),
+            agent: AgentConfig::default(),
+        }
+    }
+}
+
+impl Default for WireguardConfig {
+    fn default() -> Self {
+        Self {
+            backend: BackendChoice::Auto,
+        }
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            reconcile_interval_s: 5,
+            heartbeat_interval_s: 10,
+        }
+    }
+}
+
+impl EdgeConfig {
+    /// Load from an optional file and the environment (through `env`, so tests need not
+    /// touch the process environment), then validate.
+    pub fn load(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("config file {} is not valid", path.display()))?
+            }
+            None => EdgeConfig::default(),
+        };
+        if let Some(dir) = env("PATRONUS_EDGE_STATE_DIR") {
+            config.state_dir = PathBuf::from(dir);
+        }
+        if let Some(backend) = env("PATRONUS_EDGE_WG_BACKEND") {
+            config.wireguard.backend = match backend.as_str() {
+                "auto" => BackendChoice::Auto,
+                "kernel" => BackendChoice::Kernel,
+                "userspace" => BackendChoice::Userspace,
+                other => {
+                    bail!("PATRONUS_EDGE_WG_BACKEND: {other:?} is not auto, kernel or userspace")
+                }
+            };
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.state_dir.as_os_str().is_empty() || !self.state_dir.is_absolute() {
+            bail!("state_dir must be an absolute path");
+        }
+        if !(1..=3600).contains(&self.agent.reconcile_interval_s) {
+            bail!("agent.reconcile_interval_s must be 1-3600");
+        }
+        if !(1..=3600).contains(&self.agent.heartbeat_interval_s) {
+            bail!("agent.heartbeat_interval_s must be 1-3600");
+        }
+        Ok(())
+    }
+
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_secs(self.agent.reconcile_interval_s)
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(self.agent.heartbeat_interval_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn a_file_sets_values_and_the_environment_overrides_it() {
+        let dir = std::env::temp_dir().join(format!("patronus-edge-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("edge.toml");
+        std::fs::write(
+            &file,
+            "state_dir = \"/srv/edge\"\n[wireguard]\nbackend = \"userspace\"\n[agent]\nreconcile_interval_s = 2\n",
+        )
+        .unwrap();
+        let config = EdgeConfig::load(Some(&file), &no_env).unwrap();
+        assert_eq!(config.state_dir, PathBuf::from("/srv/edge"));
+        assert_eq!(config.wireguard.backend, BackendChoice::Userspace);
+        assert_eq!(config.agent.reconcile_interval_s, 2);
+        assert_eq!(config.agent.heartbeat_interval_s, 10);
+        let env = |name: &str| (name == "PATRONUS_EDGE_WG_BACKEND").then(|| "kernel".to_owned());
+        assert_eq!(
+            EdgeConfig::load(Some(&file), &env)
+                .unwrap()
+                .wireguard
+                .backend,
+            BackendChoice::Kernel
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_settings_name_themselves() {
+        let dir = std::env::temp_dir().join(format!("patronus-edge-badcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (text, says) in [
+            ("[wireguard]\nbackend = \"magic\"\n", "not valid"),
+            ("colour = 1\n", "not valid"),
+            (
+                "[agent]\nreconcile_interval_s = 0\n",
+                "reconcile_interval_s",
+            ),
+            ("state_dir = \"relative\"\n", "absolute"),
+        ] {
+            let file = dir.join("edge.toml");
+            std::fs::write(&file, text).unwrap();
+            let err = format!("{:#}", EdgeConfig::load(Some(&file), &no_env).unwrap_err());
+            assert!(err.contains(says), "{text}: {err}");
+        }
+        let env = |name: &str| (name == "PATRONUS_EDGE_WG_BACKEND").then(|| "fast".to_owned());
+        assert!(EdgeConfig::load(None, &env).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -277,6 +277,25 @@ pub fn diff(desired: &NetState, actual: &NetState) -> Vec<Action> {
             }
         }
     }
+    // Rules and the uplinks' own routes first: a tunnel may send its first handshake as soon
+    // as its peer is set, and that packet must already leave by the tunnel's uplink.
+    // Routes through an interface that goes away go with it; re-add what is still wanted.
+    let deleted: BTreeSet<&String> = actual
+        .interfaces
+        .keys()
+        .filter(|name| !desired.interfaces.contains_key(*name))
+        .collect();
+    let (tunnel_routes, other_routes): (Vec<&Route>, Vec<&Route>) = desired
+        .routes
+        .iter()
+        .filter(|r| !actual.routes.contains(r) || deleted.contains(&r.dev))
+        .partition(|r| desired.interfaces.contains_key(&r.dev));
+    for rule in desired.rules.difference(&actual.rules) {
+        actions.push(Action::AddRule(*rule));
+    }
+    for route in other_routes {
+        actions.push(Action::AddRoute(route.clone()));
+    }
     for (name, want) in &desired.interfaces {
         let have = actual.interfaces.get(name);
         if have.is_none() {
@@ -306,21 +325,9 @@ pub fn diff(desired: &NetState, actual: &NetState) -> Vec<Action> {
             }
         }
     }
-    // Routes through an interface that goes away go with it; re-add what is still wanted.
-    let deleted: BTreeSet<&String> = actual
-        .interfaces
-        .keys()
-        .filter(|name| !desired.interfaces.contains_key(*name))
-        .collect();
-    for route in desired
-        .routes
-        .iter()
-        .filter(|r| !actual.routes.contains(r) || deleted.contains(&r.dev))
-    {
+    // Routes through one of our interfaces come after the interface exists.
+    for route in tunnel_routes {
         actions.push(Action::AddRoute(route.clone()));
-    }
-    for rule in desired.rules.difference(&actual.rules) {
-        actions.push(Action::AddRule(*rule));
     }
     actions
 }
@@ -470,6 +477,16 @@ mod tests {
         #[test]
         fn an_unchanged_state_needs_no_action(state in state_strategy()) {
             prop_assert_eq!(diff(&state, &state), vec![]);
+        }
+
+        #[test]
+        fn rules_exist_before_any_peer_can_send(desired in state_strategy(), actual in state_strategy()) {
+            let actions = diff(&desired, &actual);
+            let last_rule = actions.iter().rposition(|a| matches!(a, Action::AddRule(_)));
+            let first_peer = actions.iter().position(|a| matches!(a, Action::SetPeer { .. }));
+            if let (Some(rule), Some(peer)) = (last_rule, first_peer) {
+                prop_assert!(rule < peer);
+            }
         }
 
         #[test]

@@ -202,8 +202,19 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let creds = agent.state.read(crate::state::NATS_CREDS_FILE)?;
+        // Every (re)connection: read the current value, since updates published while the
+        // connection was down never reach the subscription.
+        let (connected_tx, mut connected) = tokio::sync::mpsc::unbounded_channel();
         let client = async_nats::ConnectOptions::with_credentials(&creds)
             .context("nats.creds is damaged; enroll again")?
+            .event_callback(move |event| {
+                let connected_tx = connected_tx.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Connected) {
+                        let _ = connected_tx.send(());
+                    }
+                }
+            })
             .custom_inbox_prefix(identity.inbox_prefix.clone())
             .name(format!("patronus-edge {}", identity.site_name))
             .request_timeout(Some(Duration::from_secs(5)))
@@ -225,16 +236,22 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
             tokio::time::Instant::now() + Duration::from_secs(2),
             heartbeat_every,
         );
-        let mut fetched = false;
+        let mut needs_fetch = true;
         loop {
-            if !fetched {
-                // The current value, once the connection is up (updates arrive by subscription).
-                if let Ok(Some(reply)) = crate::nats::fetch_intent_bytes(&client, &identity).await {
-                    on_intent(&mut agent, &client, &reply).await;
-                    fetched = true;
+            if needs_fetch && client.connection_state() == async_nats::connection::State::Connected
+            {
+                match crate::nats::fetch_intent_bytes(&client, &identity).await {
+                    Ok(Some(current)) => {
+                        on_intent(&mut agent, &client, &current).await;
+                        needs_fetch = false;
+                    }
+                    Ok(None) => needs_fetch = false,
+                    // Retried at the next wake-up (reconcile tick at the latest).
+                    Err(e) => eprintln!("run: reading the current intent failed: {e:#}"),
                 }
             }
             tokio::select! {
+                Some(()) = connected.recv() => needs_fetch = true,
                 message = updates.next() => match message {
                     Some(message) => on_intent(&mut agent, &client, &message.payload).await,
                     None => anyhow::bail!("the intent subscription ended"),

@@ -123,6 +123,16 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
             msp = Uuid::new_v4()
         ))
         .await?;
+    // An API token of the tenant's admin, for the revocation below.
+    let (api_token, api_token_hash) = patronus_controller::auth::new_secret("pat_");
+    let hash_hex: String = api_token_hash.iter().map(|b| format!("{b:02x}")).collect();
+    owner
+        .batch_execute(&format!(
+            "INSERT INTO api_tokens (tenant_id, name, token_hash, role)
+             VALUES ('{}', 'lab', '\\x{hash_hex}'::bytea, 'tenant_admin')",
+            tenant.0
+        ))
+        .await?;
     drop(owner);
 
     // The controller listens on loopback; sites reach it and NATS through the lab's relays.
@@ -155,6 +165,7 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
     }
     drop(pool);
     let reader_config = config.clone();
+    let controller_url_host = format!("http://127.0.0.1:{http_port}");
     let controller = RunningController::start_on(config)?;
     ensure!(controller.url.ends_with(&format!(":{http_port}")));
 
@@ -430,6 +441,52 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
                 "hand-deleted {victim} repaired and carrying traffic after {:?}",
                 started.elapsed()
             );
+
+            // Revocation end to end: site 3 is revoked through the API; site 1's WireGuard no
+            // longer has it as a peer and its LAN is unreachable.
+            // `wg show all` lists every userspace interface on the host (their sockets share a
+            // directory), so keep site 1's: `pw<first 8 hex of its id>-`.
+            let site1_prefix = format!("pw{}-", &site1.0.simple().to_string()[..8]);
+            let peers = || -> anyhow::Result<usize> {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", "pl-s1", "wg", "show", "all", "peers"])
+                    .output()?;
+                Ok(String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with(&site1_prefix))
+                    .count())
+            };
+            ensure!(
+                peers()? == 8,
+                "site 1 should have 2 peers on each of 4 tunnels"
+            );
+            let site3: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("site3").join("identity.json"))?)?;
+            let site3 = site3["site_id"].as_str().context("site id")?.to_owned();
+            let revoked_at = Instant::now();
+            let response = ureq::post(&format!(
+                "{}/api/v1/sites/{site3}/revoke",
+                controller_url_host
+            ))
+            .set("Authorization", &format!("Bearer {api_token}"))
+            .call();
+            ensure!(response.is_ok(), "revoke: {response:?}");
+            loop {
+                if peers()? == 4 {
+                    break;
+                }
+                ensure!(
+                    revoked_at.elapsed() < Duration::from_secs(5),
+                    "site 1 still has the revoked peer after 5 s"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let dropped = revoked_at.elapsed();
+            ensure!(
+                !lan_ping("10.3.0.10")?,
+                "the revoked site's LAN is still reachable"
+            );
+            println!("revoked site3 → gone from site1's WireGuard after {dropped:?}");
             Ok(())
         })();
         // Restart without NATS: the agent restores its tunnels from its state directory.
@@ -456,7 +513,7 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
                     .status()?;
             }
             ensure!(
-                !lan_ping("10.3.0.10")?,
+                !lan_ping("10.2.0.10")?,
                 "traffic flowed with site1's tunnels gone"
             );
             let log = std::fs::File::create(dir.join("run1-restart.log"))?;
@@ -472,7 +529,7 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
                     .spawn()?,
             );
             let started = Instant::now();
-            while !lan_ping("10.3.0.10")? {
+            while !lan_ping("10.2.0.10")? {
                 ensure!(
                     started.elapsed() < Duration::from_secs(15),
                     "the restarted agent did not restore the tunnels: {}",

@@ -70,6 +70,15 @@ pub struct Route {
 /// the wrong source address and roam).
 pub const UPLINK_BASE: u32 = 1100;
 
+/// `0.0.0.0/0` or `::/0`.
+pub fn default_net(ipv6: bool) -> IpNet {
+    if ipv6 {
+        IpNet::V6(Default::default())
+    } else {
+        IpNet::V4(Default::default())
+    }
+}
+
 /// How a local uplink is reached, as found on the system: its interface, its address and
 /// its gateway (none when the uplink is on-link).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,15 +143,9 @@ pub fn desired(intent: &SiteIntent, uplinks: &[UplinkRoute]) -> NetState {
     let mut state = NetState::default();
     for uplink in uplinks {
         let table = UPLINK_BASE + u32::from(uplink.index);
-        let default = if uplink.src.is_ipv4() {
-            IpNet::from(IpAddr::from([0, 0, 0, 0]))
-        } else {
-            IpNet::from(IpAddr::from([0u16; 8]))
-        };
-        let default = IpNet::new(default.addr(), 0).unwrap_or(default);
         state.routes.insert(Route {
             table,
-            dst: default,
+            dst: default_net(uplink.src.is_ipv6()),
             dev: uplink.dev.clone(),
             via: uplink.gateway,
             src: Some(uplink.src),
@@ -504,6 +507,8 @@ mod tests {
     fn interface_names_fit_the_kernel_limit() {
         let name = interface_name(SiteId(uuid::Uuid::new_v4()), 7, 7);
         assert_eq!(name.len(), 13);
+        assert_eq!(default_net(false).to_string(), "0.0.0.0/0");
+        assert_eq!(default_net(true).to_string(), "::/0");
         assert!(name.len() <= 15);
     }
 }

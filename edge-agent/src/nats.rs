@@ -46,14 +46,10 @@ pub async fn fetch_intent(
     client: &async_nats::Client,
     identity: &Identity,
 ) -> anyhow::Result<Option<SiteIntent>> {
-    let reply = client
-        .request(identity.intent.direct_get_subject.clone(), "".into())
-        .await
-        .context("reading the intent from NATS")?;
-    if reply.status == Some(async_nats::StatusCode::NOT_FOUND) || reply.payload.is_empty() {
-        return Ok(None);
+    match fetch_intent_bytes(client, identity).await? {
+        None => Ok(None),
+        Some(bytes) => Ok(Some(
+            codec::decode(&bytes).context("the published intent does not decode")?,
+        )),
     }
-    let intent: SiteIntent =
-        codec::decode(&reply.payload).context("the published intent does not decode")?;
-    Ok(Some(intent))
 }

@@ -179,15 +179,7 @@ pub fn observe(site: SiteId) -> anyhow::Result<NetState> {
         }
         let via: Option<IpAddr> = route["gateway"].as_str().and_then(|g| g.parse().ok());
         let dst: IpNet = if dst == "default" {
-            let unspecified: IpAddr = if via.is_some_and(|v| v.is_ipv6()) {
-                std::net::Ipv6Addr::UNSPECIFIED.into()
-            } else {
-                std::net::Ipv4Addr::UNSPECIFIED.into()
-            };
-            match IpNet::new(unspecified, 0) {
-                Ok(net) => net,
-                Err(_) => continue,
-            }
+            crate::desired::default_net(via.is_some_and(|v| v.is_ipv6()))
         } else {
             match dst.parse::<IpNet>() {
                 Ok(net) => net,

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::StreamExt;
-use patronus_proto::TenantId;
-use patronus_test_support::{RunningController, TestDatabase, TestEnv};
+use patronus_test_support::lab::LabController;
+use patronus_test_support::TestEnv;
 use uuid::Uuid;
 
 /// A workspace binary next to this test's executable (`target/debug/deps/..`).
@@ -91,13 +91,6 @@ fn lan_ping(to: &str) -> anyhow::Result<bool> {
         .success())
 }
 
-fn port_of(url: &str) -> anyhow::Result<u16> {
-    url.rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .with_context(|| format!("no port in {url}"))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> anyhow::Result<()> {
     let root = std::fs::read_to_string("/proc/self/status")?
@@ -111,21 +104,12 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
     let edge = binary("patronus-edge")?;
 
     let env = TestEnv::load()?;
-    let database = TestDatabase::create(&env).await?;
-    patronus_controller::db::migrations::run_pending(&database.owner_url).await?;
-    let tenant = TenantId(Uuid::new_v4());
-    let mut owner = AsyncPgConnection::establish(&database.owner_url).await?;
-    owner
-        .batch_execute(&format!(
-            "INSERT INTO msps (id, name) VALUES ('{msp}', 'lab msp');
-             INSERT INTO tenants (id, msp_id, name, slug) VALUES ('{}', '{msp}', 'lab', 'lab');",
-            tenant.0,
-            msp = Uuid::new_v4()
-        ))
-        .await?;
+    let lab_controller = LabController::start(&env).await?;
+    let tenant = lab_controller.tenant;
     // An API token of the tenant's admin, for the revocation below.
     let (api_token, api_token_hash) = patronus_controller::auth::new_secret("pat_");
     let hash_hex: String = api_token_hash.iter().map(|b| format!("{b:02x}")).collect();
+    let mut owner = AsyncPgConnection::establish(&lab_controller.database.owner_url).await?;
     owner
         .batch_execute(&format!(
             "INSERT INTO api_tokens (tenant_id, name, token_hash, role)
@@ -134,50 +118,25 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
         ))
         .await?;
     drop(owner);
-
-    // The controller listens on loopback; sites reach it and NATS through the lab's relays.
-    let http_port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-        probe.local_addr()?.port()
-    };
-    let nats_port = port_of(&env.nats_url)?;
-    let mut config = env.controller_config(&database.app_url)?;
-    config.http.listen = ([127, 0, 0, 1], http_port).into();
-    config.nats.edge_url = Some(format!("nats://198.19.254.1:{nats_port}"));
-    let keys = patronus_controller::enrollment::TokenKeys::from_seed(
-        &patronus_controller::config::secret_bytes_32(&config.provisioning.token_signing_key)
-            .context("token key")?,
-    );
-    let pool = patronus_controller::db::pool(&database.app_url, 1)?;
     let mut tokens = Vec::new();
-    for (i, site) in ["site1", "site2", "site3"].into_iter().enumerate() {
-        let (token, _) = patronus_controller::api::enrollment::create_from_cli(
-            &pool,
-            &keys,
-            tenant,
-            site,
-            vec![format!("10.{}.0.0/24", i + 1).parse()?],
-            chrono::Duration::minutes(10),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        tokens.push(token);
+    for n in 1..=3 {
+        tokens.push(
+            lab_controller
+                .token(&format!("site{n}"), &format!("10.{n}.0.0/24"))
+                .await?,
+        );
     }
-    drop(pool);
-    let reader_config = config.clone();
-    let controller_url_host = format!("http://127.0.0.1:{http_port}");
-    let controller = RunningController::start_on(config)?;
-    ensure!(controller.url.ends_with(&format!(":{http_port}")));
+    let reader_config = lab_controller.config.clone();
+    let controller_url_host = lab_controller.controller.url.clone();
 
     let out = Command::new(&lab)
         .args(["up", "--sites", "3", "--uplinks", "2"])
-        .args(["--relay", &format!("{http_port}=127.0.0.1:{http_port}")])
-        .args(["--relay", &format!("{nats_port}=127.0.0.1:{nats_port}")])
+        .args(lab_controller.relay_args())
         .output()?;
     ensure!(out.status.success(), "{}", text(&out));
     let dir = std::env::temp_dir().join(format!("patronus-lab-enroll-{}", Uuid::new_v4().simple()));
     let result = async {
-        let controller_url = format!("http://198.19.254.1:{http_port}");
+        let controller_url = lab_controller.url_in_lab();
         let mut enrolled_at = Instant::now();
         for (i, token) in tokens.iter().enumerate() {
             let n = i + 1;
@@ -388,7 +347,7 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
         let log = std::fs::read_to_string(dir.join("run1.log"))?;
         ensure!(
             log.contains(&format!(
-                "applied intent revision {} (0 changes)",
+                "applied intent revision {} (0 changes in",
                 again.revision
             )),
             "the same content changed something: {log}"
@@ -567,8 +526,8 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
     .await;
     let down = Command::new(&lab).arg("down").output()?;
     let _ = std::fs::remove_dir_all(&dir);
-    controller.stop().await;
+    let stopped = lab_controller.stop().await;
     result?;
     ensure!(down.status.success(), "{}", text(&down));
-    database.drop_now().await
+    stopped
 }

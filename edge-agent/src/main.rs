@@ -20,6 +20,7 @@ mod config;
 mod control;
 mod desired;
 mod enroll;
+mod handshake;
 mod nats;
 mod run;
 mod state;

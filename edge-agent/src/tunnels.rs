@@ -472,6 +472,64 @@ fn devices(site: SiteId) -> Vec<Device> {
         .collect()
 }
 
+/// The peers among `slots` that have completed a handshake.
+pub fn handshaken(slots: &[crate::handshake::PeerSlot]) -> Vec<crate::handshake::PeerSlot> {
+    let mut interfaces: Vec<&str> = slots.iter().map(|s| s.interface.as_str()).collect();
+    interfaces.dedup();
+    let mut done = Vec::new();
+    for name in interfaces {
+        let Ok(device) = iface(name).and_then(|i| Ok(Device::get(&i, api_for(name))?)) else {
+            continue;
+        };
+        for peer in &device.peers {
+            if peer.stats.last_handshake_time.is_some() {
+                let slot = crate::handshake::PeerSlot {
+                    interface: name.to_owned(),
+                    peer_key: peer.config.public_key.0,
+                };
+                if slots.contains(&slot) {
+                    done.push(slot);
+                }
+            }
+        }
+    }
+    done
+}
+
+/// Remove a peer and add it back as it was, which resets WireGuard's handshake state and its
+/// one-initiation-per-5-s limit, so a fresh initiation leaves at once (see [`crate::handshake`]).
+pub fn kick(slot: &crate::handshake::PeerSlot) -> anyhow::Result<()> {
+    let name = iface(&slot.interface)?;
+    let api = api_for(&slot.interface);
+    let device = Device::get(&name, api)?;
+    let Some(peer) = device
+        .peers
+        .iter()
+        .find(|p| p.config.public_key.0 == slot.peer_key)
+    else {
+        return Ok(()); // Removed meanwhile: nothing to kick.
+    };
+    let mut builder = PeerConfigBuilder::new(&peer.config.public_key).replace_allowed_ips();
+    if let Some(endpoint) = peer.config.endpoint {
+        builder = builder.set_endpoint(endpoint);
+    }
+    if let Some(keepalive) = peer.config.persistent_keepalive_interval {
+        builder = builder.set_persistent_keepalive_interval(keepalive);
+    }
+    for ip in &peer.config.allowed_ips {
+        builder = builder.add_allowed_ip(ip.address, ip.cidr);
+    }
+    DeviceUpdate::new()
+        .remove_peer_by_key(&peer.config.public_key)
+        .apply(&name, api)
+        .with_context(|| format!("removing a peer from {} to re-add it", slot.interface))?;
+    DeviceUpdate::new()
+        .add_peer(builder)
+        .apply(&name, api)
+        .with_context(|| format!("re-adding a peer on {}", slot.interface))?;
+    Ok(())
+}
+
 /// WireGuard transfer counters per interface: (received, sent) bytes.
 pub fn transfer(site: SiteId) -> BTreeMap<String, (u64, u64)> {
     devices(site)

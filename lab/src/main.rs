@@ -5,9 +5,11 @@
 //! [`netns`] turns a plan into iproute2 steps (pure) and runs them, and tears a lab down.
 //! [`wan`] decides what the emulated WAN does to a packet (pure); [`daemon`] is the emulator
 //! process around it (TUN in the internet namespace, a control socket).
-//! Commands: `plan`, `up`, `down`, `status`, `impair`. The benchmarks build on these in the
-//! edge-agent-and-lab issue.
+//! [`bench`] runs self-contained benchmarks on a lab of their own (`bench join`: a controller
+//! with a throwaway database, sites enrolling through real tokens, time to first packet).
+//! Commands: `plan`, `up`, `down`, `status`, `impair`, `bench join`.
 
+mod bench;
 mod daemon;
 mod netns;
 mod plan;
@@ -101,6 +103,11 @@ enum Command {
         #[arg(long)]
         restore: bool,
     },
+    /// Benchmarks on a lab of their own (root; after scripts/setup): figures on stdout.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
     /// The WAN emulator process (started by `up`).
     #[command(hide = true)]
     WanDaemon {
@@ -110,6 +117,26 @@ enum Command {
         uplinks: u8,
         #[arg(long = "relay")]
         relays: Vec<daemon::Relay>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time from `patronus-edge enroll` on a new site to its first packet answered by every
+    /// other site: sites joining one after another, then a burst joining at once.
+    Join {
+        /// Sites that join one after another.
+        #[arg(long, default_value_t = 5)]
+        sites: u16,
+        /// Sites that then join at the same moment.
+        #[arg(long, default_value_t = 10)]
+        burst: u16,
+        /// One JSON object: {sites, join_ms_p50, join_ms_max, join10_ms_max, burst}.
+        #[arg(long)]
+        json: bool,
+        /// Keep the agents' logs in this directory.
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
     },
 }
 
@@ -374,6 +401,15 @@ fn main() -> ExitCode {
             relays,
         } => up(sites, uplinks, &relays),
         Command::Down => down(),
+        Command::Bench {
+            which:
+                BenchCommand::Join {
+                    sites,
+                    burst,
+                    json,
+                    keep_logs,
+                },
+        } => require_root().and_then(|()| bench::join(sites, burst, json, keep_logs.as_deref())),
         Command::Impair {
             site,
             uplink,

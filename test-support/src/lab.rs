@@ -1,0 +1,114 @@
+//! A controller for lab runs: a throwaway database with one tenant, the controller serving on
+//! a free loopback port and handing out NATS at the lab's management address, and one-time
+//! enrollment tokens for the tenant's sites. The lab tests and `patronus-lab bench` share it.
+
+use anyhow::Context;
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use patronus_proto::TenantId;
+
+use crate::{RunningController, TestDatabase, TestEnv};
+
+/// The host's address on the lab's management link (`patronus-lab plan`): sites reach the
+/// controller and NATS there, through the relays `patronus-lab up --relay` runs.
+pub const LAB_MGMT_HOST: &str = "198.19.254.1";
+
+/// A running controller with one tenant, reachable from the lab.
+pub struct LabController {
+    pub database: TestDatabase,
+    pub tenant: TenantId,
+    pub controller: RunningController,
+    pub http_port: u16,
+    pub nats_port: u16,
+    /// What the controller runs with (for a second `AppState` that reads NATS as it does).
+    pub config: patronus_controller::config::ControllerConfig,
+    keys: patronus_controller::enrollment::TokenKeys,
+    pool: patronus_controller::db::DbPool,
+}
+
+fn port_of(url: &str) -> anyhow::Result<u16> {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .with_context(|| format!("no port in {url}"))
+}
+
+impl LabController {
+    /// Create the database and tenant and start serving.
+    pub async fn start(env: &TestEnv) -> anyhow::Result<Self> {
+        let database = TestDatabase::create(env).await?;
+        patronus_controller::db::migrations::run_pending(&database.owner_url).await?;
+        let tenant = TenantId(uuid::Uuid::new_v4());
+        let mut owner = AsyncPgConnection::establish(&database.owner_url).await?;
+        owner
+            .batch_execute(&format!(
+                "INSERT INTO msps (id, name) VALUES ('{msp}', 'lab msp');
+                 INSERT INTO tenants (id, msp_id, name, slug) VALUES ('{}', '{msp}', 'lab', 'lab');",
+                tenant.0,
+                msp = uuid::Uuid::new_v4()
+            ))
+            .await
+            .context("creating the lab tenant")?;
+        drop(owner);
+
+        let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let nats_port = port_of(&env.nats_url)?;
+        let mut config = env.controller_config(&database.app_url)?;
+        config.http.listen = ([127, 0, 0, 1], http_port).into();
+        config.nats.edge_url = Some(format!("nats://{LAB_MGMT_HOST}:{nats_port}"));
+        let keys = patronus_controller::enrollment::TokenKeys::from_seed(
+            &patronus_controller::config::secret_bytes_32(&config.provisioning.token_signing_key)
+                .context("PATRONUS_TOKEN_SIGNING_KEY is not 32 bytes: run scripts/setup")?,
+        );
+        let pool = patronus_controller::db::pool(&database.app_url, 2)?;
+        let controller = RunningController::start_on(config.clone())?;
+        Ok(Self {
+            config,
+            database,
+            tenant,
+            controller,
+            http_port,
+            nats_port,
+            keys,
+            pool,
+        })
+    }
+
+    /// A one-time enrollment token for `site` of the tenant, with its LAN prefix.
+    pub async fn token(&self, site: &str, lan: &str) -> anyhow::Result<String> {
+        let (token, _) = patronus_controller::api::enrollment::create_from_cli(
+            &self.pool,
+            &self.keys,
+            self.tenant,
+            site,
+            vec![lan.parse().with_context(|| format!("LAN prefix {lan}"))?],
+            chrono::Duration::minutes(10),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("creating a token for {site}: {e}"))?;
+        Ok(token)
+    }
+
+    /// The `--relay` arguments `patronus-lab up` needs to expose the controller and NATS.
+    pub fn relay_args(&self) -> [String; 4] {
+        [
+            "--relay".into(),
+            format!("{0}=127.0.0.1:{0}", self.http_port),
+            "--relay".into(),
+            format!("{0}=127.0.0.1:{0}", self.nats_port),
+        ]
+    }
+
+    /// The controller's URL as the lab's sites see it.
+    pub fn url_in_lab(&self) -> String {
+        format!("http://{LAB_MGMT_HOST}:{}", self.http_port)
+    }
+
+    /// Stop serving, drop the database and the tenant's NATS account.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        drop(self.pool);
+        self.controller.stop().await;
+        self.database.drop_now().await
+    }
+}

@@ -18,6 +18,7 @@
 
 mod config;
 mod control;
+mod dataplane;
 mod desired;
 mod enroll;
 mod handshake;

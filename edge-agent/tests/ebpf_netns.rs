@@ -59,12 +59,12 @@ impl Drop for Pair {
 
 #[test]
 fn xdp_lan_program_loads_and_passes_traffic() {
-    let object = concat!(env!("PATRONUS_EBPF_OUT_DIR"), "/xdp_lan.o");
+    let object = concat!(env!("PATRONUS_EBPF_OUT_DIR"), "/lan_steer.o");
     let pair = Pair::create().unwrap_or_else(|e| panic!("cannot build the test namespaces: {e}"));
     ip(&[
         "-n", &pair.b, "link", "set", "dev", "vb", "xdp", "obj", object, "sec", "xdp",
     ])
-    .unwrap_or_else(|e| panic!("the verifier or the kernel refused xdp_lan.o: {e}"));
+    .unwrap_or_else(|e| panic!("the verifier or the kernel refused lan_steer.o: {e}"));
     let link = ip(&["-n", &pair.b, "link", "show", "vb"]).unwrap();
     assert!(link.contains("prog/xdp"), "no XDP program on vb: {link}");
 

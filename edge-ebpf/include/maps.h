@@ -6,10 +6,12 @@
  * offsets at compile time, so a change here that is not made there fails the build. Sizes are
  * named constants; maps that every CPU updates on every packet are per-CPU.
  *
- * Data flow (steering lands with the eBPF data-plane issue):
- *   XDP on the LAN interface parses the packet and looks its 5-tuple up in FLOW_TABLE (LRU);
- *   on a miss, POLICY_* maps classify it into an application class, CLASS_PATH gives the path
- *   for that class, and the choice reaches TC (which sets skb->mark) through the flow entry.
+ * Data flow: XDP on the LAN interface parses the packet and looks its 5-tuple up in
+ *   PATRONUS_FLOWS (LRU); on a miss, the PATRONUS_POLICY_* maps classify it into an
+ *   application class, PATRONUS_CLASS_PATHS gives the paths of that class, and the chosen
+ *   path's mark reaches TC ingress (which sets skb->mark, so `ip rule` picks the path's table)
+ *   as XDP metadata, or through the flow entry where metadata is not available.
+ * The map definitions themselves are in map_defs.h, grouped by concern.
  */
 #ifndef PATRONUS_MAPS_H
 #define PATRONUS_MAPS_H
@@ -35,6 +37,10 @@ enum patronus_counter {
 	PATRONUS_CNT_FRAGMENT,     /* IP fragment: no L4 header to classify, passed */
 	PATRONUS_CNT_TRUNCATED,    /* header ran past the packet end: passed, never dropped */
 	PATRONUS_CNT_NON_IP,       /* ARP and the rest: passed */
+	PATRONUS_CNT_FLOW_HIT,     /* flow table hit */
+	PATRONUS_CNT_FLOW_MISS,    /* new flow: classified */
+	PATRONUS_CNT_REPATH,       /* flow moved because its path left its class (failover) */
+	PATRONUS_CNT_META_FAIL,    /* no room for metadata: TC looks the flow up instead */
 	PATRONUS_CNT_MAX,
 };
 
@@ -54,25 +60,31 @@ struct patronus_flow_value {
 	__u64 bytes;
 	__u64 first_seen_ns;
 	__u64 last_seen_ns;
-	__u32 path;        /* index into the site's path table */
-	__u32 generation;  /* CLASS_PATH generation when chosen; a newer one re-steers the flow */
+	__u32 path;        /* index into PATRONUS_PATHS; PATRONUS_NO_PATH = default route */
+	__u32 mark;        /* the path's firewall mark when chosen (0 = leave the packet alone) */
+	__u32 generation;  /* the class's generation when chosen; a newer one re-checks the path */
 	__u16 class_id;
-	__u16 policy_index;
-	__u32 pad;
+	__u16 policy_index; /* PATRONUS_NO_POLICY when no policy matched (default class) */
 };
 
+#define PATRONUS_NO_PATH   0xffffffffu
+#define PATRONUS_NO_POLICY 0xffffu
+
 /* ---- classification ------------------------------------------------------------------- */
-/* One routing policy's non-prefix match fields; prefixes live in LPM tries keyed by prefix. */
+/*
+ * Policies are numbered by rank: bit/index 0 is the highest priority. The agent compiles the
+ * policy list into per-dimension bitmaps (each entry holds the policies that match that value
+ * of that dimension, "any" included), so a lookup ANDs four bitmaps and the lowest set bit
+ * wins; only the source port and DSCP are checked per candidate, from PATRONUS_POLICY_RULES.
+ */
+#define PATRONUS_POLICY_WORDS ((PATRONUS_MAX_POLICIES + 63) / 64)
+
 struct patronus_policy_rule {
-	__u16 priority;     /* higher wins */
 	__u16 class_id;
-	__u8  protocol;     /* 0 = any */
-	__u8  dscp;         /* 0xff = any */
-	__u16 src_port_lo;  /* host order; 0..0xffff = any */
+	__u16 src_port_lo;  /* host order; lo 0, hi 0xffff = any */
 	__u16 src_port_hi;
-	__u16 dst_port_lo;
-	__u16 dst_port_hi;
-	__u16 pad;
+	__u8  dscp;         /* 0xff = any */
+	__u8  pad;
 };
 
 /* LPM trie key for policy prefixes (IPv4 mapped into IPv6 space, like the flow key). */
@@ -81,26 +93,31 @@ struct patronus_prefix_key {
 	__u8  addr[16];
 };
 
-/* Bitmap of policies whose prefix list contains the address. */
+/* Bitmap of policies (by rank) that match one value of one dimension. */
 struct patronus_policy_set {
-	__u64 bits[(PATRONUS_MAX_POLICIES + 63) / 64];
+	__u64 bits[PATRONUS_POLICY_WORDS];
 };
 
 /* ---- steering --------------------------------------------------------------------------- */
 enum patronus_lb_mode {
-	PATRONUS_LB_FLOW_HASH = 0,
-	PATRONUS_LB_WEIGHTED_BANDWIDTH,
-	PATRONUS_LB_ROUND_ROBIN,
-	PATRONUS_LB_LEAST_FLOWS,
-	PATRONUS_LB_ACTIVE_BACKUP,
+	PATRONUS_LB_FLOW_HASH = 0,        /* hash of the 5-tuple over the paths */
+	PATRONUS_LB_WEIGHTED_BANDWIDTH,   /* hash over the paths, weighted by weights[] */
+	PATRONUS_LB_ROUND_ROBIN,          /* new flows take turns */
+	PATRONUS_LB_LEAST_FLOWS,          /* the path with the fewest flows (PATRONUS_PATH_FLOWS) */
+	PATRONUS_LB_ACTIVE_BACKUP,        /* the first path, the next ones only when it is gone */
 };
 
-/* What a class of traffic may use now. The agent rewrites one entry on failover. */
+/* class_paths.flags */
+#define PATRONUS_CLASS_REPIN 1u /* with a new generation: every flow picks again (failback) */
+
+/* What a class of traffic may use now, best first. The agent rewrites one entry on failover
+ * (paths[] without the failed path, generation + 1): flows on a path still listed keep it,
+ * flows on a path no longer listed pick again on their next packet. */
 struct patronus_class_paths {
 	__u32 generation;
 	__u8  lb_mode;      /* enum patronus_lb_mode */
-	__u8  count;        /* valid entries in paths[] */
-	__u16 pad;
+	__u8  count;        /* valid entries in paths[], 0 = default route */
+	__u16 flags;
 	__u32 paths[PATRONUS_PATHS_PER_CLASS];
 	__u32 weights[PATRONUS_PATHS_PER_CLASS];
 };
@@ -108,7 +125,15 @@ struct patronus_class_paths {
 /* A path as the kernel sees it: the firewall mark that `ip rule` maps to its table. */
 struct patronus_path {
 	__u32 mark;
-	__u32 flags;        /* bit 0: up */
+	__u32 flags;        /* reserved */
+};
+
+/* ---- XDP -> TC -------------------------------------------------------------------------- */
+/* XDP leaves this in front of the packet (xdp metadata); TC ingress sets skb->mark from it. */
+#define PATRONUS_META_MAGIC 0x50415452u /* "PATR" */
+struct patronus_meta {
+	__u32 magic;
+	__u32 mark;
 };
 
 #endif /* PATRONUS_MAPS_H */

@@ -30,6 +30,7 @@ struct patronus_packet {
 	__u8  vlan;       /* 1 when one tag was present */
 	__u8  dscp;
 	__u8  pad[3];
+	void *l3;         /* start of the IP header */
 	void *l4;         /* start of the L4 header (not yet bounds-checked beyond its start) */
 };
 
@@ -54,6 +55,7 @@ static __always_inline int patronus_parse(void *data, void *data_end, struct pat
 		pkt->vlan = 1;
 	}
 	pkt->l3_proto = proto;
+	pkt->l3 = cursor;
 
 	if (proto == ETH_P_IP) {
 		struct iphdr *ip = cursor;

@@ -90,3 +90,29 @@ fn xdp_lan_program_loads_and_passes_traffic() {
         String::from_utf8_lossy(&ping.stdout)
     );
 }
+
+/// `patronus-edge bench dataplane --json` runs the real programs in the kernel and prints the
+/// documented keys (the figures themselves go to BENCHMARKS.md, not into assertions).
+#[test]
+fn bench_dataplane_prints_its_figures() {
+    let out = Command::new(env!("CARGO_BIN_EXE_patronus-edge"))
+        .args(["bench", "dataplane", "--json"])
+        .output()
+        .expect("patronus-edge runs");
+    assert!(
+        out.status.success(),
+        "bench dataplane failed (needs root with CAP_BPF; scripts/test runs as root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let figures: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    for key in [
+        "empty_ns",
+        "flow_hit_ns",
+        "miss_1000_policies_ns",
+        "hit_1m_flows_ns",
+    ] {
+        let value = figures[key].as_f64().unwrap_or(-1.0);
+        assert!(value > 0.0, "{key} missing or not positive: {figures}");
+    }
+}

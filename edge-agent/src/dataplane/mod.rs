@@ -9,6 +9,8 @@
 #![allow(dead_code)] // The run loop's use (attach, policies from the intent) lands next.
 
 pub mod abi;
+pub mod bench;
+pub mod packet;
 pub mod test_run;
 
 use std::os::fd::{AsFd, BorrowedFd};
@@ -22,6 +24,11 @@ use abi::{ClassPaths, Counter, FlowKey, FlowValue, PathEntry, PolicyRule, Policy
 /// The compiled programs (aligned as aya needs).
 static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("PATRONUS_EBPF_OUT_DIR"), "/lan_steer.o"));
+
+/// An XDP program that only passes packets: the benchmarks' baseline.
+static EMPTY_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("PATRONUS_EBPF_OUT_DIR"), "/xdp_empty.o"));
+pub const EMPTY_PROGRAM: &str = "patronus_xdp_empty";
 
 pub const XDP_PROGRAM: &str = "patronus_xdp_lan";
 pub const TC_PROGRAM: &str = "patronus_tc_lan";
@@ -39,6 +46,32 @@ fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneErr
         name,
         detail: e.to_string(),
     }
+}
+
+/// Load the empty baseline program.
+pub fn load_empty() -> Result<Ebpf, DataplaneError> {
+    let mut ebpf = Ebpf::load(EMPTY_OBJECT).map_err(|e| DataplaneError::Load(e.to_string()))?;
+    let xdp: &mut Xdp = ebpf
+        .program_mut(EMPTY_PROGRAM)
+        .ok_or_else(|| DataplaneError::Load(format!("{EMPTY_PROGRAM} is missing")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+    xdp.load()
+        .map_err(|e| DataplaneError::Load(format!("{EMPTY_PROGRAM}: {e:#}")))?;
+    Ok(ebpf)
+}
+
+/// The descriptor of XDP program `name` in `ebpf` (for `BPF_PROG_TEST_RUN`).
+pub fn program_fd<'a>(ebpf: &'a Ebpf, name: &str) -> Result<BorrowedFd<'a>, DataplaneError> {
+    let program: &Xdp = ebpf
+        .program(name)
+        .ok_or_else(|| DataplaneError::Load(format!("{name} is missing")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+    program
+        .fd()
+        .map(|fd| fd.as_fd())
+        .map_err(|e| DataplaneError::Load(e.to_string()))
 }
 
 /// The loaded programs and their maps.
@@ -73,16 +106,28 @@ impl Dataplane {
 
     /// The XDP program's descriptor (for `BPF_PROG_TEST_RUN`).
     pub fn xdp_fd(&self) -> Result<BorrowedFd<'_>, DataplaneError> {
-        let program: &Xdp = self
-            .ebpf
-            .program(XDP_PROGRAM)
-            .ok_or_else(|| DataplaneError::Load(format!("{XDP_PROGRAM} is missing")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
-        program
-            .fd()
-            .map(|fd| fd.as_fd())
-            .map_err(|e| DataplaneError::Load(e.to_string()))
+        program_fd(&self.ebpf, XDP_PROGRAM)
+    }
+
+    /// Insert `count` flows made by `make(i)` (benchmarks: a full table). Returns how many
+    /// went in.
+    pub fn fill_flows(
+        &mut self,
+        count: u32,
+        make: impl Fn(u32) -> (FlowKey, FlowValue),
+    ) -> Result<u32, DataplaneError> {
+        let name = "PATRONUS_FLOWS";
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::Map {
+            name,
+            detail: "missing from the object".into(),
+        })?;
+        let mut flows: BpfHashMap<&mut MapData, FlowKey, FlowValue> =
+            BpfHashMap::try_from(map).map_err(map_error(name))?;
+        for i in 0..count {
+            let (key, value) = make(i);
+            flows.insert(key, value, 0).map_err(map_error(name))?;
+        }
+        Ok(count)
     }
 
     fn array<T: aya::Pod>(

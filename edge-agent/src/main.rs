@@ -16,6 +16,7 @@
 //!   this site may accept it (tenant, site, rising revision). Operators use it to inspect an
 //!   intent taken from the `intents` KV bucket; scripts use its exit status.
 
+mod classifier;
 mod config;
 mod control;
 mod dataplane;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::StreamExt;
+use patronus_proto::policy::PathPreference;
 use patronus_test_support::lab::LabController;
 use patronus_test_support::TestEnv;
 use uuid::Uuid;
@@ -31,6 +32,76 @@ fn binary(name: &str) -> anyhow::Result<PathBuf> {
         path.display()
     );
     Ok(path)
+}
+
+/// A routing policy for `protocol`/`dst_port` traffic of class `class`, active-backup.
+fn routing_policy(
+    n: u128,
+    class: &str,
+    protocol: u8,
+    dst_port: u16,
+    preference: PathPreference,
+) -> patronus_proto::policy::RoutingPolicy {
+    use patronus_proto::policy::{AppClass, LoadBalancing, MatchRules, PortRange, Protocol, Sla};
+    patronus_proto::policy::RoutingPolicy {
+        id: patronus_proto::PolicyId(Uuid::from_u128(n)),
+        name: class.to_owned(),
+        priority: 100,
+        enabled: true,
+        match_rules: MatchRules {
+            protocol: Some(if protocol == 6 {
+                Protocol::Tcp
+            } else {
+                Protocol::Udp
+            }),
+            dst_ports: vec![PortRange::single(dst_port)],
+            ..MatchRules::default()
+        },
+        app_class: AppClass::new(class),
+        path_preference: preference,
+        load_balancing: LoadBalancing::ActiveBackup,
+        sla: Sla::default(),
+    }
+}
+
+/// Bytes site 1 sent into each of its tunnels while `iperf3 args` ran from its LAN host.
+/// (`wg show all` lists every namespace's userspace tunnels: the UAPI socket directory is
+/// shared, so only names with site 1's `prefix` count.)
+fn tunnel_tx_during(
+    prefix: &str,
+    args: &[&str],
+) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let read = || -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", "pl-s1", "wg", "show", "all", "transfer"])
+            .output()?;
+        ensure!(out.status.success(), "wg show: {}", text(&out));
+        let mut sent = std::collections::BTreeMap::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(name), Some(tx)) = (
+                f.first().filter(|n| n.starts_with(prefix)),
+                f.get(3).and_then(|t| t.parse::<u64>().ok()),
+            ) {
+                *sent.entry((*name).to_owned()).or_default() += tx;
+            }
+        }
+        Ok(sent)
+    };
+    let before = read()?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", "pl-s1-lan", "iperf3"])
+        .args(args)
+        .output()?;
+    ensure!(out.status.success(), "iperf3 {args:?}: {}", text(&out));
+    let after = read()?;
+    Ok(after
+        .into_iter()
+        .map(|(name, tx)| {
+            let was = before.get(&name).copied().unwrap_or(0);
+            (name, tx.saturating_sub(was))
+        })
+        .collect())
 }
 
 fn text(o: &Output) -> String {
@@ -351,6 +422,99 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
                 again.revision
             )),
             "the same content changed something: {log}"
+        );
+
+        // Application-aware steering by the eBPF data plane on site 1's LAN side: VoIP (UDP
+        // 5060) over the lowest-latency path (fiber ↔ fiber), bulk (TCP 873) over the
+        // lowest-cost one (the LTE uplink, made cheaper here), proven by WireGuard counters.
+        let mut steered = again.clone();
+        steered.revision += 1;
+        steered.uplinks[0].cost_per_gb = 5.0;
+        steered.uplinks[1].cost_per_gb = 0.0;
+        steered.policies.routing = vec![
+            routing_policy(1, "voip", 17, 5060, PathPreference::LowestLatency),
+            routing_policy(2, "backup", 6, 873, PathPreference::LowestCost),
+        ];
+        link.intents
+            .put(key.clone(), patronus_proto::codec::encode(&steered).into())
+            .await?;
+        let event = next_event(&mut events).await?;
+        ensure!(
+            event
+                == patronus_proto::events::SdwanEvent::IntentApplied {
+                    revision: steered.revision
+                },
+            "{event:?}"
+        );
+        // The data plane loads once applying has been quiet (≤ two reconcile periods).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = std::fs::read_to_string(dir.join("run1.log"))?;
+            if log.contains("dataplane: 2 policies in 2 classes") {
+                ensure!(log.contains("dataplane: eBPF steering on lan0"), "{log}");
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the data plane never took the policies: {log}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for port in ["5060", "873"] {
+            let out = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    "pl-s2-lan",
+                    "iperf3",
+                    "-s",
+                    "-D",
+                    "-p",
+                    port,
+                ])
+                .output()?;
+            ensure!(out.status.success(), "iperf3 server: {}", text(&out));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let prefix = format!("pw{}", &site1.0.simple().to_string()[..8]);
+        let voip = tunnel_tx_during(
+            &prefix,
+            &[
+                "-c",
+                "10.2.0.10",
+                "-p",
+                "5060",
+                "-u",
+                "-b",
+                "2M",
+                "-l",
+                "1000",
+                "-t",
+                "2",
+            ],
+        )?;
+        let bulk = tunnel_tx_during(
+            &prefix,
+            &["-c", "10.2.0.10", "-p", "873", "-b", "4M", "-t", "2"],
+        )?;
+        println!("tunnel bytes sent during VoIP: {voip:?}; during bulk: {bulk:?}");
+        let sum = |m: &std::collections::BTreeMap<String, u64>, local: char| -> u64 {
+            m.iter()
+                .filter(|(name, _)| name.chars().rev().nth(1) == Some(local))
+                .map(|(_, b)| *b)
+                .sum()
+        };
+        let voip_fiber = voip
+            .iter()
+            .find(|(n, _)| n.ends_with("-00"))
+            .map_or(0, |(_, b)| *b);
+        ensure!(
+            voip_fiber > 400_000 && sum(&voip, '1') < voip_fiber / 4,
+            "VoIP did not take fiber↔fiber: {voip:?}"
+        );
+        ensure!(
+            sum(&bulk, '1') > 800_000 && sum(&bulk, '0') < sum(&bulk, '1') / 4,
+            "bulk did not take the cheap uplink: {bulk:?}"
         );
         drop((events, link, reader));
         let out = in_ns(

@@ -9,6 +9,9 @@
 //! [agent]
 //! reconcile_interval_s = 5
 //! heartbeat_interval_s = 10
+//! [dataplane]
+//! mode = "auto"               # auto (eBPF where it loads, else routes-only) | off
+//! lan_interface = "lan0"      # default: the interfaces holding an address in the site's LANs
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -25,6 +28,26 @@ pub struct EdgeConfig {
     pub state_dir: PathBuf,
     pub wireguard: WireguardConfig,
     pub agent: AgentConfig,
+    pub dataplane: DataplaneConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DataplaneChoice {
+    /// Load the eBPF programs; where they do not load, say why and run routes-only.
+    #[default]
+    Auto,
+    /// Routes only (default path per destination).
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataplaneConfig {
+    pub mode: DataplaneChoice,
+    /// The LAN interface to steer; by default every interface with an address in the site's
+    /// LAN prefixes.
+    pub lan_interface: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -48,6 +71,7 @@ impl Default for EdgeConfig {
             state_dir: PathBuf::from("/var/lib/patronus-edge"),
             wireguard: WireguardConfig::default(),
             agent: AgentConfig::default(),
+            dataplane: DataplaneConfig::default(),
         }
     }
 }
@@ -95,6 +119,13 @@ impl EdgeConfig {
                 }
             };
         }
+        if let Some(mode) = env("PATRONUS_EDGE_DATAPLANE") {
+            config.dataplane.mode = match mode.as_str() {
+                "auto" => DataplaneChoice::Auto,
+                "off" => DataplaneChoice::Off,
+                other => bail!("PATRONUS_EDGE_DATAPLANE: {other:?} is not auto or off"),
+            };
+        }
         config.validate()?;
         Ok(config)
     }
@@ -108,6 +139,11 @@ impl EdgeConfig {
         }
         if !(1..=3600).contains(&self.agent.heartbeat_interval_s) {
             bail!("agent.heartbeat_interval_s must be 1-3600");
+        }
+        if let Some(name) = &self.dataplane.lan_interface {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                bail!("dataplane.lan_interface {name:?} is not an interface name");
+            }
         }
         Ok(())
     }

@@ -26,6 +26,7 @@ mod handshake;
 mod nats;
 mod run;
 mod state;
+mod steering;
 mod tunnels;
 
 use std::io::Read;

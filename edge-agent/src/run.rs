@@ -45,6 +45,52 @@ struct Agent {
     applied: Option<SiteIntent>,
     /// New peers waiting for their first handshake (see [`crate::handshake`]).
     kicker: handshake::Kicker,
+    dataplane: DataplaneSlot,
+    dataplane_config: crate::config::DataplaneConfig,
+    /// When an intent was last applied (the data plane loads once this is quiet).
+    last_apply: Instant,
+}
+
+/// How long applying must have been quiet before the data plane is loaded.
+const DATAPLANE_QUIET: Duration = Duration::from_secs(2);
+
+/// The eBPF data plane, once it could be attached.
+enum DataplaneSlot {
+    /// Not loaded yet: loading waits until applying has been quiet for a moment, since on a
+    /// busy host (a lab of many sites on two cores) it competes with the tunnels for CPU.
+    NotStarted,
+    /// Being loaded on a thread of its own (the verifier and the 1 M-entry flow table take a
+    /// few hundred ms, which must not hold up tunnels, handshake kicks or intents).
+    Loading(
+        std::thread::JoinHandle<
+            Result<crate::dataplane::Dataplane, crate::dataplane::DataplaneError>,
+        >,
+    ),
+    /// Loaded; waiting for a LAN interface to attach to (tried after each apply and tick).
+    Loaded(Box<crate::dataplane::Dataplane>),
+    /// Routes only (the reason was logged once).
+    Off,
+    On(Box<crate::dataplane::Dataplane>),
+}
+
+impl DataplaneSlot {
+    fn start(config: &crate::config::DataplaneConfig) -> Self {
+        if config.mode == crate::config::DataplaneChoice::Off {
+            eprintln!(
+                "dataplane: off by configuration; routes-only (default path per destination)"
+            );
+            return Self::Off;
+        }
+        Self::Loading(std::thread::spawn(|| {
+            // Below the agent's own work: tunnels and intents come first on a busy host.
+            // SAFETY: setpriority on this thread's own id; no memory is passed.
+            unsafe {
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+            }
+            crate::dataplane::Dataplane::load()
+        }))
+    }
 }
 
 impl Agent {
@@ -76,6 +122,84 @@ impl Agent {
             }),
         );
         Ok(actions.len())
+    }
+
+    /// Bring the eBPF data plane up to date with the applied intent: load and attach it the
+    /// first time (or say in one line why it runs routes-only), then write the compiled
+    /// policies and the class → path plan.
+    fn steer(&mut self) {
+        let Some(intent) = &self.applied else {
+            return;
+        };
+        if matches!(&self.dataplane, DataplaneSlot::Loading(h) if h.is_finished()) {
+            let slot = std::mem::replace(&mut self.dataplane, DataplaneSlot::Off);
+            if let DataplaneSlot::Loading(handle) = slot {
+                match handle.join() {
+                    Ok(Ok(dp)) => self.dataplane = DataplaneSlot::Loaded(Box::new(dp)),
+                    Ok(Err(e)) => eprintln!("dataplane: {e}"),
+                    Err(_) => eprintln!("dataplane: loading panicked; routes-only"),
+                }
+            }
+        }
+        if let DataplaneSlot::Loaded(_) = &self.dataplane {
+            let interfaces = match &self.dataplane_config.lan_interface {
+                Some(name) => vec![name.clone()],
+                None => tunnels::interfaces_with_address_in(&intent.overlay.lan_prefixes)
+                    .unwrap_or_default(),
+            };
+            if interfaces.is_empty() {
+                return; // No LAN interface yet; routes-only until one appears.
+            }
+            let slot = std::mem::replace(&mut self.dataplane, DataplaneSlot::Off);
+            let DataplaneSlot::Loaded(mut dp) = slot else {
+                return;
+            };
+            for interface in &interfaces {
+                match dp.attach(interface) {
+                    Ok(mode) => eprintln!(
+                        "dataplane: eBPF steering on {interface} (XDP {}, TC ingress)",
+                        match mode {
+                            crate::dataplane::XdpMode::Driver => "in the driver",
+                            crate::dataplane::XdpMode::Generic =>
+                                "in generic mode: the driver has no native XDP",
+                        }
+                    ),
+                    Err(e) => {
+                        // Dropping `dp` detaches whatever was attached.
+                        eprintln!("dataplane: {e}");
+                        return;
+                    }
+                }
+            }
+            self.dataplane = DataplaneSlot::On(dp);
+        }
+        let DataplaneSlot::On(dp) = &mut self.dataplane else {
+            return;
+        };
+        let compiled = match crate::classifier::compile(&intent.policies.routing) {
+            Ok(compiled) => compiled,
+            Err(e) => {
+                eprintln!("dataplane: {e}; the previous policies stay in force");
+                return;
+            }
+        };
+        let plan = crate::steering::plan(intent, &compiled);
+        match dp.apply(&compiled, &plan) {
+            Ok(writes) => eprintln!(
+                "dataplane: {} policies in {} classes over {} paths ({writes} map writes)",
+                compiled.rules.len(),
+                compiled.classes.len(),
+                plan.paths.len()
+            ),
+            Err(e) => eprintln!("dataplane: writing the maps failed: {e}"),
+        }
+    }
+
+    fn dataplane_mode(&self) -> patronus_proto::events::DataplaneMode {
+        match self.dataplane {
+            DataplaneSlot::On(_) => patronus_proto::events::DataplaneMode::Ebpf,
+            _ => patronus_proto::events::DataplaneMode::RoutesOnly,
+        }
     }
 
     /// Kick the new peers that are due (see [`crate::handshake`]).
@@ -112,6 +236,8 @@ impl Agent {
                     .write(INTENT_FILE, &text)
                     .map_err(|e| format!("applied, but not stored: {e:#}"))?;
                 self.applied = Some(intent);
+                self.last_apply = Instant::now();
+                self.steer();
                 Ok(changes)
             }
             Err(e) => {
@@ -213,6 +339,9 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
         backend,
         applied: None,
         kicker: handshake::Kicker::new(key_public),
+        dataplane: DataplaneSlot::NotStarted,
+        dataplane_config: config.dataplane.clone(),
+        last_apply: Instant::now(),
     };
     let (reconcile_every, heartbeat_every) =
         (config.reconcile_interval(), config.heartbeat_interval());
@@ -296,6 +425,14 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
                     None => anyhow::bail!("the intent subscription ended"),
                 },
                 _ = reconcile.tick() => {
+                    if matches!(agent.dataplane, DataplaneSlot::NotStarted)
+                        && agent.last_apply.elapsed() >= DATAPLANE_QUIET
+                    {
+                        agent.dataplane = DataplaneSlot::start(&agent.dataplane_config);
+                    }
+                    if !matches!(agent.dataplane, DataplaneSlot::On(_) | DataplaneSlot::Off) {
+                        agent.steer();
+                    }
                     match agent.converge(&agent.want()) {
                         Ok(0) => {}
                         Ok(n) => eprintln!("run: reconcile repaired {n} differences"),
@@ -310,8 +447,7 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
                         tunnels_up,
                         paths_up,
                         paths_total,
-                        // Steering by eBPF arrives with the data-plane issue.
-                        dataplane: patronus_proto::events::DataplaneMode::RoutesOnly,
+                        dataplane: agent.dataplane_mode(),
                     }).await;
                 }
                 _ = tokio::signal::ctrl_c() => {

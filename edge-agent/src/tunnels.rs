@@ -110,6 +110,26 @@ fn iface(name: &str) -> anyhow::Result<InterfaceName> {
         .map_err(|e| anyhow::anyhow!("interface name {name:?}: {e:?}"))
 }
 
+/// The interfaces holding an address inside one of `prefixes` (the site's LAN side).
+pub fn interfaces_with_address_in(prefixes: &[IpNet]) -> anyhow::Result<Vec<String>> {
+    let mut found = Vec::new();
+    for link in ip_json(&["addr", "show"])? {
+        let Some(name) = link["ifname"].as_str() else {
+            continue;
+        };
+        let inside = link["addr_info"].as_array().into_iter().flatten().any(|a| {
+            a["local"]
+                .as_str()
+                .and_then(|l| l.parse::<IpAddr>().ok())
+                .is_some_and(|addr| prefixes.iter().any(|p| p.contains(&addr)))
+        });
+        if inside && !found.iter().any(|f| f == name) {
+            found.push(name.to_owned());
+        }
+    }
+    Ok(found)
+}
+
 /// What the namespace holds for this site's tunnels.
 pub fn observe(site: SiteId) -> anyhow::Result<NetState> {
     let prefix = prefix(site);

@@ -6,7 +6,7 @@
 //! Where BPF cannot be loaded (no CAP_BPF, an old kernel) loading fails with a
 //! [`DataplaneError`] the agent reports in one line before running routes-only.
 
-#![allow(dead_code)] // The run loop's use (attach, policies from the intent) lands next.
+#![allow(dead_code)] // Some accessors serve only the tests and the bench.
 
 pub mod abi;
 pub mod bench;
@@ -74,9 +74,27 @@ pub fn program_fd<'a>(ebpf: &'a Ebpf, name: &str) -> Result<BorrowedFd<'a>, Data
         .map_err(|e| DataplaneError::Load(e.to_string()))
 }
 
+/// How the XDP program runs on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    /// In the driver (native).
+    Driver,
+    /// Generic (skb) mode: the driver has no XDP support.
+    Generic,
+}
+
+/// What is in the maps now, so the next apply writes only the difference.
+#[derive(Default)]
+struct Written {
+    compiled: Option<crate::classifier::Compiled>,
+    ports: Vec<PolicySet>,
+    classes: std::collections::BTreeSet<u16>,
+}
+
 /// The loaded programs and their maps.
 pub struct Dataplane {
     ebpf: Ebpf,
+    written: Written,
 }
 
 impl Dataplane {
@@ -101,7 +119,172 @@ impl Dataplane {
             tc.load()
                 .map_err(|e| DataplaneError::Load(format!("{TC_PROGRAM}: {e:#}")))?;
         }
-        Ok(Self { ebpf })
+        // Array maps start zeroed: only non-empty sets need writing the first time.
+        Ok(Self {
+            ebpf,
+            written: Written {
+                ports: vec![PolicySet::default(); 65536],
+                ..Written::default()
+            },
+        })
+    }
+
+    /// Attach XDP (driver mode where the driver supports it, generic otherwise) and the TC
+    /// ingress program to `interface`. Dropping the `Dataplane` detaches both.
+    pub fn attach(&mut self, interface: &str) -> Result<XdpMode, DataplaneError> {
+        use aya::programs::{tc, TcAttachType, XdpFlags};
+        let attach_error = |what: &str, e: &dyn std::fmt::Display| {
+            DataplaneError::Load(format!("attaching {what} to {interface}: {e}"))
+        };
+        let mode = {
+            let xdp: &mut Xdp = self
+                .ebpf
+                .program_mut(XDP_PROGRAM)
+                .ok_or_else(|| DataplaneError::Load(format!("{XDP_PROGRAM} is missing")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+            match xdp.attach(interface, XdpFlags::DRV_MODE) {
+                Ok(_) => XdpMode::Driver,
+                Err(_) => {
+                    xdp.attach(interface, XdpFlags::SKB_MODE)
+                        .map_err(|e| attach_error("XDP", &e))?;
+                    XdpMode::Generic
+                }
+            }
+        };
+        // An existing clsact qdisc is fine.
+        let _ = tc::qdisc_add_clsact(interface);
+        let classifier: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_PROGRAM)
+            .ok_or_else(|| DataplaneError::Load(format!("{TC_PROGRAM} is missing")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+        classifier
+            .attach(interface, TcAttachType::Ingress)
+            .map_err(|e| attach_error("TC ingress", &e))?;
+        Ok(mode)
+    }
+
+    /// Write compiled policies and the steering plan into the maps, only what changed: paths
+    /// and class paths first (a class's new generation is the failover), then the rules, then
+    /// the bitmaps that point at them.
+    pub fn apply(
+        &mut self,
+        compiled: &crate::classifier::Compiled,
+        plan: &crate::steering::SteeringPlan,
+    ) -> Result<usize, DataplaneError> {
+        let mut writes = 0;
+        for (index, path) in &plan.paths {
+            self.set_path(*index, *path)?;
+            writes += 1;
+        }
+        let mut classes = std::collections::BTreeSet::new();
+        for (class, class_plan) in &plan.classes {
+            let current = self.class_paths(u32::from(*class))?;
+            let current = (self.written.classes.contains(class)).then_some(current);
+            let next = crate::steering::next_class_paths(current.as_ref(), class_plan);
+            if current != Some(next) {
+                self.set_class_paths(u32::from(*class), next)?;
+                writes += 1;
+            }
+            classes.insert(*class);
+        }
+        // Classes that are gone: no paths, at a new generation, so their flows leave them.
+        for gone in self
+            .written
+            .classes
+            .difference(&classes)
+            .copied()
+            .collect::<Vec<_>>()
+        {
+            let current = self.class_paths(u32::from(gone))?;
+            let empty = ClassPaths {
+                generation: current.generation.wrapping_add(1).max(1),
+                ..ClassPaths::default()
+            };
+            self.set_class_paths(u32::from(gone), empty)?;
+            writes += 1;
+        }
+        self.written.classes = classes;
+
+        let previous = self.written.compiled.take();
+        for (rank, rule) in compiled.rules.iter().enumerate() {
+            if previous.as_ref().and_then(|p| p.rules.get(rank)) != Some(rule) {
+                self.set_policy_rule(
+                    rank as u32,
+                    PolicyRule {
+                        class_id: rule.class_id,
+                        src_port_lo: rule.src_port_lo,
+                        src_port_hi: rule.src_port_hi,
+                        dscp: rule.dscp.unwrap_or(0xff),
+                        pad: 0,
+                    },
+                )?;
+                writes += 1;
+            }
+        }
+        let empty = PolicySet::default();
+        for (number, set) in compiled.protocol.iter().enumerate() {
+            let before = previous.as_ref().and_then(|p| p.protocol.get(number));
+            if before.unwrap_or(&empty) != set {
+                self.set_protocol_set(number as u8, *set)?;
+                writes += 1;
+            }
+        }
+        let mut ports = Vec::with_capacity(65536);
+        for (first, last, set) in &compiled.dst_ports {
+            ports.extend(std::iter::repeat_n(*set, usize::from(last - first) + 1));
+        }
+        for (port, set) in ports.iter().enumerate() {
+            if self.written.ports.get(port) != Some(set) {
+                self.set_dst_port_set(port as u16, *set)?;
+                writes += 1;
+            }
+        }
+        self.written.ports = ports;
+        for (source, now, before) in [
+            (true, &compiled.src, previous.as_ref().map(|p| &p.src)),
+            (false, &compiled.dst, previous.as_ref().map(|p| &p.dst)),
+        ] {
+            for (prefix, set) in now {
+                if before.and_then(|b| b.get(prefix)) != Some(set) {
+                    self.set_prefix_set(source, prefix.len, prefix.addr, *set)?;
+                    writes += 1;
+                }
+            }
+            for prefix in before.into_iter().flat_map(|b| b.keys()) {
+                if !now.contains_key(prefix) {
+                    self.remove_prefix(source, prefix.len, prefix.addr)?;
+                    writes += 1;
+                }
+            }
+        }
+        self.written.compiled = Some(compiled.clone());
+        Ok(writes)
+    }
+
+    fn remove_prefix(
+        &mut self,
+        source: bool,
+        prefixlen: u32,
+        addr: [u8; 16],
+    ) -> Result<(), DataplaneError> {
+        let name = if source {
+            "PATRONUS_POLICY_SRC"
+        } else {
+            "PATRONUS_POLICY_DST"
+        };
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::Map {
+            name,
+            detail: "missing from the object".into(),
+        })?;
+        let mut trie: LpmTrie<&mut MapData, [u8; 16], PolicySet> =
+            LpmTrie::try_from(map).map_err(map_error(name))?;
+        match trie.remove(&aya::maps::lpm_trie::Key::new(prefixlen, addr)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_error(name)(e)),
+        }
     }
 
     /// The XDP program's descriptor (for `BPF_PROG_TEST_RUN`).

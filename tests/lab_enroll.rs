@@ -516,6 +516,54 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
             sum(&bulk, '1') > 800_000 && sum(&bulk, '0') < sum(&bulk, '1') / 4,
             "bulk did not take the cheap uplink: {bulk:?}"
         );
+        // The agent reports those flows from the data plane's table, with class and path.
+        let mut flow_reports = link
+            .client
+            .subscribe(patronus_proto::subjects::flows_subject(tenant, site1))
+            .await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let report: patronus_proto::flows::FlowReport = loop {
+            let Ok(message) = tokio::time::timeout_at(deadline, flow_reports.next()).await else {
+                anyhow::bail!(
+                    "no flow report within 15 s; agent log: {}",
+                    std::fs::read_to_string(dir.join("run1.log"))?
+                );
+            };
+            let message = message.context("flow subscription ended")?;
+            let report: patronus_proto::flows::FlowReport =
+                patronus_proto::codec::decode(&message.payload)?;
+            if report.flows.iter().any(|f| f.key.dst_port == 873) {
+                break report;
+            }
+        };
+        ensure!(
+            report.tenant == tenant && report.site == site1,
+            "{report:?}"
+        );
+        let find = |protocol: u8, port: u16| {
+            report
+                .flows
+                .iter()
+                .find(|f| f.key.protocol == protocol && f.key.dst_port == port)
+        };
+        let voip_flow = find(17, 5060).context("no VoIP flow reported")?;
+        let bulk_flow = find(6, 873).context("no bulk flow reported")?;
+        ensure!(
+            voip_flow.app_class.0 == "voip" && voip_flow.bytes_tx > 400_000,
+            "{voip_flow:?}"
+        );
+        ensure!(bulk_flow.app_class.0 == "backup", "{bulk_flow:?}");
+        let path_of = |id| steered.paths.iter().find(|p| Some(p.id) == id);
+        ensure!(
+            path_of(voip_flow.path).is_some_and(|p| (p.local_uplink, p.remote_uplink) == (0, 0)),
+            "VoIP flow reported on {:?}",
+            voip_flow.path
+        );
+        ensure!(
+            path_of(bulk_flow.path).is_some_and(|p| p.local_uplink == 1),
+            "bulk flow reported on {:?}",
+            bulk_flow.path
+        );
         drop((events, link, reader));
         let out = in_ns(
             "pl-s1",

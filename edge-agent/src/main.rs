@@ -22,6 +22,7 @@ mod control;
 mod dataplane;
 mod desired;
 mod enroll;
+mod flow_report;
 mod handshake;
 mod nats;
 mod run;

@@ -49,6 +49,8 @@ struct Agent {
     dataplane_config: crate::config::DataplaneConfig,
     /// When an intent was last applied (the data plane loads once this is quiet).
     last_apply: Instant,
+    /// The policies last written to the data plane (names for flow reports).
+    steered: Option<crate::classifier::Compiled>,
 }
 
 /// How long applying must have been quiet before the data plane is loaded.
@@ -185,14 +187,55 @@ impl Agent {
         };
         let plan = crate::steering::plan(intent, &compiled);
         match dp.apply(&compiled, &plan) {
-            Ok(writes) => eprintln!(
-                "dataplane: {} policies in {} classes over {} paths ({writes} map writes)",
-                compiled.rules.len(),
-                compiled.classes.len(),
-                plan.paths.len()
-            ),
+            Ok(writes) => {
+                eprintln!(
+                    "dataplane: {} policies in {} classes over {} paths ({writes} map writes)",
+                    compiled.rules.len(),
+                    compiled.classes.len(),
+                    plan.paths.len()
+                );
+                self.steered = Some(compiled);
+            }
             Err(e) => eprintln!("dataplane: writing the maps failed: {e}"),
         }
+    }
+
+    /// The top flows of the data plane's table, ready to publish; `None` without one.
+    fn flow_report(&self) -> Option<patronus_proto::flows::FlowReport> {
+        let (DataplaneSlot::On(dp), Some(intent), Some(compiled)) =
+            (&self.dataplane, &self.applied, &self.steered)
+        else {
+            return None;
+        };
+        let entries = match dp.flows() {
+            Ok(entries) => entries,
+            Err(e) => {
+                eprintln!("dataplane: reading the flow table failed: {e}");
+                return None;
+            }
+        };
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into `now`.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        let mono_ns = (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64;
+        let flows = crate::flow_report::records(
+            &entries,
+            intent,
+            compiled,
+            mono_ns,
+            now_ms(),
+            crate::flow_report::TOP_FLOWS,
+        );
+        Some(patronus_proto::flows::FlowReport {
+            schema_version: SCHEMA_VERSION,
+            tenant: self.identity.tenant_id,
+            site: self.identity.site_id,
+            sent_at_unix_ms: now_ms(),
+            flows,
+        })
     }
 
     fn dataplane_mode(&self) -> patronus_proto::events::DataplaneMode {
@@ -342,6 +385,7 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
         dataplane: DataplaneSlot::NotStarted,
         dataplane_config: config.dataplane.clone(),
         last_apply: Instant::now(),
+        steered: None,
     };
     let (reconcile_every, heartbeat_every) =
         (config.reconcile_interval(), config.heartbeat_interval());
@@ -449,6 +493,15 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
                         paths_total,
                         dataplane: agent.dataplane_mode(),
                     }).await;
+                    if let Some(flows) = agent.flow_report().filter(|r| !r.flows.is_empty()) {
+                        let subject = patronus_proto::subjects::flows_subject(
+                            identity.tenant_id,
+                            identity.site_id,
+                        );
+                        if client.publish(subject, codec::encode(&flows).into()).await.is_err() {
+                            eprintln!("run: could not report flows (NATS down); dropped");
+                        }
+                    }
                 }
                 _ = tokio::signal::ctrl_c() => {
                     eprintln!("run: stopping; tunnels stay up");

@@ -573,6 +573,17 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
         let status = text(&out);
         let checked = (|| -> anyhow::Result<()> {
             ensure!(status.contains("applied intent revision"), "{status}");
+            // Every path (a peer on a tunnel) with its state, and the data plane in force.
+            ensure!(
+                status.matches("  path pw").count() == 8
+                    && status.contains("→ site2")
+                    && status.contains("up (handshake"),
+                "{status}"
+            );
+            ensure!(
+                status.contains("data plane: eBPF steering on lan0 (XDP"),
+                "{status}"
+            );
             let carried = status
                 .lines()
                 .filter(|l| l.contains("tunnel pw"))

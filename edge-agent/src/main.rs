@@ -262,7 +262,7 @@ fn status(state: &state::StateDir, json: bool, remote: bool) -> anyhow::Result<(
             .read(run::INTENT_FILE)
             .ok()
             .and_then(|t| codec::decode::<SiteIntent>(t.as_bytes()).ok());
-        match applied {
+        match &applied {
             Some(intent) => println!(
                 "  applied intent revision {}: {} peers, {} paths",
                 intent.revision,
@@ -273,6 +273,42 @@ fn status(state: &state::StateDir, json: bool, remote: bool) -> anyhow::Result<(
         }
         for (name, (rx, tx)) in tunnels::transfer(identity.site_id) {
             println!("  tunnel {name}: received {rx} B, sent {tx} B");
+        }
+        let peer_name = |key: &[u8; 32]| {
+            applied
+                .iter()
+                .flat_map(|i| &i.peers)
+                .find(|p| p.public_key.0 == *key)
+                .map_or_else(|| "unknown peer".to_owned(), |p| p.name.clone())
+        };
+        for path in tunnels::path_stats(identity.site_id) {
+            println!(
+                "  path {} → {} ({}): {}, received {} B, sent {} B",
+                path.interface,
+                peer_name(&path.peer_key),
+                path.endpoint
+                    .map_or_else(|| "no endpoint".to_owned(), |e| e.to_string()),
+                match (path.is_up(), path.handshake_age) {
+                    (true, Some(age)) => format!("up (handshake {} s ago)", age.as_secs()),
+                    (false, Some(age)) => format!("down (last handshake {} s ago)", age.as_secs()),
+                    (_, None) => "down (no handshake yet)".to_owned(),
+                },
+                path.rx_bytes,
+                path.tx_bytes
+            );
+        }
+        if let Some(intent) = &applied {
+            let lans = tunnels::interfaces_with_address_in(&intent.overlay.lan_prefixes)
+                .unwrap_or_default();
+            let attached: Vec<String> = tunnels::xdp_attached(&lans)
+                .into_iter()
+                .filter_map(|(name, mode)| mode.map(|m| format!("{name} (XDP {m})")))
+                .collect();
+            if attached.is_empty() {
+                println!("  data plane: routes-only (default path per destination)");
+            } else {
+                println!("  data plane: eBPF steering on {}", attached.join(", "));
+            }
         }
     }
     Ok(())

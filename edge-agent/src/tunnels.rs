@@ -550,6 +550,68 @@ pub fn kick(slot: &crate::handshake::PeerSlot) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One path (a peer on a tunnel interface) as WireGuard sees it.
+#[derive(Debug, Clone)]
+pub struct PathStat {
+    pub interface: String,
+    pub peer_key: [u8; 32],
+    pub endpoint: Option<SocketAddr>,
+    /// Since the last handshake; `None` if there never was one.
+    pub handshake_age: Option<Duration>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+impl PathStat {
+    /// Up while the last handshake is younger than a session's lifetime.
+    pub fn is_up(&self) -> bool {
+        self.handshake_age.is_some_and(|age| age < SESSION_LIFETIME)
+    }
+}
+
+/// Every path of this site, by interface.
+pub fn path_stats(site: SiteId) -> Vec<PathStat> {
+    let now = std::time::SystemTime::now();
+    let mut stats = Vec::new();
+    for device in devices(site) {
+        for peer in &device.peers {
+            stats.push(PathStat {
+                interface: device.name.as_str_lossy().into_owned(),
+                peer_key: peer.config.public_key.0,
+                endpoint: peer.config.endpoint,
+                handshake_age: peer
+                    .stats
+                    .last_handshake_time
+                    .and_then(|t| now.duration_since(t).ok()),
+                rx_bytes: peer.stats.rx_bytes,
+                tx_bytes: peer.stats.tx_bytes,
+            });
+        }
+    }
+    stats
+}
+
+/// For each interface: whether an XDP program is attached, and in which mode (`ip -j link`).
+pub fn xdp_attached(interfaces: &[String]) -> Vec<(String, Option<String>)> {
+    let links = ip_json(&["-d", "link", "show"]).unwrap_or_default();
+    interfaces
+        .iter()
+        .map(|name| {
+            let mode = links
+                .iter()
+                .find(|l| l["ifname"].as_str() == Some(name))
+                .and_then(|l| l.get("xdp"))
+                .map(|x| match x["mode"].as_u64() {
+                    Some(1) => "driver".to_owned(),
+                    Some(2) => "generic".to_owned(),
+                    Some(3) => "offloaded".to_owned(),
+                    _ => "attached".to_owned(),
+                });
+            (name.clone(), mode)
+        })
+        .collect()
+}
+
 /// WireGuard transfer counters per interface: (received, sent) bytes.
 pub fn transfer(site: SiteId) -> BTreeMap<String, (u64, u64)> {
     devices(site)

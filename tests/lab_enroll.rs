@@ -564,6 +564,31 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
             "bulk flow reported on {:?}",
             bulk_flow.path
         );
+        // The controller stores the reports; the tenant's API lists them.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let listed: serde_json::Value = ureq::get(&format!(
+                "{controller_url_host}/api/v1/flows?site={}&app_class=voip",
+                site1.0
+            ))
+            .set("Authorization", &format!("Bearer {api_token}"))
+            .call()
+            .context("GET /api/v1/flows")?
+            .into_json()?;
+            let stored = listed["items"].as_array().is_some_and(|items| {
+                items.iter().any(|f| {
+                    f["dst_port"] == 5060 && f["bytes_tx"].as_i64().is_some_and(|b| b > 400_000)
+                })
+            });
+            if stored {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the VoIP flow never reached /api/v1/flows: {listed}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         drop((events, link, reader));
         let out = in_ns(
             "pl-s1",

@@ -12,6 +12,7 @@
 //!   embedded migrations.
 //! - [`enrollment`]: enrollment tokens (zero-touch provisioning).
 //! - [`events`]: controller events and the WebSocket stream `/ws/sdwan`.
+//! - [`flows_ingest`]: edges' flow reports (per-tenant NATS subscriptions) into `flows`.
 //! - [`health`]: `/healthz` and `/readyz`.
 //! - [`intents`]: compile each site's intent and publish it (singleton, under a Redis lease).
 //! - [`lease`]: Redis leases for singleton work shared by replicas.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod db;
 pub mod enrollment;
 pub mod events;
+pub mod flows_ingest;
 pub mod health;
 pub mod intents;
 pub mod lease;

@@ -101,6 +101,8 @@ pub struct Metrics {
     pub intent_publish_seconds: Histogram,
     pub intent_publisher_leader: Gauge,
     pub ws_slow_clients_dropped: Counter,
+    pub flows_stored: Counter,
+    pub flow_reports_dropped: Counter,
     /// (route pattern, method, status) → latency histogram.
     http: Mutex<BTreeMap<(String, String, u16), Histogram>>,
 }
@@ -168,6 +170,20 @@ impl Metrics {
             out,
             "patronus_intent_publisher_leader {}",
             self.intent_publisher_leader.get()
+        );
+        let _ = writeln!(out, "# HELP patronus_flows_stored_total Flow records from edge reports written to the database.");
+        let _ = writeln!(out, "# TYPE patronus_flows_stored_total counter");
+        let _ = writeln!(
+            out,
+            "patronus_flows_stored_total {}",
+            self.flows_stored.get()
+        );
+        let _ = writeln!(out, "# HELP patronus_flow_reports_dropped_total Edge flow reports dropped (malformed, wrong tenant or site, not stored).");
+        let _ = writeln!(out, "# TYPE patronus_flow_reports_dropped_total counter");
+        let _ = writeln!(
+            out,
+            "patronus_flow_reports_dropped_total {}",
+            self.flow_reports_dropped.get()
         );
         let _ = writeln!(out, "# HELP patronus_ws_slow_clients_dropped_total WebSocket clients disconnected for reading too slowly.");
         let _ = writeln!(out, "# TYPE patronus_ws_slow_clients_dropped_total counter");

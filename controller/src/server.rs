@@ -238,11 +238,16 @@ pub async fn serve_on(
         data.get_ref().clone(),
         stop_rx,
     ));
+    let flows = tokio::spawn(crate::flows_ingest::run(
+        data.get_ref().clone(),
+        stop_tx.subscribe(),
+    ));
     let server = server.run();
     started(server.handle());
     let served = server.await;
     // The HTTP server has drained: stop the publisher, which releases its lease.
     let _ = stop_tx.send(true);
+    let _ = flows.await;
     if let Err(e) = publisher.await {
         tracing::warn!(error = %e, "the intent publisher ended abnormally");
     }

@@ -29,7 +29,8 @@ struct TenantRow {
     id: Uuid,
 }
 
-async fn all_tenants(state: &AppState) -> Result<Vec<TenantId>, String> {
+/// Every tenant of the deployment (all MSPs), through the database's definer function.
+pub(crate) async fn all_tenants(state: &AppState) -> Result<Vec<TenantId>, String> {
     let mut conn = state.db.get().await.map_err(|e| e.to_string())?;
     let rows: Vec<TenantRow> = diesel::sql_query("SELECT id FROM patronus_all_tenants()")
         .load(&mut conn)

@@ -113,28 +113,29 @@ pub fn plan(intent: &SiteIntent, compiled: &Compiled) -> SteeringPlan {
         );
     }
     for class in &compiled.classes {
+        // The class's preference as a tier (lower is better), then ties broken by latency,
+        // cost and index so the order is stable.
+        let tier = |t: &Tunnel| -> (u64, u64) {
+            match &class.path_preference {
+                PathPreference::LowestCost => (u64::from(t.cost.0), t.cost.1),
+                PathPreference::HighestBandwidth => (u64::from(u32::MAX - t.bandwidth), 0),
+                PathPreference::PreferUplink { uplink } => (u64::from(&t.local_name != uplink), 0),
+                PathPreference::LowestLatency
+                | PathPreference::LowestJitter
+                | PathPreference::LowestLoss
+                | PathPreference::Weighted { .. } => (u64::from(t.latency), 0),
+            }
+        };
         let mut ranked: Vec<&Tunnel> = tunnels.values().collect();
-        let key_latency = |t: &Tunnel| (t.latency, t.cost, t.local, t.remote);
-        match &class.path_preference {
-            PathPreference::LowestCost => {
-                ranked.sort_by_key(|t| (t.cost, t.latency, t.local, t.remote))
+        ranked.sort_by_key(|t| (tier(t), t.latency, t.cost, t.local, t.remote));
+        // Active-backup lists every path, best first (the first is used, the next on
+        // failover). The spreading modes spread over the best tier only: hashing bulk
+        // traffic onto the expensive link because it is also up is not what "lowest cost"
+        // means.
+        if class.load_balancing != LoadBalancing::ActiveBackup {
+            if let Some(best) = ranked.first().map(|t| tier(t)) {
+                ranked.retain(|t| tier(t) == best);
             }
-            PathPreference::HighestBandwidth => {
-                ranked.sort_by_key(|t| (u32::MAX - t.bandwidth, t.latency, t.local, t.remote))
-            }
-            PathPreference::PreferUplink { uplink } => ranked.sort_by_key(|t| {
-                (
-                    &t.local_name != uplink,
-                    t.latency,
-                    t.cost,
-                    t.local,
-                    t.remote,
-                )
-            }),
-            PathPreference::LowestLatency
-            | PathPreference::LowestJitter
-            | PathPreference::LowestLoss
-            | PathPreference::Weighted { .. } => ranked.sort_by_key(|t| key_latency(t)),
         }
         ranked.truncate(PATHS_PER_CLASS);
         plan.classes.insert(
@@ -272,8 +273,11 @@ mod tests {
         let voip = &plan.classes[&1];
         let backup = &plan.classes[&2];
         assert_eq!(voip.lb_mode, LbMode::ActiveBackup);
+        // Active-backup: all four, best first.
+        assert_eq!(voip.paths.len(), 4);
         assert_eq!(voip.paths[..2], [path_index(0, 0), path_index(0, 1)]);
-        assert_eq!(backup.paths[..2], [path_index(1, 0), path_index(1, 1)]);
+        // Flow hash: only the cheapest tier, so no flow is hashed onto the dear uplink.
+        assert_eq!(backup.paths, [path_index(1, 0), path_index(1, 1)]);
         assert_eq!(backup.weights[0], 100);
     }
 

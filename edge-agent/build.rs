@@ -48,6 +48,7 @@ fn layout(clang: &str, ebpf: &Path, out: &Path) {
                 "generation",
                 "class_id",
                 "policy_index",
+                "site",
             ],
         ),
         (
@@ -68,6 +69,7 @@ fn layout(clang: &str, ebpf: &Path, out: &Path) {
             ],
         ),
         ("patronus_path", &["mark", "flags"]),
+        ("patronus_dest", &["site"]),
         ("patronus_meta", &["magic", "mark"]),
     ];
     const CONSTANTS: &[&str] = &[
@@ -76,6 +78,8 @@ fn layout(clang: &str, ebpf: &Path, out: &Path) {
         "PATRONUS_MAX_CLASSES",
         "PATRONUS_MAX_PATHS",
         "PATRONUS_PATHS_PER_CLASS",
+        "PATRONUS_MAX_SITES",
+        "PATRONUS_MAX_DEST_PREFIXES",
         "PATRONUS_POLICY_WORDS",
         "PATRONUS_CNT_MAX",
         "PATRONUS_NO_PATH",

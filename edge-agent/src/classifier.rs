@@ -106,7 +106,7 @@ pub fn addr16(addr: IpAddr) -> [u8; 16] {
     }
 }
 
-fn prefix_of(net: &IpNet) -> Prefix {
+pub fn prefix_of(net: &IpNet) -> Prefix {
     let (len, base) = match net {
         IpNet::V4(n) => (96 + u32::from(n.prefix_len()), IpAddr::V4(n.network())),
         IpNet::V6(n) => (u32::from(n.prefix_len()), IpAddr::V6(n.network())),

@@ -51,6 +51,10 @@ struct Agent {
     last_apply: Instant,
     /// The policies last written to the data plane (names for flow reports).
     steered: Option<crate::classifier::Compiled>,
+    /// Destination slots of the peer sites in the data plane.
+    slots: crate::steering::SiteSlots,
+    /// What the probes say about each path (empty until measured).
+    path_views: std::collections::BTreeMap<patronus_proto::PathId, crate::steering::PathView>,
 }
 
 /// How long applying must have been quiet before the data plane is loaded.
@@ -185,7 +189,8 @@ impl Agent {
                 return;
             }
         };
-        let plan = crate::steering::plan(intent, &compiled);
+        self.slots.update(intent.peers.iter().map(|p| p.site));
+        let plan = crate::steering::plan(intent, &compiled, &self.slots, &self.path_views);
         match dp.apply(&compiled, &plan) {
             Ok(writes) => {
                 eprintln!(
@@ -386,6 +391,8 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
         dataplane_config: config.dataplane.clone(),
         last_apply: Instant::now(),
         steered: None,
+        slots: crate::steering::SiteSlots::default(),
+        path_views: std::collections::BTreeMap::new(),
     };
     let (reconcile_every, heartbeat_every) =
         (config.reconcile_interval(), config.heartbeat_interval());

@@ -1,27 +1,36 @@
-//! Which paths each application class may use, in which order (pure).
+//! Which paths each application class may use toward each peer site, in which order (pure).
 //!
 //! A data-plane path is one tunnel interface (local uplink `l`, remote uplink `r`): index
 //! `8·l + r`, firewall mark = its routing table (`desired::table_of`), so a marked packet is
 //! routed by the tunnel's table (which holds every peer's prefixes; a destination it lacks
-//! falls through to the main table's default path). Each class from the compiled policies
-//! gets its tunnels ranked by its path preference and its load-balancing mode.
+//! falls through to the main table's default path). A tunnel carries one path per peer, and
+//! it can be down toward one peer and fine toward another, so the plan is per (class,
+//! destination site): every peer gets a stable slot ([`SiteSlots`]), its prefixes (overlay
+//! address, LANs, transit) point at the slot, and each (class, slot) gets its own ranked
+//! paths.
 //!
-//! Until the probes of the monitoring work measure paths, the ranking uses what the intent
-//! says about the uplinks: link kind as the latency/jitter/loss proxy (fiber before cable
-//! before LTE before satellite), bandwidth, and cost (metered last). [`next_class_paths`]
-//! turns a class's plan into the map value, raising the generation only when it changed, so
-//! re-applying the same intent moves no flow.
+//! Ranking: the class's path preference over what the probes measured ([`PathView`]), with
+//! what the intent says about the uplinks as the tie-break and as the stand-in before the
+//! first measurement (fiber before cable before LTE before satellite; bandwidth; cost,
+//! metered last). Health decides which paths qualify: a path that is down never does; a path
+//! that is up, past its failback hold-down and within the class's SLA does; the others
+//! (degraded, recovering, out of SLA) only when no path qualifies. [`next_class_paths`]
+//! turns a plan into the map value, raising the generation only when it changed, so
+//! re-applying the same intent or the same health moves no flow.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use patronus_proto::metrics::PathStatus;
 use patronus_proto::policy::{LinkKind, LoadBalancing, PathPreference};
-use patronus_proto::SiteIntent;
+use patronus_proto::{PathId, SiteId, SiteIntent};
 
-use crate::classifier::Compiled;
-use crate::dataplane::abi::{ClassPaths, LbMode, PathEntry, PATHS_PER_CLASS};
+use crate::classifier::{prefix_of, Compiled, Prefix};
+use crate::dataplane::abi::{
+    ClassPaths, LbMode, PathEntry, CLASS_REPIN, MAX_SITES, PATHS_PER_CLASS,
+};
 use crate::desired::table_of;
 
-/// One class's ranked paths.
+/// One (class, destination) plan: ranked paths.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClassPlan {
     pub lb_mode: LbMode,
@@ -34,7 +43,74 @@ pub struct ClassPlan {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SteeringPlan {
     pub paths: BTreeMap<u32, PathEntry>,
-    pub classes: BTreeMap<u16, ClassPlan>,
+    /// (class id, destination slot) → ranked paths.
+    pub classes: BTreeMap<(u16, u16), ClassPlan>,
+    /// Destination prefix → slot of the peer site behind it.
+    pub dests: BTreeMap<Prefix, u16>,
+}
+
+/// Stable destination slots for peer sites: a peer keeps its slot while it stays in the
+/// intent (flows remember the slot they were created with), a removed peer's slot is freed,
+/// and slot 0 stays "no known site".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SiteSlots {
+    slots: BTreeMap<SiteId, u16>,
+}
+
+impl SiteSlots {
+    /// Keep the slots of `peers` that have one, free the others', give new peers the lowest
+    /// free slots. Peers beyond the data plane's capacity get none (their traffic takes the
+    /// default route).
+    pub fn update(&mut self, peers: impl IntoIterator<Item = SiteId>) {
+        let wanted: BTreeSet<SiteId> = peers.into_iter().collect();
+        self.slots.retain(|site, _| wanted.contains(site));
+        let mut used: BTreeSet<u16> = self.slots.values().copied().collect();
+        let mut next = 1u16;
+        for site in wanted {
+            if self.slots.contains_key(&site) {
+                continue;
+            }
+            while used.contains(&next) {
+                next += 1;
+            }
+            if u32::from(next) >= MAX_SITES {
+                break;
+            }
+            self.slots.insert(site, next);
+            used.insert(next);
+        }
+    }
+
+    pub fn slot(&self, site: SiteId) -> Option<u16> {
+        self.slots.get(&site).copied()
+    }
+}
+
+/// What the monitor knows about one path now: the input of selection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PathView {
+    pub status: PathStatus,
+    /// Past its failback hold-down (or never failed): may take traffic back.
+    pub preferred: bool,
+    pub latency_ms: Option<f64>,
+    pub jitter_ms: Option<f64>,
+    pub loss_pct: Option<f64>,
+    /// Classes whose SLA the path does not meet now (or has not met for the hold-down).
+    pub sla_blocked: BTreeSet<u16>,
+}
+
+impl Default for PathView {
+    /// Not measured yet: usable, ranked by what the intent says.
+    fn default() -> Self {
+        Self {
+            status: PathStatus::Unknown,
+            preferred: true,
+            latency_ms: None,
+            jitter_ms: None,
+            loss_pct: None,
+            sla_blocked: BTreeSet::new(),
+        }
+    }
 }
 
 /// Smaller is better: the usual latency of a link kind.
@@ -64,91 +140,152 @@ fn lb_mode(lb: LoadBalancing) -> LbMode {
     }
 }
 
+/// One path toward one peer, with what ranking needs.
 #[derive(Debug, Clone)]
-struct Tunnel {
+struct Candidate {
+    id: PathId,
     local: u8,
     remote: u8,
-    latency: u32,
+    /// Link-kind proxy for latency (before measurements, and as tie-break).
+    kind_latency: u32,
     bandwidth: u32,
     /// (metered, cost per GB in milli-units)
     cost: (bool, u64),
     local_name: String,
 }
 
-/// Rank the site's tunnels for every class of `compiled`.
-pub fn plan(intent: &SiteIntent, compiled: &Compiled) -> SteeringPlan {
-    let mut tunnels: BTreeMap<(u8, u8), Tunnel> = BTreeMap::new();
+/// A measurement as an integer sort key (tenths), unmeasured after every measured one.
+fn measured(value: Option<f64>) -> u64 {
+    match value {
+        Some(v) if v.is_finite() && v >= 0.0 => (v * 10.0).round().min(1e15) as u64,
+        _ => u64::MAX,
+    }
+}
+
+/// Rank the site's paths for every (class of `compiled`, peer site) given the paths' health.
+pub fn plan(
+    intent: &SiteIntent,
+    compiled: &Compiled,
+    slots: &SiteSlots,
+    views: &BTreeMap<PathId, PathView>,
+) -> SteeringPlan {
+    let unmeasured = PathView::default();
+    let mut plan = SteeringPlan::default();
+    let mut by_site: BTreeMap<SiteId, Vec<Candidate>> = BTreeMap::new();
     for path in &intent.paths {
         let Some(uplink) = intent.uplinks.iter().find(|u| u.index == path.local_uplink) else {
             continue;
         };
-        let remote_kind = intent
-            .peers
+        let Some(peer) = intent.peers.iter().find(|p| p.site == path.remote_site) else {
+            continue;
+        };
+        let remote_kind = peer
+            .endpoints
             .iter()
-            .flat_map(|p| &p.endpoints)
             .find(|e| e.uplink_index == path.remote_uplink)
             .and_then(|e| e.kind);
-        tunnels
-            .entry((path.local_uplink, path.remote_uplink))
-            .or_insert_with(|| Tunnel {
-                local: path.local_uplink,
-                remote: path.remote_uplink,
-                latency: 2 * kind_rank(Some(uplink.kind)) + kind_rank(remote_kind),
-                bandwidth: uplink.bandwidth_mbps.unwrap_or(1).max(1),
-                cost: (
-                    uplink.metered,
-                    (uplink.cost_per_gb.max(0.0) * 1000.0) as u64,
-                ),
-                local_name: uplink.name.clone(),
-            });
-    }
-    let mut plan = SteeringPlan::default();
-    for t in tunnels.values() {
         plan.paths.insert(
-            path_index(t.local, t.remote),
+            path_index(path.local_uplink, path.remote_uplink),
             PathEntry {
-                mark: table_of(t.local, t.remote),
+                mark: table_of(path.local_uplink, path.remote_uplink),
                 flags: 0,
             },
         );
+        by_site.entry(peer.site).or_default().push(Candidate {
+            id: path.id,
+            local: path.local_uplink,
+            remote: path.remote_uplink,
+            kind_latency: 2 * kind_rank(Some(uplink.kind)) + kind_rank(remote_kind),
+            bandwidth: uplink.bandwidth_mbps.unwrap_or(1).max(1),
+            cost: (
+                uplink.metered,
+                (uplink.cost_per_gb.max(0.0) * 1000.0) as u64,
+            ),
+            local_name: uplink.name.clone(),
+        });
     }
-    for class in &compiled.classes {
-        // The class's preference as a tier (lower is better), then ties broken by latency,
-        // cost and index so the order is stable.
-        let tier = |t: &Tunnel| -> (u64, u64) {
-            match &class.path_preference {
-                PathPreference::LowestCost => (u64::from(t.cost.0), t.cost.1),
-                PathPreference::HighestBandwidth => (u64::from(u32::MAX - t.bandwidth), 0),
-                PathPreference::PreferUplink { uplink } => (u64::from(&t.local_name != uplink), 0),
-                PathPreference::LowestLatency
-                | PathPreference::LowestJitter
-                | PathPreference::LowestLoss
-                | PathPreference::Weighted { .. } => (u64::from(t.latency), 0),
-            }
+    for peer in &intent.peers {
+        let Some(slot) = slots.slot(peer.site) else {
+            continue;
         };
-        let mut ranked: Vec<&Tunnel> = tunnels.values().collect();
-        ranked.sort_by_key(|t| (tier(t), t.latency, t.cost, t.local, t.remote));
-        // Active-backup lists every path, best first (the first is used, the next on
-        // failover). The spreading modes spread over the best tier only: hashing bulk
-        // traffic onto the expensive link because it is also up is not what "lowest cost"
-        // means.
-        if class.load_balancing != LoadBalancing::ActiveBackup {
-            if let Some(best) = ranked.first().map(|t| tier(t)) {
-                ranked.retain(|t| tier(t) == best);
-            }
+        let prefixes = std::iter::once(ipnet::IpNet::from(peer.overlay_address))
+            .chain(peer.lan_prefixes.iter().copied())
+            .chain(peer.transit_prefixes.iter().copied());
+        for net in prefixes {
+            plan.dests.insert(prefix_of(&net), slot);
         }
-        ranked.truncate(PATHS_PER_CLASS);
-        plan.classes.insert(
-            class.id,
-            ClassPlan {
-                lb_mode: lb_mode(class.load_balancing),
-                paths: ranked
-                    .iter()
-                    .map(|t| path_index(t.local, t.remote))
-                    .collect(),
-                weights: ranked.iter().map(|t| t.bandwidth).collect(),
-            },
-        );
+    }
+    for (site, candidates) in &by_site {
+        let Some(slot) = slots.slot(*site) else {
+            continue;
+        };
+        for class in &compiled.classes {
+            let view = |c: &Candidate| views.get(&c.id).unwrap_or(&unmeasured);
+            // The class's preference as (tier, exact value), lower is better; the spreading
+            // modes use the whole best tier (measurements fall in 5 ms / 0.5 % buckets, so
+            // two paths a hair apart share flows), ties broken by the link-kind proxy, cost
+            // and index so the order is stable.
+            let tier = |c: &Candidate| -> (u64, u64) {
+                let v = view(c);
+                let bucket = |x: u64, width: u64| if x == u64::MAX { x } else { x / width };
+                let latency = measured(v.latency_ms);
+                match &class.path_preference {
+                    PathPreference::LowestCost => ((u64::from(c.cost.0) << 48) | c.cost.1, 0),
+                    PathPreference::HighestBandwidth => (u64::from(u32::MAX - c.bandwidth), 0),
+                    PathPreference::PreferUplink { uplink } => {
+                        (u64::from(&c.local_name != uplink), latency)
+                    }
+                    PathPreference::LowestJitter => {
+                        let jitter = measured(v.jitter_ms);
+                        (bucket(jitter, 10), jitter)
+                    }
+                    PathPreference::LowestLoss => {
+                        let loss = measured(v.loss_pct);
+                        (bucket(loss, 5), loss)
+                    }
+                    PathPreference::LowestLatency | PathPreference::Weighted { .. } => {
+                        (bucket(latency, 50), latency)
+                    }
+                }
+            };
+            let qualifies = |c: &Candidate| {
+                let v = view(c);
+                matches!(v.status, PathStatus::Up | PathStatus::Unknown)
+                    && v.preferred
+                    && !v.sla_blocked.contains(&class.id)
+            };
+            let usable: Vec<&Candidate> = candidates
+                .iter()
+                .filter(|c| view(c).status != PathStatus::Down)
+                .collect();
+            let mut ranked: Vec<&Candidate> = if usable.iter().any(|c| qualifies(c)) {
+                usable.into_iter().filter(|c| qualifies(c)).collect()
+            } else {
+                usable
+            };
+            ranked.sort_by_key(|c| (tier(c), c.kind_latency, c.cost, c.local, c.remote));
+            // Active-backup lists every qualifying path, best first (the first is used, the
+            // next on failover). The spreading modes spread over the best tier only:
+            // hashing bulk traffic onto the expensive link because it is also up is not
+            // what "lowest cost" means.
+            if class.load_balancing != LoadBalancing::ActiveBackup {
+                if let Some(best) = ranked.first().map(|c| tier(c).0) {
+                    ranked.retain(|c| tier(c).0 == best);
+                }
+            }
+            ranked.truncate(PATHS_PER_CLASS);
+            plan.classes.insert(
+                (class.id, slot),
+                ClassPlan {
+                    lb_mode: lb_mode(class.load_balancing),
+                    paths: ranked
+                        .iter()
+                        .map(|c| path_index(c.local, c.remote))
+                        .collect(),
+                    weights: ranked.iter().map(|c| c.bandwidth).collect(),
+                },
+            );
+        }
     }
     plan
 }
@@ -173,7 +310,23 @@ pub fn next_class_paths(current: Option<&ClassPaths>, class: &ClassPlan) -> Clas
         value.paths[i] = *path;
         value.weights[i] = *weight;
     }
-    value.generation = match current {
+    // Active-backup failback: a path that was not listed comes back at the top, so the
+    // class's flows return to it (the hold-down already passed, or it would not be listed).
+    if let Some(c) = current {
+        let listed = &c.paths[..usize::from(c.count).min(PATHS_PER_CLASS)];
+        if class.lb_mode == LbMode::ActiveBackup
+            && c.count > 0
+            && class
+                .paths
+                .first()
+                .is_some_and(|first| !listed.contains(first))
+        {
+            value.flags |= CLASS_REPIN;
+        }
+    }
+    match current {
+        // Unchanged: the same generation and flags (a re-pin still pending for idle flows
+        // stays in force).
         Some(c)
             if ClassPaths {
                 generation: c.generation,
@@ -181,22 +334,66 @@ pub fn next_class_paths(current: Option<&ClassPaths>, class: &ClassPlan) -> Clas
                 ..value
             } == ClassPaths { flags: 0, ..*c } =>
         {
-            c.generation
+            *c
         }
-        Some(c) => c.generation.wrapping_add(1).max(1),
-        None => 1,
-    };
-    value
+        Some(c) => ClassPaths {
+            generation: c.generation.wrapping_add(1).max(1),
+            ..value
+        },
+        None => ClassPaths {
+            generation: 1,
+            ..value
+        },
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::classifier::compile;
+    use patronus_proto::intent::{Peer, PeerEndpoint};
     use patronus_proto::policy::{AppClass, MatchRules, RoutingPolicy, Sla};
-    use patronus_proto::PolicyId;
+    use patronus_proto::{PolicyId, ProbeKey, WgPublicKey};
 
-    fn intent_with(uplinks: &[(&str, LinkKind, u32, f64, bool)]) -> SiteIntent {
+    const PEER_A: u128 = 99;
+    const PEER_B: u128 = 98;
+
+    fn site(n: u128) -> SiteId {
+        SiteId(uuid::Uuid::from_u128(n))
+    }
+
+    /// Path id of (local, peer, remote).
+    fn path_id(local: u8, peer: u128, remote: u8) -> PathId {
+        PathId(uuid::Uuid::from_u128(
+            peer * 1000 + u128::from(local) * 10 + u128::from(remote) + 1,
+        ))
+    }
+
+    fn peer(n: u128, lan: &str) -> Peer {
+        Peer {
+            site: site(n),
+            name: format!("peer{n}"),
+            public_key: WgPublicKey([n as u8; 32]),
+            overlay_address: format!("100.64.0.{n}").parse().unwrap(),
+            lan_prefixes: vec![lan.parse().unwrap()],
+            transit_prefixes: vec![],
+            endpoints: (0..2)
+                .map(|i| PeerEndpoint {
+                    uplink_index: i,
+                    ip: format!("198.18.{n}.{i}").parse().unwrap(),
+                    kind: None,
+                })
+                .collect(),
+            listen_port_base: 51820,
+            region: None,
+            hub: false,
+            probe_key: ProbeKey([1; 32]),
+        }
+    }
+
+    /// An intent with the given uplinks and peers A (and B when `two_peers`), every
+    /// (local, remote) path to each.
+    fn intent_with(uplinks: &[(&str, LinkKind, u32, f64, bool)], two_peers: bool) -> SiteIntent {
         let mut intent: SiteIntent = serde_json::from_value(serde_json::json!({
             "schema_version": "1.0", "tenant": uuid::Uuid::nil(), "site": uuid::Uuid::nil(),
             "site_name": "a", "revision": 1, "generated_at_unix_ms": 0,
@@ -205,6 +402,10 @@ mod tests {
             "peers": [], "paths": []
         }))
         .expect("a minimal intent");
+        intent.peers.push(peer(PEER_A, "10.99.0.0/24"));
+        if two_peers {
+            intent.peers.push(peer(PEER_B, "10.98.0.0/24"));
+        }
         for (i, (name, kind, bw, cost, metered)) in uplinks.iter().enumerate() {
             intent.uplinks.push(patronus_proto::intent::Uplink {
                 index: i as u8,
@@ -215,16 +416,37 @@ mod tests {
                 cost_per_gb: *cost,
                 metered: *metered,
             });
-            for r in 0..2 {
-                intent.paths.push(patronus_proto::intent::PathSpec {
-                    id: patronus_proto::PathId(uuid::Uuid::from_u128((i * 2 + r) as u128 + 1)),
-                    local_uplink: i as u8,
-                    remote_site: patronus_proto::SiteId(uuid::Uuid::from_u128(99)),
-                    remote_uplink: r as u8,
-                });
+        }
+        for p in intent.peers.clone() {
+            let n = p.site.0.as_u128();
+            for l in 0..uplinks.len() as u8 {
+                for r in 0..2u8 {
+                    intent.paths.push(patronus_proto::intent::PathSpec {
+                        id: path_id(l, n, r),
+                        local_uplink: l,
+                        remote_site: p.site,
+                        remote_uplink: r,
+                    });
+                }
             }
         }
         intent
+    }
+
+    fn fiber_and_lte(two_peers: bool) -> SiteIntent {
+        intent_with(
+            &[
+                ("fiber", LinkKind::Fiber, 1000, 5.0, false),
+                ("lte", LinkKind::Lte, 100, 0.0, false),
+            ],
+            two_peers,
+        )
+    }
+
+    fn slots_for(intent: &SiteIntent) -> SiteSlots {
+        let mut slots = SiteSlots::default();
+        slots.update(intent.peers.iter().map(|p| p.site));
+        slots
     }
 
     fn policy(
@@ -246,13 +468,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn voip_prefers_fiber_and_backup_the_cheap_uplink() {
-        let intent = intent_with(&[
-            ("fiber", LinkKind::Fiber, 1000, 5.0, false),
-            ("lte", LinkKind::Lte, 100, 0.0, false),
-        ]);
-        let compiled = compile(&[
+    fn voip_and_backup() -> Compiled {
+        compile(&[
             policy(
                 1,
                 "voip",
@@ -266,12 +483,37 @@ mod tests {
                 LoadBalancing::FlowHash,
             ),
         ])
-        .unwrap();
-        let plan = plan(&intent, &compiled);
+        .unwrap()
+    }
+
+    fn down() -> PathView {
+        PathView {
+            status: PathStatus::Down,
+            preferred: false,
+            ..PathView::default()
+        }
+    }
+
+    fn measured_view(latency_ms: f64) -> PathView {
+        PathView {
+            status: PathStatus::Up,
+            latency_ms: Some(latency_ms),
+            jitter_ms: Some(1.0),
+            loss_pct: Some(0.0),
+            ..PathView::default()
+        }
+    }
+
+    #[test]
+    fn voip_prefers_fiber_and_backup_the_cheap_uplink() {
+        let intent = fiber_and_lte(false);
+        let slots = slots_for(&intent);
+        let plan = plan(&intent, &voip_and_backup(), &slots, &BTreeMap::new());
         assert_eq!(plan.paths.len(), 4);
         assert_eq!(plan.paths[&path_index(1, 0)].mark, table_of(1, 0));
-        let voip = &plan.classes[&1];
-        let backup = &plan.classes[&2];
+        let a = slots.slot(site(PEER_A)).unwrap();
+        let voip = &plan.classes[&(1, a)];
+        let backup = &plan.classes[&(2, a)];
         assert_eq!(voip.lb_mode, LbMode::ActiveBackup);
         // Active-backup: all four, best first.
         assert_eq!(voip.paths.len(), 4);
@@ -279,6 +521,110 @@ mod tests {
         // Flow hash: only the cheapest tier, so no flow is hashed onto the dear uplink.
         assert_eq!(backup.paths, [path_index(1, 0), path_index(1, 1)]);
         assert_eq!(backup.weights[0], 100);
+        // The peer's overlay address and LAN lead to its slot.
+        assert_eq!(plan.dests.len(), 2);
+        assert!(plan.dests.values().all(|s| *s == a));
+    }
+
+    #[test]
+    fn a_path_down_toward_one_peer_leaves_the_other_peer_alone() {
+        let intent = fiber_and_lte(true);
+        let slots = slots_for(&intent);
+        let views = BTreeMap::from([(path_id(0, PEER_A, 0), down())]);
+        let plan = plan(&intent, &voip_and_backup(), &slots, &views);
+        let (a, b) = (
+            slots.slot(site(PEER_A)).unwrap(),
+            slots.slot(site(PEER_B)).unwrap(),
+        );
+        assert_ne!(a, b);
+        assert_eq!(plan.classes[&(1, a)].paths[0], path_index(0, 1));
+        assert!(!plan.classes[&(1, a)].paths.contains(&path_index(0, 0)));
+        assert_eq!(plan.classes[&(1, b)].paths[0], path_index(0, 0));
+    }
+
+    #[test]
+    fn measured_latency_ranks_before_the_link_kind() {
+        let intent = fiber_and_lte(false);
+        let slots = slots_for(&intent);
+        let a = slots.slot(site(PEER_A)).unwrap();
+        // The fiber is slow today; the LTE path (1, 1) is fastest.
+        let views = BTreeMap::from([
+            (path_id(0, PEER_A, 0), measured_view(80.0)),
+            (path_id(0, PEER_A, 1), measured_view(90.0)),
+            (path_id(1, PEER_A, 0), measured_view(40.0)),
+            (path_id(1, PEER_A, 1), measured_view(20.0)),
+        ]);
+        let plan = plan(&intent, &voip_and_backup(), &slots, &views);
+        assert_eq!(
+            plan.classes[&(1, a)].paths,
+            [
+                path_index(1, 1),
+                path_index(1, 0),
+                path_index(0, 0),
+                path_index(0, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn degraded_sla_blocked_and_recovering_paths_serve_only_when_nothing_qualifies() {
+        let intent = fiber_and_lte(false);
+        let slots = slots_for(&intent);
+        let a = slots.slot(site(PEER_A)).unwrap();
+        let compiled = voip_and_backup();
+        let mut views = BTreeMap::new();
+        views.insert(
+            path_id(0, PEER_A, 0),
+            PathView {
+                status: PathStatus::Degraded,
+                ..measured_view(10.0)
+            },
+        );
+        views.insert(
+            path_id(0, PEER_A, 1),
+            PathView {
+                sla_blocked: BTreeSet::from([1]),
+                ..measured_view(11.0)
+            },
+        );
+        views.insert(
+            path_id(1, PEER_A, 0),
+            PathView {
+                preferred: false,
+                ..measured_view(12.0)
+            },
+        );
+        views.insert(path_id(1, PEER_A, 1), measured_view(50.0));
+        let p = plan(&intent, &compiled, &slots, &views);
+        assert_eq!(p.classes[&(1, a)].paths, [path_index(1, 1)]);
+        // The only qualifying path goes down: the rest serve, best first, down excluded.
+        views.insert(path_id(1, PEER_A, 1), down());
+        let p = plan(&intent, &compiled, &slots, &views);
+        assert_eq!(
+            p.classes[&(1, a)].paths,
+            [path_index(0, 0), path_index(0, 1), path_index(1, 0)]
+        );
+        // Everything down: no path, so the class takes the default route.
+        for l in 0..2 {
+            for r in 0..2 {
+                views.insert(path_id(l, PEER_A, r), down());
+            }
+        }
+        let p = plan(&intent, &compiled, &slots, &views);
+        assert!(p.classes[&(1, a)].paths.is_empty());
+    }
+
+    #[test]
+    fn slots_are_stable_and_reused() {
+        let mut slots = SiteSlots::default();
+        slots.update([site(1), site(2), site(3)]);
+        let two = slots.slot(site(2));
+        slots.update([site(2), site(3)]);
+        assert_eq!(slots.slot(site(2)), two);
+        assert_eq!(slots.slot(site(1)), None);
+        slots.update([site(2), site(3), site(4)]);
+        assert_eq!(slots.slot(site(4)), Some(1), "the freed slot is reused");
+        assert!(slots.slots.values().all(|s| *s >= 1));
     }
 
     #[test]
@@ -294,12 +640,36 @@ mod tests {
         let failed_over = ClassPlan {
             paths: vec![1],
             weights: vec![1],
-            ..class
+            ..class.clone()
         };
         let second = next_class_paths(Some(&first), &failed_over);
         assert_eq!(
-            (second.generation, second.count, second.paths[0]),
-            (2, 1, 1)
+            (
+                second.generation,
+                second.count,
+                second.paths[0],
+                second.flags
+            ),
+            (2, 1, 1, 0)
         );
+        // Failback: path 0 returns at the top, so flows are re-pinned to it.
+        let third = next_class_paths(Some(&second), &class);
+        assert_eq!((third.generation, third.flags), (3, CLASS_REPIN));
+        // Re-applying keeps the pending re-pin.
+        assert_eq!(next_class_paths(Some(&third), &class), third);
+        // Spreading modes never re-pin.
+        let hashed = ClassPlan {
+            lb_mode: LbMode::FlowHash,
+            ..class
+        };
+        let h1 = next_class_paths(
+            None,
+            &ClassPlan {
+                paths: vec![1],
+                weights: vec![1],
+                ..hashed.clone()
+            },
+        );
+        assert_eq!(next_class_paths(Some(&h1), &hashed).flags, 0);
     }
 }

@@ -72,12 +72,23 @@ struct {
 } PATRONUS_POLICY_RULES SEC(".maps");
 
 /* ---- steering (written by the agent from path state) ---------------------------------- */
+/* Index: class_id * PATRONUS_MAX_SITES + destination slot (an array: the lookup on every
+ * packet is an index, not a hash). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, PATRONUS_MAX_CLASSES);
+	__uint(max_entries, PATRONUS_MAX_CLASSES * PATRONUS_MAX_SITES);
 	__type(key, __u32);
 	__type(value, struct patronus_class_paths);
 } PATRONUS_CLASS_PATHS SEC(".maps");
+
+/* Destination prefix -> the peer site behind it (written by the agent from the intent). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, PATRONUS_MAX_DEST_PREFIXES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct patronus_prefix_key);
+	__type(value, struct patronus_dest);
+} PATRONUS_DEST_SITES SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -8,7 +8,8 @@
  *
  * Data flow: XDP on the LAN interface parses the packet and looks its 5-tuple up in
  *   PATRONUS_FLOWS (LRU); on a miss, the PATRONUS_POLICY_* maps classify it into an
- *   application class, PATRONUS_CLASS_PATHS gives the paths of that class, and the chosen
+ *   application class, PATRONUS_DEST_SITES tells which peer site the destination is behind,
+ *   PATRONUS_CLASS_PATHS gives the paths of that class toward that site, and the chosen
  *   path's mark reaches TC ingress (which sets skb->mark, so `ip rule` picks the path's table)
  *   as XDP metadata, or through the flow entry where metadata is not available.
  * The map definitions themselves are in map_defs.h, grouped by concern.
@@ -24,6 +25,8 @@
 #define PATRONUS_MAX_CLASSES      64      /* application classes */
 #define PATRONUS_MAX_PATHS        256     /* paths of one site the data plane can steer to */
 #define PATRONUS_PATHS_PER_CLASS  8       /* candidate paths per class, best first */
+#define PATRONUS_MAX_SITES        1024    /* destination slots per class; slot 0 = no known site */
+#define PATRONUS_MAX_DEST_PREFIXES 65536  /* prefixes behind peer sites (LAN, overlay, transit) */
 
 /* ---- counters (per-CPU array, index = enum patronus_counter) --------------------------- */
 enum patronus_counter {
@@ -65,6 +68,8 @@ struct patronus_flow_value {
 	__u32 generation;  /* the class's generation when chosen; a newer one re-checks the path */
 	__u16 class_id;
 	__u16 policy_index; /* PATRONUS_NO_POLICY when no policy matched (default class) */
+	__u16 site;         /* destination slot (PATRONUS_DEST_SITES) when the flow was created */
+	__u16 pad;
 };
 
 #define PATRONUS_NO_PATH   0xffffffffu
@@ -110,7 +115,9 @@ enum patronus_lb_mode {
 /* class_paths.flags */
 #define PATRONUS_CLASS_REPIN 1u /* with a new generation: every flow picks again (failback) */
 
-/* What a class of traffic may use now, best first. The agent rewrites one entry on failover
+/* What a class of traffic may use now toward one destination site, best first (a path is a
+ * tunnel, and a tunnel can be down toward one peer and fine toward another). Index:
+ * class_id * PATRONUS_MAX_SITES + site slot. The agent rewrites one entry on failover
  * (paths[] without the failed path, generation + 1): flows on a path still listed keep it,
  * flows on a path no longer listed pick again on their next packet. */
 struct patronus_class_paths {
@@ -120,6 +127,12 @@ struct patronus_class_paths {
 	__u16 flags;
 	__u32 paths[PATRONUS_PATHS_PER_CLASS];
 	__u32 weights[PATRONUS_PATHS_PER_CLASS];
+};
+
+/* The peer site a destination prefix is behind (PATRONUS_DEST_SITES value). */
+struct patronus_dest {
+	__u16 site;         /* slot 1..PATRONUS_MAX_SITES-1, stable while the peer exists */
+	__u16 pad;
 };
 
 /* A path as the kernel sees it: the firewall mark that `ip rule` maps to its table. */

@@ -168,6 +168,26 @@ static __always_inline __u32 patronus_classify(const struct patronus_flow_key *k
 	return c.result;
 }
 
+/* The slot of the peer site the destination is behind; 0 when no peer announces it. */
+static __always_inline __u16 patronus_dest_site(const struct patronus_flow_key *key)
+{
+	struct patronus_prefix_key prefix = { .prefixlen = 128 };
+	struct patronus_dest *dest;
+
+	__builtin_memcpy(prefix.addr, key->dst_addr, 16);
+	dest = bpf_map_lookup_elem(&PATRONUS_DEST_SITES, &prefix);
+	return dest && dest->site < PATRONUS_MAX_SITES ? dest->site : 0;
+}
+
+/* PATRONUS_CLASS_PATHS index of (class, destination slot); out of range -> past the end, so
+ * the lookup fails and the flow takes the default route. */
+static __always_inline __u32 patronus_class_index(__u32 class_id, __u32 site)
+{
+	if (class_id >= PATRONUS_MAX_CLASSES || site >= PATRONUS_MAX_SITES)
+		return PATRONUS_MAX_CLASSES * PATRONUS_MAX_SITES;
+	return class_id * PATRONUS_MAX_SITES + site;
+}
+
 static __always_inline int patronus_listed(const struct patronus_class_paths *cp, __u32 path)
 {
 #pragma unroll
@@ -288,7 +308,7 @@ static __always_inline __u32 patronus_steer(const struct patronus_flow_key *key,
 	struct patronus_flow_value *flow = bpf_map_lookup_elem(&PATRONUS_FLOWS, key);
 	struct patronus_class_paths *cp;
 	__u64 now = bpf_ktime_get_ns();
-	__u32 class_id;
+	__u32 class_id, index;
 
 	if (flow) {
 		patronus_count(PATRONUS_CNT_FLOW_HIT);
@@ -296,7 +316,8 @@ static __always_inline __u32 patronus_steer(const struct patronus_flow_key *key,
 		__sync_fetch_and_add(&flow->bytes, bytes);
 		flow->last_seen_ns = now;
 		class_id = flow->class_id;
-		cp = bpf_map_lookup_elem(&PATRONUS_CLASS_PATHS, &class_id);
+		index = patronus_class_index(class_id, flow->site);
+		cp = bpf_map_lookup_elem(&PATRONUS_CLASS_PATHS, &index);
 		if (cp && cp->generation != flow->generation) {
 			/* A flow never moves between healthy paths: only when its path left the
 			 * class's list, or the agent asks every flow to pick again (failback). */
@@ -328,7 +349,9 @@ static __always_inline __u32 patronus_steer(const struct patronus_flow_key *key,
 		fresh.policy_index = rule ? rank : PATRONUS_NO_POLICY;
 		class_id = rule ? rule->class_id : 0;
 		fresh.class_id = class_id;
-		cp = bpf_map_lookup_elem(&PATRONUS_CLASS_PATHS, &class_id);
+		fresh.site = patronus_dest_site(key);
+		index = patronus_class_index(class_id, fresh.site);
+		cp = bpf_map_lookup_elem(&PATRONUS_CLASS_PATHS, &index);
 		if (cp)
 			patronus_assign(&fresh, cp, patronus_pick(cp, class_id, patronus_flow_hash(key)));
 		bpf_map_update_elem(&PATRONUS_FLOWS, key, &fresh, BPF_ANY);

@@ -18,6 +18,9 @@ pub const MAX_POLICIES: u32 = c::PATRONUS_MAX_POLICIES as u32;
 pub const MAX_CLASSES: u32 = c::PATRONUS_MAX_CLASSES as u32;
 pub const MAX_PATHS: u32 = c::PATRONUS_MAX_PATHS as u32;
 pub const PATHS_PER_CLASS: usize = c::PATRONUS_PATHS_PER_CLASS as usize;
+/// Destination slots per class (slot 0: a destination no peer announces).
+pub const MAX_SITES: u32 = c::PATRONUS_MAX_SITES as u32;
+pub const MAX_DEST_PREFIXES: u32 = c::PATRONUS_MAX_DEST_PREFIXES as u32;
 pub const POLICY_WORDS: usize = c::PATRONUS_POLICY_WORDS as usize;
 pub const COUNTERS: u32 = c::PATRONUS_CNT_MAX as u32;
 pub const NO_PATH: u32 = c::PATRONUS_NO_PATH as u32;
@@ -82,6 +85,9 @@ pub struct FlowValue {
     pub generation: u32,
     pub class_id: u16,
     pub policy_index: u16,
+    /// Destination slot when the flow was created (`PATRONUS_DEST_SITES`).
+    pub site: u16,
+    pub pad: u16,
 }
 
 #[repr(C)]
@@ -144,6 +150,19 @@ pub struct ClassPaths {
     pub weights: [u32; PATHS_PER_CLASS],
 }
 
+/// `PATRONUS_CLASS_PATHS` index of a class toward a destination slot.
+pub fn class_index(class: u16, site: u16) -> u32 {
+    u32::from(class) * MAX_SITES + u32::from(site)
+}
+
+/// The peer site a destination prefix is behind.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DestSite {
+    pub site: u16,
+    pub pad: u16,
+}
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PathEntry {
@@ -166,6 +185,7 @@ unsafe impl aya::Pod for PolicyRule {}
 unsafe impl aya::Pod for PolicySet {}
 unsafe impl aya::Pod for ClassPaths {}
 unsafe impl aya::Pod for PathEntry {}
+unsafe impl aya::Pod for DestSite {}
 
 macro_rules! same_layout {
     ($rust:ty, $size:ident, $( $field:ident => $offset:ident ),+ $(,)?) => {
@@ -189,7 +209,8 @@ same_layout!(FlowValue, SIZE_OF_PATRONUS_FLOW_VALUE,
     mark => OFFSET_OF_PATRONUS_FLOW_VALUE_MARK,
     generation => OFFSET_OF_PATRONUS_FLOW_VALUE_GENERATION,
     class_id => OFFSET_OF_PATRONUS_FLOW_VALUE_CLASS_ID,
-    policy_index => OFFSET_OF_PATRONUS_FLOW_VALUE_POLICY_INDEX);
+    policy_index => OFFSET_OF_PATRONUS_FLOW_VALUE_POLICY_INDEX,
+    site => OFFSET_OF_PATRONUS_FLOW_VALUE_SITE);
 same_layout!(PolicyRule, SIZE_OF_PATRONUS_POLICY_RULE,
     class_id => OFFSET_OF_PATRONUS_POLICY_RULE_CLASS_ID,
     src_port_lo => OFFSET_OF_PATRONUS_POLICY_RULE_SRC_PORT_LO,
@@ -209,6 +230,7 @@ same_layout!(ClassPaths, SIZE_OF_PATRONUS_CLASS_PATHS,
 same_layout!(PathEntry, SIZE_OF_PATRONUS_PATH,
     mark => OFFSET_OF_PATRONUS_PATH_MARK,
     flags => OFFSET_OF_PATRONUS_PATH_FLAGS);
+same_layout!(DestSite, SIZE_OF_PATRONUS_DEST, site => OFFSET_OF_PATRONUS_DEST_SITE);
 same_layout!(Meta, SIZE_OF_PATRONUS_META,
     magic => OFFSET_OF_PATRONUS_META_MAGIC,
     mark => OFFSET_OF_PATRONUS_META_MARK);

@@ -55,7 +55,7 @@ fn thousand_policies(dp: &mut Dataplane) -> anyhow::Result<()> {
         ..ClassPaths::default()
     };
     class.paths[0] = 0;
-    dp.set_class_paths(1, class)?;
+    dp.set_class_paths(super::abi::class_index(1, 0), class)?;
     let all: Vec<u32> = (0..1000).collect();
     dp.set_prefix_set(true, 0, [0; 16], PolicySet::with(&all))?;
     dp.set_prefix_set(false, 0, [0; 16], PolicySet::with(&all))?;

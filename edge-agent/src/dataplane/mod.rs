@@ -19,7 +19,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, Xdp};
 use aya::Ebpf;
 
-use abi::{ClassPaths, Counter, FlowKey, FlowValue, PathEntry, PolicyRule, PolicySet};
+use abi::{ClassPaths, Counter, DestSite, FlowKey, FlowValue, PathEntry, PolicyRule, PolicySet};
 
 /// The compiled programs (aligned as aya needs).
 static OBJECT: &[u8] =
@@ -88,7 +88,9 @@ pub enum XdpMode {
 struct Written {
     compiled: Option<crate::classifier::Compiled>,
     ports: Vec<PolicySet>,
-    classes: std::collections::BTreeSet<u16>,
+    /// (class, destination slot) entries written.
+    classes: std::collections::BTreeSet<(u16, u16)>,
+    dests: std::collections::BTreeMap<crate::classifier::Prefix, u16>,
 }
 
 /// The loaded programs and their maps.
@@ -179,34 +181,56 @@ impl Dataplane {
             self.set_path(*index, *path)?;
             writes += 1;
         }
-        let mut classes = std::collections::BTreeSet::new();
-        for (class, class_plan) in &plan.classes {
-            let current = self.class_paths(u32::from(*class))?;
-            let current = (self.written.classes.contains(class)).then_some(current);
-            let next = crate::steering::next_class_paths(current.as_ref(), class_plan);
-            if current != Some(next) {
-                self.set_class_paths(u32::from(*class), next)?;
+        // Destinations first, so a new flow toward a new peer finds its slot's paths.
+        for (prefix, slot) in &plan.dests {
+            if self.written.dests.get(prefix) != Some(slot) {
+                self.set_dest(prefix.len, prefix.addr, *slot)?;
                 writes += 1;
             }
-            classes.insert(*class);
         }
-        // Classes that are gone: no paths, at a new generation, so their flows leave them.
-        for gone in self
+        let mut classes = std::collections::BTreeSet::new();
+        for ((class, site), class_plan) in &plan.classes {
+            let index = abi::class_index(*class, *site);
+            let current = self.class_paths(index)?;
+            let current = (self.written.classes.contains(&(*class, *site))).then_some(current);
+            let next = crate::steering::next_class_paths(current.as_ref(), class_plan);
+            if current != Some(next) {
+                self.set_class_paths(index, next)?;
+                writes += 1;
+            }
+            classes.insert((*class, *site));
+        }
+        // (Class, destination) pairs that are gone: no paths, at a new generation, so their
+        // flows leave them.
+        for (class, site) in self
             .written
             .classes
             .difference(&classes)
             .copied()
             .collect::<Vec<_>>()
         {
-            let current = self.class_paths(u32::from(gone))?;
+            let index = abi::class_index(class, site);
+            let current = self.class_paths(index)?;
             let empty = ClassPaths {
                 generation: current.generation.wrapping_add(1).max(1),
                 ..ClassPaths::default()
             };
-            self.set_class_paths(u32::from(gone), empty)?;
+            self.set_class_paths(index, empty)?;
             writes += 1;
         }
         self.written.classes = classes;
+        for prefix in self
+            .written
+            .dests
+            .keys()
+            .filter(|p| !plan.dests.contains_key(p))
+            .copied()
+            .collect::<Vec<_>>()
+        {
+            self.remove_dest(prefix.len, prefix.addr)?;
+            writes += 1;
+        }
+        self.written.dests = plan.dests.clone();
 
         let previous = self.written.compiled.take();
         for (rank, rule) in compiled.rules.iter().enumerate() {
@@ -330,17 +354,53 @@ impl Dataplane {
             .map_err(map_error("PATRONUS_PATHS"))
     }
 
-    /// Replace a class's paths: one map update is the whole failover.
-    pub fn set_class_paths(&mut self, class: u32, paths: ClassPaths) -> Result<(), DataplaneError> {
+    /// Replace a (class, destination)'s paths (`index` from [`abi::class_index`]): one map
+    /// update is the whole failover.
+    pub fn set_class_paths(&mut self, index: u32, paths: ClassPaths) -> Result<(), DataplaneError> {
         self.array("PATRONUS_CLASS_PATHS")?
-            .set(class, paths, 0)
+            .set(index, paths, 0)
             .map_err(map_error("PATRONUS_CLASS_PATHS"))
     }
 
-    pub fn class_paths(&mut self, class: u32) -> Result<ClassPaths, DataplaneError> {
+    pub fn class_paths(&mut self, index: u32) -> Result<ClassPaths, DataplaneError> {
         self.array("PATRONUS_CLASS_PATHS")?
-            .get(&class, 0)
+            .get(&index, 0)
             .map_err(map_error("PATRONUS_CLASS_PATHS"))
+    }
+
+    fn dest_trie(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 16], DestSite>, DataplaneError> {
+        let name = "PATRONUS_DEST_SITES";
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::Map {
+            name,
+            detail: "missing from the object".into(),
+        })?;
+        LpmTrie::try_from(map).map_err(map_error(name))
+    }
+
+    /// Traffic to `addr/prefixlen` (16-byte form) goes to the peer in destination `slot`.
+    pub fn set_dest(
+        &mut self,
+        prefixlen: u32,
+        addr: [u8; 16],
+        slot: u16,
+    ) -> Result<(), DataplaneError> {
+        self.dest_trie()?
+            .insert(
+                &aya::maps::lpm_trie::Key::new(prefixlen, addr),
+                DestSite { site: slot, pad: 0 },
+                0,
+            )
+            .map_err(map_error("PATRONUS_DEST_SITES"))
+    }
+
+    fn remove_dest(&mut self, prefixlen: u32, addr: [u8; 16]) -> Result<(), DataplaneError> {
+        match self
+            .dest_trie()?
+            .remove(&aya::maps::lpm_trie::Key::new(prefixlen, addr))
+        {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_error("PATRONUS_DEST_SITES")(e)),
+        }
     }
 
     pub fn set_policy_rule(&mut self, rank: u32, rule: PolicyRule) -> Result<(), DataplaneError> {

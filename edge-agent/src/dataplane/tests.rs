@@ -14,6 +14,12 @@ const VOIP: u32 = 1; // class ids
 const BULK: u32 = 2;
 const HASHED: u32 = 3;
 
+/// The class's entry toward destinations no peer announces (slot 0): what these scenarios'
+/// packets are, unless a test maps their destination to a site.
+fn anywhere(class: u32) -> u32 {
+    class_index(class as u16, 0)
+}
+
 fn loaded() -> Dataplane {
     Dataplane::load().unwrap_or_else(|e| {
         panic!("{e} — these tests need root with CAP_BPF: run them through scripts/test (as root)")
@@ -54,17 +60,17 @@ fn steering() -> Dataplane {
     )
     .unwrap();
     dp.set_class_paths(
-        VOIP,
+        anywhere(VOIP),
         class(1, LbMode::ActiveBackup, &[LOW_LATENCY, LOW_COST], 0),
     )
     .unwrap();
     dp.set_class_paths(
-        BULK,
+        anywhere(BULK),
         class(1, LbMode::ActiveBackup, &[LOW_COST, LOW_LATENCY], 0),
     )
     .unwrap();
     dp.set_class_paths(
-        HASHED,
+        anywhere(HASHED),
         class(1, LbMode::FlowHash, &[LOW_LATENCY, LOW_COST], 0),
     )
     .unwrap();
@@ -335,10 +341,16 @@ fn failover_is_one_map_update_and_moves_only_flows_on_the_failed_path() {
     assert_eq!(run(&dp, &voip).1, Some(MARK_LOW_LATENCY));
     assert_eq!(run(&dp, &bulk).1, Some(MARK_LOW_COST));
     // The low-latency path fails: both classes lose it, at a new generation.
-    dp.set_class_paths(VOIP, class(2, LbMode::ActiveBackup, &[LOW_COST], 0))
-        .unwrap();
-    dp.set_class_paths(BULK, class(2, LbMode::ActiveBackup, &[LOW_COST], 0))
-        .unwrap();
+    dp.set_class_paths(
+        anywhere(VOIP),
+        class(2, LbMode::ActiveBackup, &[LOW_COST], 0),
+    )
+    .unwrap();
+    dp.set_class_paths(
+        anywhere(BULK),
+        class(2, LbMode::ActiveBackup, &[LOW_COST], 0),
+    )
+    .unwrap();
     assert_eq!(run(&dp, &voip).1, Some(MARK_LOW_COST), "VoIP did not move");
     assert_eq!(
         run(&dp, &bulk).1,
@@ -349,13 +361,13 @@ fn failover_is_one_map_update_and_moves_only_flows_on_the_failed_path() {
     // It comes back: without a re-pin the VoIP flow stays where it is (hold-down is the
     // agent's), with one it returns.
     dp.set_class_paths(
-        VOIP,
+        anywhere(VOIP),
         class(3, LbMode::ActiveBackup, &[LOW_LATENCY, LOW_COST], 0),
     )
     .unwrap();
     assert_eq!(run(&dp, &voip).1, Some(MARK_LOW_COST));
     dp.set_class_paths(
-        VOIP,
+        anywhere(VOIP),
         class(
             4,
             LbMode::ActiveBackup,
@@ -387,4 +399,34 @@ fn flow_hash_keeps_each_flow_on_one_path_and_spreads_flows() {
         used.insert(first);
     }
     assert_eq!(used.len(), 2, "64 flows all hashed to one path: {used:?}");
+}
+
+#[test]
+fn each_destination_site_has_its_own_paths_and_failover() {
+    let mut dp = steering();
+    // 10.2.0.0/24 is behind the peer in slot 7; toward it the low-latency path is down, so
+    // VoIP to it takes the low-cost one, while VoIP elsewhere keeps the low-latency path.
+    dp.set_dest(96 + 24, mapped([10, 2, 0, 0]), 7).unwrap();
+    dp.set_class_paths(
+        class_index(VOIP as u16, 7),
+        class(1, LbMode::ActiveBackup, &[LOW_COST], 0),
+    )
+    .unwrap();
+    let to_site = ipv4(17, 40000, 5060, 0, false, false);
+    assert_eq!(run(&dp, &to_site).1, Some(MARK_LOW_COST));
+    let flow = dp.flow(&key4(17, 40000, 5060)).unwrap().unwrap();
+    assert_eq!((flow.site, flow.path), (7, LOW_COST));
+    // A destination no peer announces uses the class's slot-0 entry.
+    let mut elsewhere = to_site.clone();
+    elsewhere[14 + 16..14 + 20].copy_from_slice(&[10, 3, 0, 10]);
+    assert_eq!(run(&dp, &elsewhere).1, Some(MARK_LOW_LATENCY));
+    // Failover toward slot 7 only: one entry rewritten; the flow elsewhere stays.
+    dp.set_class_paths(
+        class_index(VOIP as u16, 7),
+        class(2, LbMode::ActiveBackup, &[LOW_LATENCY], 0),
+    )
+    .unwrap();
+    assert_eq!(run(&dp, &to_site).1, Some(MARK_LOW_LATENCY));
+    assert_eq!(run(&dp, &elsewhere).1, Some(MARK_LOW_LATENCY));
+    assert_eq!(dp.counter(Counter::Repath).unwrap(), 1);
 }

@@ -169,42 +169,9 @@ pub fn join(sites: u16, burst: u16, json: bool, keep_logs: Option<&Path>) -> any
         .checked_add(burst)
         .context("--sites + --burst too large")?;
     plan::plan(total, 2)?;
-    let lab = std::env::current_exe()?;
-    let edge = sibling("patronus-edge")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let env = TestEnv::load()?;
-    eprintln!("bench: starting a controller with a throwaway database and tenant");
-    let controller = runtime.block_on(LabController::start(&env))?;
-    let state = PathBuf::from(format!(
-        "/var/lib/patronus/lab/bench-join-{}",
-        std::process::id()
-    ));
-    let mut bench = Bench {
-        lab,
-        edge,
-        state,
-        controller_url: controller.url_in_lab(),
-        agents: Vec::new(),
-    };
-    let result = run_join(&mut bench, &runtime, &controller, sites, burst);
-    eprintln!("bench: cleaning up (agents, lab, controller, database)");
-    bench.stop_agents();
-    let down = Command::new(&bench.lab).arg("down").output();
-    if let Some(dir) = keep_logs {
-        keep_agent_logs(&bench.state, dir);
-    }
-    let _ = std::fs::remove_dir_all(&bench.state);
-    let stopped = runtime.block_on(controller.stop());
-    let figures = result?;
-    match down {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => bail!("lab down: {}", String::from_utf8_lossy(&o.stderr).trim()),
-        Err(e) => bail!("lab down: {e}"),
-    }
-    stopped?;
+    let figures = with_lab("join", keep_logs, |bench, runtime, controller| {
+        run_join(bench, runtime, controller, sites, burst)
+    })?;
     if json {
         println!("{}", serde_json::to_string(&figures)?);
     } else {
@@ -220,6 +187,53 @@ pub fn join(sites: u16, burst: u16, json: bool, keep_logs: Option<&Path>) -> any
         );
     }
     Ok(())
+}
+
+/// Start a controller (throwaway database and tenant), run `work` with a fresh [`Bench`],
+/// then stop the agents, take the lab down, stop the controller and drop the database,
+/// whatever `work` returned.
+fn with_lab<T>(
+    name: &str,
+    keep_logs: Option<&Path>,
+    work: impl FnOnce(&mut Bench, &tokio::runtime::Runtime, &LabController) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let lab = std::env::current_exe()?;
+    let edge = sibling("patronus-edge")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let env = TestEnv::load()?;
+    eprintln!("bench: starting a controller with a throwaway database and tenant");
+    let controller = runtime.block_on(LabController::start(&env))?;
+    let state = PathBuf::from(format!(
+        "/var/lib/patronus/lab/bench-{name}-{}",
+        std::process::id()
+    ));
+    let mut bench = Bench {
+        lab,
+        edge,
+        state,
+        controller_url: controller.url_in_lab(),
+        agents: Vec::new(),
+    };
+    let result = work(&mut bench, &runtime, &controller);
+    eprintln!("bench: cleaning up (agents, lab, controller, database)");
+    bench.stop_agents();
+    let down = Command::new(&bench.lab).arg("down").output();
+    if let Some(dir) = keep_logs {
+        keep_agent_logs(&bench.state, dir);
+    }
+    let _ = std::fs::remove_dir_all(&bench.state);
+    let stopped = runtime.block_on(controller.stop());
+    let value = result?;
+    match down {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => bail!("lab down: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => bail!("lab down: {e}"),
+    }
+    stopped?;
+    Ok(value)
 }
 
 /// Copy the agents' logs (`site<n>.log`) to `dir` before the state is removed.
@@ -244,6 +258,25 @@ fn keep_agent_logs(state: &Path, dir: &Path) {
     }
 }
 
+/// A fresh state directory and a lab of `sites` sites with 2 uplinks, relayed to `controller`.
+fn lab_up(bench: &Bench, controller: &LabController, sites: u16) -> anyhow::Result<()> {
+    if Path::new(&bench.state).exists() {
+        std::fs::remove_dir_all(&bench.state)?;
+    }
+    std::fs::create_dir_all(&bench.state)?;
+    eprintln!("bench: bringing up a lab of {sites} sites with 2 uplinks");
+    let out = Command::new(&bench.lab)
+        .args(["up", "--sites", &sites.to_string(), "--uplinks", "2"])
+        .args(controller.relay_args())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "lab up: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
 fn run_join(
     bench: &mut Bench,
     runtime: &tokio::runtime::Runtime,
@@ -252,20 +285,7 @@ fn run_join(
     burst: u16,
 ) -> anyhow::Result<JoinFigures> {
     let total = sites + burst;
-    if Path::new(&bench.state).exists() {
-        std::fs::remove_dir_all(&bench.state)?;
-    }
-    std::fs::create_dir_all(&bench.state)?;
-    eprintln!("bench: bringing up a lab of {total} sites with 2 uplinks");
-    let out = Command::new(&bench.lab)
-        .args(["up", "--sites", &total.to_string(), "--uplinks", "2"])
-        .args(controller.relay_args())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "lab up: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    lab_up(bench, controller, total)?;
 
     let mut sequential = Vec::new();
     for n in 1..=sites {
@@ -367,4 +387,180 @@ mod tests {
     fn milliseconds_keep_one_decimal() {
         assert_eq!(ms(Duration::from_micros(1_234_567)), 1234.6);
     }
+}
+
+/// What `bench steering --json` prints.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct SteeringFigures {
+    /// LAN-to-LAN TCP with the eBPF programs steering (mean of the runs before and after).
+    pub steered_mbps: f64,
+    /// The same path with the programs detached (agent stopped; tunnels stay).
+    pub detached_mbps: f64,
+    /// steered / detached.
+    pub ratio: f64,
+    pub seconds: u32,
+}
+
+/// TCP throughput from site 1's LAN host to site 2's on port 5060, in Mbit/s.
+fn iperf_mbps(seconds: u32) -> anyhow::Result<f64> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "pl-s1-lan",
+            "iperf3",
+            "-J",
+            "-c",
+            "10.2.0.10",
+            "-p",
+            "5060",
+        ])
+        .args(["-t", &seconds.to_string()])
+        .output()
+        .context("running iperf3 (scripts/setup installs it)")?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "iperf3 printed no JSON: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e6)
+        .with_context(|| format!("iperf3 failed: {}", report["error"]))
+}
+
+/// Whether site 1's LAN interface has an XDP program.
+fn xdp_on_lan(site: u16) -> bool {
+    Command::new("ip")
+        .args(["-n", &format!("pl-s{site}"), "-d", "link", "show", "lan0"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
+}
+
+fn wait_for(what: &str, limit: Duration, check: impl Fn() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        ensure!(Instant::now() < deadline, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// Run the steering throughput benchmark.
+pub fn steering(seconds: u32, json: bool, keep_logs: Option<&Path>) -> anyhow::Result<()> {
+    ensure!((1..=600).contains(&seconds), "--seconds must be 1-600");
+    let figures = with_lab("steering", keep_logs, |bench, runtime, controller| {
+        lab_up(bench, controller, 2)?;
+        for n in 1..=2u16 {
+            let token = runtime.block_on(controller.token(&format!("site{n}"), &lan(n)?))?;
+            let others: Vec<u16> = (1..n).collect();
+            bench.join(n, &token, &others)?;
+        }
+        // A policy for TCP 5060 over the lowest-latency path: tunnel (0, 0), which is also the
+        // main table's default path, so "detached" below measures the same path.
+        let stored_path = bench.state.join("site1").join("intent.json");
+        wait_for("site1 stored no intent", Duration::from_secs(15), || {
+            stored_path.exists()
+        })?;
+        let stored = std::fs::read(&stored_path)
+            .with_context(|| format!("reading {}", stored_path.display()))?;
+        let mut intent: patronus_proto::SiteIntent = patronus_proto::codec::decode(&stored)?;
+        intent.revision += 1;
+        intent.policies.routing = vec![patronus_proto::policy::RoutingPolicy {
+            id: patronus_proto::PolicyId(uuid_from(1)),
+            name: "bench".into(),
+            priority: 100,
+            enabled: true,
+            match_rules: patronus_proto::policy::MatchRules {
+                protocol: Some(patronus_proto::policy::Protocol::Tcp),
+                dst_ports: vec![patronus_proto::policy::PortRange::single(5060)],
+                ..Default::default()
+            },
+            app_class: patronus_proto::policy::AppClass::new("voip"),
+            path_preference: patronus_proto::policy::PathPreference::LowestLatency,
+            load_balancing: patronus_proto::policy::LoadBalancing::ActiveBackup,
+            sla: Default::default(),
+        }];
+        runtime.block_on(controller.put_intent(&intent))?;
+        let log = bench.state.join("site1.log");
+        eprintln!("bench: waiting for site1's data plane to take the policy");
+        wait_for(
+            "site1's data plane took no policy",
+            Duration::from_secs(30),
+            || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("dataplane: 1 policies")),
+        )?;
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                "pl-s2-lan",
+                "iperf3",
+                "-s",
+                "-D",
+                "-p",
+                "5060",
+            ])
+            .output()?;
+        ensure!(out.status.success(), "iperf3 server did not start");
+        std::thread::sleep(Duration::from_millis(300));
+
+        eprintln!("bench: {seconds} s of TCP with the programs steering");
+        let steered_first = iperf_mbps(seconds)?;
+        eprintln!("bench: stopping site1's agent (the kernel detaches its programs; tunnels stay)");
+        if !bench.agents.is_empty() {
+            let mut agent = bench.agents.remove(0);
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        wait_for(
+            "the programs were not detached",
+            Duration::from_secs(5),
+            || !xdp_on_lan(1),
+        )?;
+        eprintln!("bench: {seconds} s of TCP on the same path without the programs");
+        let detached = iperf_mbps(seconds)?;
+        eprintln!("bench: restarting site1's agent");
+        let restart_log = std::fs::File::create(bench.state.join("site1-restart.log"))?;
+        bench.agents.push(
+            Command::new("ip")
+                .args(["netns", "exec", "pl-s1"])
+                .arg(&bench.edge)
+                .args(["run", "--state-dir"])
+                .arg(bench.state.join("site1"))
+                .stdout(Stdio::null())
+                .stderr(restart_log)
+                .spawn()?,
+        );
+        let restart = bench.state.join("site1-restart.log");
+        wait_for(
+            "the restarted agent never steered again",
+            Duration::from_secs(30),
+            || std::fs::read_to_string(&restart).is_ok_and(|l| l.contains("dataplane: 1 policies")),
+        )?;
+        eprintln!("bench: {seconds} s of TCP with the programs steering again");
+        let steered_again = iperf_mbps(seconds)?;
+        let steered = (steered_first + steered_again) / 2.0;
+        Ok(SteeringFigures {
+            steered_mbps: (steered * 10.0).round() / 10.0,
+            detached_mbps: (detached * 10.0).round() / 10.0,
+            ratio: ((steered / detached) * 1000.0).round() / 1000.0,
+            seconds,
+        })
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&figures)?);
+    } else {
+        println!(
+            "TCP LAN to LAN over tunnel (0, 0): steered {} Mbit/s, programs detached {} Mbit/s ({:.1} %)",
+            figures.steered_mbps,
+            figures.detached_mbps,
+            figures.ratio * 100.0
+        );
+    }
+    Ok(())
+}
+
+fn uuid_from(n: u128) -> uuid::Uuid {
+    uuid::Uuid::from_u128(n)
 }

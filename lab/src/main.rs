@@ -7,7 +7,7 @@
 //! process around it (TUN in the internet namespace, a control socket).
 //! [`bench`] runs self-contained benchmarks on a lab of their own (`bench join`: a controller
 //! with a throwaway database, sites enrolling through real tokens, time to first packet).
-//! Commands: `plan`, `up`, `down`, `status`, `impair`, `bench join`.
+//! Commands: `plan`, `up`, `down`, `status`, `impair`, `bench join`, `bench steering`.
 
 mod bench;
 mod daemon;
@@ -132,6 +132,19 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         burst: u16,
         /// One JSON object: {sites, join_ms_p50, join_ms_max, join10_ms_max, burst}.
+        #[arg(long)]
+        json: bool,
+        /// Keep the agents' logs in this directory.
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
+    },
+    /// LAN-to-LAN TCP throughput through a path the eBPF programs steer, against the same
+    /// path with the programs detached, in one run.
+    Steering {
+        /// Seconds per measurement (three measurements).
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// One JSON object: {steered_mbps, detached_mbps, ratio, seconds}.
         #[arg(long)]
         json: bool,
         /// Keep the agents' logs in this directory.
@@ -410,6 +423,14 @@ fn main() -> ExitCode {
                     keep_logs,
                 },
         } => require_root().and_then(|()| bench::join(sites, burst, json, keep_logs.as_deref())),
+        Command::Bench {
+            which:
+                BenchCommand::Steering {
+                    seconds,
+                    json,
+                    keep_logs,
+                },
+        } => require_root().and_then(|()| bench::steering(seconds, json, keep_logs.as_deref())),
         Command::Impair {
             site,
             uplink,

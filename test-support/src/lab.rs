@@ -90,6 +90,21 @@ impl LabController {
         Ok(token)
     }
 
+    /// Publish `intent` as its site's current intent, as the controller would (tests and
+    /// benchmarks that need an intent the database does not produce, e.g. with policies).
+    pub async fn put_intent(&self, intent: &patronus_proto::SiteIntent) -> anyhow::Result<()> {
+        let state = patronus_controller::server::AppState::connect(&self.config).await?;
+        let link = state.tenant_nats(self.tenant).await?;
+        link.intents
+            .put(
+                patronus_proto::subjects::intent_key(self.tenant, intent.site),
+                patronus_proto::codec::encode(intent).into(),
+            )
+            .await
+            .context("putting the intent")?;
+        Ok(())
+    }
+
     /// The `--relay` arguments `patronus-lab up` needs to expose the controller and NATS.
     pub fn relay_args(&self) -> [String; 4] {
         [

@@ -24,7 +24,9 @@ mod desired;
 mod enroll;
 mod flow_report;
 mod handshake;
+mod monitor;
 mod nats;
+mod probing;
 mod run;
 mod state;
 mod steering;
@@ -296,6 +298,37 @@ fn status(state: &state::StateDir, json: bool, remote: bool) -> anyhow::Result<(
                 path.rx_bytes,
                 path.tx_bytes
             );
+        }
+        let monitor = state
+            .read(probing::MONITOR_FILE)
+            .ok()
+            .and_then(|t| serde_json::from_str::<probing::MonitorReport>(&t).ok());
+        if let Some(monitor) = monitor {
+            let fmt = |v: Option<f64>, unit: &str| {
+                v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}{unit}"))
+            };
+            for p in &monitor.paths {
+                println!(
+                    "  probe {} uplink {} → {} uplink {}: {:?}{}, rtt {}, jitter {}, loss {}{}",
+                    p.path,
+                    p.local_uplink,
+                    p.peer,
+                    p.remote_uplink,
+                    p.status,
+                    if p.preferred { "" } else { " (hold-down)" },
+                    fmt(p.latency_ms, " ms"),
+                    fmt(p.jitter_ms, " ms"),
+                    fmt(p.loss_pct, " %"),
+                    if p.sla_blocked.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", outside the SLA of classes {:?}", p.sla_blocked)
+                    }
+                );
+            }
+            if !monitor.drops.is_empty() {
+                println!("  probes dropped: {:?}", monitor.drops);
+            }
         }
         if let Some(intent) = &applied {
             let lans = tunnels::interfaces_with_address_in(&intent.overlay.lan_prefixes)

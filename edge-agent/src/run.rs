@@ -55,6 +55,14 @@ struct Agent {
     slots: crate::steering::SiteSlots,
     /// What the probes say about each path (empty until measured).
     path_views: std::collections::BTreeMap<patronus_proto::PathId, crate::steering::PathView>,
+    /// The probing thread (none where it could not start: no failover, said once).
+    prober: Option<crate::probing::Prober>,
+    /// The plan last written to the data plane (to see failovers in the next one).
+    last_plan: Option<crate::steering::SteeringPlan>,
+    /// Events found while steering, reported by the loop.
+    pending_events: Vec<SdwanEvent>,
+    /// Sequence of the metrics batches this process sent.
+    metrics_seq: u64,
 }
 
 /// How long applying must have been quiet before the data plane is loaded.
@@ -191,14 +199,34 @@ impl Agent {
         };
         self.slots.update(intent.peers.iter().map(|p| p.site));
         let plan = crate::steering::plan(intent, &compiled, &self.slots, &self.path_views);
+        let changed = self.last_plan.as_ref() != Some(&plan);
         match dp.apply(&compiled, &plan) {
             Ok(writes) => {
-                eprintln!(
-                    "dataplane: {} policies in {} classes over {} paths ({writes} map writes)",
-                    compiled.rules.len(),
-                    compiled.classes.len(),
-                    plan.paths.len()
-                );
+                if changed {
+                    eprintln!(
+                        "dataplane: {} policies in {} classes over {} paths ({writes} map writes)",
+                        compiled.rules.len(),
+                        compiled.classes.len(),
+                        plan.paths.len()
+                    );
+                }
+                if let Some(before) = &self.last_plan {
+                    for (from, to, reason) in crate::steering::failovers(
+                        intent,
+                        &self.slots,
+                        before,
+                        &plan,
+                        &self.path_views,
+                    ) {
+                        eprintln!("dataplane: failover {from} -> {to}: {reason}");
+                        self.pending_events.push(SdwanEvent::FailoverTriggered {
+                            from_path: from,
+                            to_path: to,
+                            reason,
+                        });
+                    }
+                }
+                self.last_plan = Some(plan);
                 self.steered = Some(compiled);
             }
             Err(e) => eprintln!("dataplane: writing the maps failed: {e}"),
@@ -250,6 +278,22 @@ impl Agent {
         }
     }
 
+    /// Keep `monitor.json` (what `status` shows of the paths) up to date.
+    fn write_monitor_report(&self) {
+        let (Some(intent), Some(prober)) = (&self.applied, &self.prober) else {
+            return;
+        };
+        let report = crate::probing::report(intent, &self.path_views, &prober.drops, now_ms());
+        match serde_json::to_vec_pretty(&report) {
+            Ok(text) => {
+                if let Err(e) = self.state.write(crate::probing::MONITOR_FILE, &text) {
+                    eprintln!("run: writing the monitor report failed: {e:#}");
+                }
+            }
+            Err(e) => eprintln!("run: encoding the monitor report failed: {e}"),
+        }
+    }
+
     /// Kick the new peers that are due (see [`crate::handshake`]).
     fn kick_due_peers(&mut self) {
         let slots = self.kicker.pending_slots();
@@ -283,6 +327,10 @@ impl Agent {
                 self.state
                     .write(INTENT_FILE, &text)
                     .map_err(|e| format!("applied, but not stored: {e:#}"))?;
+                if let Some(prober) = &self.prober {
+                    let compiled = crate::classifier::compile(&intent.policies.routing).ok();
+                    prober.set_plan(crate::probing::plan(&intent, compiled.as_ref()));
+                }
                 self.applied = Some(intent);
                 self.last_apply = Instant::now();
                 self.steer();
@@ -380,6 +428,7 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
     let key_public = key.get_public().0;
     let backend = tunnels::resolve_backend(config.wireguard.backend)?;
     eprintln!("run: WireGuard backend {backend:?}");
+    let (probe_updates_tx, mut probe_updates) = tokio::sync::mpsc::unbounded_channel();
     let mut agent = Agent {
         identity: identity.clone(),
         state,
@@ -393,6 +442,18 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
         steered: None,
         slots: crate::steering::SiteSlots::default(),
         path_views: std::collections::BTreeMap::new(),
+        prober: match crate::probing::start(probe_updates_tx) {
+            Ok(prober) => Some(prober),
+            Err(e) => {
+                eprintln!(
+                    "probe: cannot start the probing thread ({e}); no path monitoring or failover"
+                );
+                None
+            }
+        },
+        last_plan: None,
+        pending_events: Vec::new(),
+        metrics_seq: 0,
     };
     let (reconcile_every, heartbeat_every) =
         (config.reconcile_interval(), config.heartbeat_interval());
@@ -465,6 +526,9 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
                     Err(e) => eprintln!("run: reading the current intent failed: {e:#}"),
                 }
             }
+            for event in std::mem::take(&mut agent.pending_events) {
+                report(&client, &identity, event).await;
+            }
             let kick_at = agent.kicker.next_deadline();
             tokio::select! {
                 Some(()) = connected.recv() => needs_fetch = true,
@@ -491,7 +555,15 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    let (tunnels_up, paths_up, paths_total) = tunnels::liveness(identity.site_id);
+                    let (tunnels_up, mut paths_up, paths_total) = tunnels::liveness(identity.site_id);
+                    if !agent.path_views.is_empty() {
+                        // Probe state once the probes run; handshakes before.
+                        paths_up = agent
+                            .path_views
+                            .values()
+                            .filter(|v| v.status == patronus_proto::metrics::PathStatus::Up)
+                            .count() as u32;
+                    }
                     report(&client, &identity, SdwanEvent::Heartbeat {
                         applied_revision: agent.applied.as_ref().map_or(0, |i| i.revision),
                         uptime_s: started.elapsed().as_secs(),
@@ -510,6 +582,32 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
                         }
                     }
                 }
+                Some(update) = probe_updates.recv() => match update {
+                    crate::probing::Update::Views(views) => {
+                        agent.path_views = views;
+                        agent.steer();
+                        agent.write_monitor_report();
+                    }
+                    crate::probing::Update::Event(event) => report(&client, &identity, event).await,
+                    crate::probing::Update::Samples(samples) => {
+                        agent.metrics_seq += 1;
+                        let batch = patronus_proto::metrics::PathMetricsBatch {
+                            schema_version: SCHEMA_VERSION,
+                            tenant: identity.tenant_id,
+                            site: identity.site_id,
+                            seq: agent.metrics_seq,
+                            sent_at_unix_ms: now_ms(),
+                            samples,
+                        };
+                        let subject = patronus_proto::subjects::metrics_subject(
+                            identity.tenant_id,
+                            identity.site_id,
+                        );
+                        if client.publish(subject, codec::encode(&batch).into()).await.is_err() {
+                            eprintln!("run: could not send path metrics (NATS down); dropped");
+                        }
+                    }
+                },
                 _ = tokio::signal::ctrl_c() => {
                     eprintln!("run: stopping; tunnels stay up");
                     return Ok(());

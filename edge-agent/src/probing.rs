@@ -1,0 +1,800 @@
+//! Path probing (I/O around the pure [`crate::monitor`]): a thread of its own that probes
+//! every path inside its tunnel, answers the peers' probes, and tells the run loop what it
+//! learns.
+//!
+//! Every tunnel interface (local uplink l, remote uplink r) gets one UDP socket on the
+//! overlay address, port [`PROBE_PORT`], bound to the interface (`SO_BINDTODEVICE`): a probe
+//! sent on it to a peer's overlay address leaves through that tunnel, so it measures exactly
+//! the path (l, peer, r), and the peer's reflector answers on its own socket for (r, l), so
+//! the reply comes back the same way. Probes are signed with the site pair's key from the
+//! intent; a datagram that does not decode, is unsigned or badly signed, comes from no known
+//! peer, or repeats a request sequence (sliding window per peer and tunnel) is dropped and
+//! counted by reason.
+//!
+//! The thread runs its own single-threaded runtime, so probing at 10–20 ms never waits for
+//! the run loop (which blocks on `ip` while it applies an intent). It sends the run loop
+//! [`Update`]s: path views when a path's state, failback eligibility or SLA standing
+//! changes (the run loop rewrites the data plane's class → path entries: the failover),
+//! events (`PathFailed`, `PathDegraded`, `PathEstablished`), and per-path samples for the
+//! metrics batches.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::FromRawFd;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use patronus_proto::events::SdwanEvent;
+use patronus_proto::intent::{FailoverSettings, ProbeSettings};
+use patronus_proto::metrics::{PathMetrics, PathSample};
+use patronus_proto::policy::Sla;
+use patronus_proto::probe::{self, ProbeKind, ProbePacket};
+use patronus_proto::{PathId, ProbeKey, SiteId, SiteIntent};
+
+use crate::classifier::Compiled;
+use crate::monitor::{
+    health_score, Health, HealthConfig, Liveness, PathHealth, PathProber, ProberConfig,
+    ReplayWindow, ReplyOutcome, SlaGate,
+};
+use crate::steering::PathView;
+
+/// UDP port of probes and reflectors on the overlay (inside the tunnels only).
+pub const PROBE_PORT: u16 = 51999;
+
+/// Largest datagram read (probes are 88 bytes; MTU probes up to the interface MTU).
+const RECV_BUFFER: usize = 9216;
+
+/// How often per-path samples go to the run loop for the metrics batch.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// How often views are re-sent even without a state change, so ranking by measured latency
+/// follows the measurements (state changes are sent at once).
+const VIEW_REFRESH: Duration = Duration::from_secs(10);
+
+/// One path to probe: (local uplink, peer, remote uplink) through tunnel `interface`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub path: PathId,
+    pub peer: SiteId,
+    pub peer_overlay: IpAddr,
+    pub key: ProbeKey,
+    pub interface: String,
+}
+
+/// What the thread probes, from the applied intent.
+#[derive(Debug, Clone)]
+pub struct ProbePlan {
+    pub site: SiteId,
+    pub overlay: IpAddr,
+    pub targets: Vec<Target>,
+    pub settings: ProbeSettings,
+    pub failover: FailoverSettings,
+    /// Each class's SLA (its policy's, else the intent's default).
+    pub class_slas: BTreeMap<u16, Sla>,
+}
+
+/// What the run loop learns from the thread.
+#[derive(Debug)]
+pub enum Update {
+    Views(BTreeMap<PathId, PathView>),
+    Event(SdwanEvent),
+    Samples(Vec<PathSample>),
+}
+
+/// What `patronus-edge status` shows of the monitor (`monitor.json` in the state directory,
+/// written by the run loop whenever a path's view changes).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MonitorReport {
+    pub updated_at_unix_ms: u64,
+    pub paths: Vec<PathReport>,
+    /// Probe datagrams dropped, by reason (unsigned, bad_signature, replayed, ...).
+    pub drops: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PathReport {
+    pub path: PathId,
+    pub peer: String,
+    pub local_uplink: u8,
+    pub remote_uplink: u8,
+    pub status: patronus_proto::metrics::PathStatus,
+    pub preferred: bool,
+    pub latency_ms: Option<f64>,
+    pub jitter_ms: Option<f64>,
+    pub loss_pct: Option<f64>,
+    /// Classes that may not use the path now (SLA not met, or not yet for the hold-down).
+    pub sla_blocked: Vec<u16>,
+}
+
+pub const MONITOR_FILE: &str = "monitor.json";
+
+/// The report of `views` for `intent` (pure).
+pub fn report(
+    intent: &SiteIntent,
+    views: &BTreeMap<PathId, PathView>,
+    drops: &Drops,
+    now_unix_ms: u64,
+) -> MonitorReport {
+    let paths = intent
+        .paths
+        .iter()
+        .filter_map(|p| {
+            let view = views.get(&p.id)?;
+            let peer = intent.peers.iter().find(|x| x.site == p.remote_site)?;
+            Some(PathReport {
+                path: p.id,
+                peer: peer.name.clone(),
+                local_uplink: p.local_uplink,
+                remote_uplink: p.remote_uplink,
+                status: view.status,
+                preferred: view.preferred,
+                latency_ms: view.latency_ms,
+                jitter_ms: view.jitter_ms,
+                loss_pct: view.loss_pct,
+                sla_blocked: view.sla_blocked.iter().copied().collect(),
+            })
+        })
+        .collect();
+    let drops = drops
+        .lock()
+        .map(|d| d.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect())
+        .unwrap_or_default();
+    MonitorReport {
+        updated_at_unix_ms: now_unix_ms,
+        paths,
+        drops,
+    }
+}
+
+/// The probe plan of an intent (pure).
+pub fn plan(intent: &SiteIntent, compiled: Option<&Compiled>) -> ProbePlan {
+    let mut targets = Vec::new();
+    for path in &intent.paths {
+        let Some(peer) = intent.peers.iter().find(|p| p.site == path.remote_site) else {
+            continue;
+        };
+        targets.push(Target {
+            path: path.id,
+            peer: peer.site,
+            peer_overlay: peer.overlay_address,
+            key: ProbeKey(peer.probe_key.0),
+            interface: crate::desired::interface_name(
+                intent.site,
+                path.local_uplink,
+                path.remote_uplink,
+            ),
+        });
+    }
+    let mut class_slas = BTreeMap::new();
+    if let Some(compiled) = compiled {
+        for class in &compiled.classes {
+            let sla = if class.sla == Sla::default() {
+                intent.failover.default_sla
+            } else {
+                class.sla
+            };
+            class_slas.insert(class.id, sla);
+        }
+    }
+    ProbePlan {
+        site: intent.site,
+        overlay: intent.overlay.address,
+        targets,
+        settings: intent.probe.clone(),
+        failover: intent.failover.clone(),
+        class_slas,
+    }
+}
+
+/// Drop counters by reason, shared by the receive tasks.
+pub type Drops = Arc<Mutex<BTreeMap<&'static str, u64>>>;
+
+fn count(drops: &Drops, reason: &'static str) {
+    if let Ok(mut d) = drops.lock() {
+        *d.entry(reason).or_default() += 1;
+    }
+}
+
+/// The handle the run loop keeps.
+pub struct Prober {
+    plans: tokio::sync::mpsc::UnboundedSender<ProbePlan>,
+    pub drops: Drops,
+}
+
+impl Prober {
+    /// Probe what `plan` says from now on.
+    pub fn set_plan(&self, plan: ProbePlan) {
+        let _ = self.plans.send(plan);
+    }
+}
+
+/// Start the probing thread.
+pub fn start(updates: tokio::sync::mpsc::UnboundedSender<Update>) -> std::io::Result<Prober> {
+    let (plans_tx, plans_rx) = tokio::sync::mpsc::unbounded_channel();
+    let drops: Drops = Arc::default();
+    let thread_drops = drops.clone();
+    std::thread::Builder::new()
+        .name("patronus-probe".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("probe: cannot start its runtime ({e}); paths are not probed");
+                    return;
+                }
+            };
+            runtime.block_on(run(plans_rx, updates, thread_drops));
+        })?;
+    Ok(Prober {
+        plans: plans_tx,
+        drops,
+    })
+}
+
+/// A UDP socket on `overlay:PROBE_PORT` bound to `interface`.
+fn open_socket(interface: &str, overlay: IpAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let family = if overlay.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the descriptor is owned by the UdpSocket below or closed on
+    // every error path by the guard.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own; from here the UdpSocket closes it.
+    let socket = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let set = |level, name, value: *const libc::c_void, len: usize| -> std::io::Result<()> {
+        // SAFETY: value points at `len` readable bytes for the duration of the call.
+        let rc = unsafe { libc::setsockopt(fd, level, name, value, len as libc::socklen_t) };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // Every tunnel has a socket on the same address and port, told apart by the device.
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_REUSEADDR,
+        (&one as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>(),
+    )?;
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_BINDTODEVICE,
+        interface.as_ptr().cast(),
+        interface.len(),
+    )?;
+    bind(fd, SocketAddr::new(overlay, PROBE_PORT))?;
+    tokio::net::UdpSocket::from_std(socket)
+}
+
+/// bind(2) on a raw socket (std binds only sockets it creates itself).
+fn bind(fd: libc::c_int, address: SocketAddr) -> std::io::Result<()> {
+    // SAFETY: sockaddr_in/sockaddr_in6 are plain C structs; zeroed is a valid value, and
+    // the pointer passed to bind(2) covers exactly the length given.
+    let rc = unsafe {
+        match address {
+            SocketAddr::V4(v4) => {
+                let mut sa: libc::sockaddr_in = std::mem::zeroed();
+                sa.sin_family = libc::AF_INET as libc::sa_family_t;
+                sa.sin_port = v4.port().to_be();
+                sa.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            }
+            SocketAddr::V6(v6) => {
+                let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+                sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sa.sin6_port = v6.port().to_be();
+                sa.sin6_addr.s6_addr = v6.ip().octets();
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                )
+            }
+        }
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// A reply as a receive task hands it over.
+struct Reply {
+    interface: String,
+    from: IpAddr,
+    sequence: u64,
+    hold: Duration,
+    at: Duration,
+}
+
+/// Receive on one tunnel's socket: answer requests, hand replies over.
+async fn receive(
+    interface: String,
+    socket: Arc<tokio::net::UdpSocket>,
+    keys: Arc<RwLock<BTreeMap<IpAddr, ProbeKey>>>,
+    replies: tokio::sync::mpsc::UnboundedSender<Reply>,
+    drops: Drops,
+    epoch: Instant,
+) {
+    let mut buffer = vec![0u8; RECV_BUFFER];
+    let mut windows: BTreeMap<IpAddr, ReplayWindow> = BTreeMap::new();
+    let mut out = Vec::with_capacity(128);
+    loop {
+        let (len, from) = match socket.recv_from(&mut buffer).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("probe: receiving on {interface} failed: {e}; stopped");
+                return;
+            }
+        };
+        let received = epoch.elapsed();
+        let decoded = match probe::decode(&buffer[..len]) {
+            Ok(d) => d,
+            Err(e) => {
+                count(&drops, e.reason());
+                continue;
+            }
+        };
+        let key = keys.read().ok().and_then(|k| k.get(&from.ip()).cloned());
+        let Some(key) = key else {
+            count(&drops, "unknown_peer");
+            continue;
+        };
+        if let Err(e) = decoded.verify(&key) {
+            count(&drops, e.reason());
+            continue;
+        }
+        let packet = decoded.packet;
+        match packet.kind {
+            ProbeKind::Request => {
+                if let Err(e) = windows
+                    .entry(from.ip())
+                    .or_default()
+                    .check_and_set(packet.sequence)
+                {
+                    count(&drops, e.reason());
+                    continue;
+                }
+                let hold = epoch.elapsed().saturating_sub(received);
+                let reply = packet.reply(
+                    epoch.elapsed().as_nanos() as u64,
+                    u32::try_from(hold.as_nanos()).unwrap_or(u32::MAX),
+                    rand::random(),
+                );
+                if reply.encode_into(Some(&key), &mut out).is_ok() {
+                    let _ = socket.send_to(&out, from).await;
+                }
+            }
+            ProbeKind::Reply => {
+                let _ = replies.send(Reply {
+                    interface: interface.clone(),
+                    from: from.ip(),
+                    sequence: packet.sequence,
+                    hold: Duration::from_nanos(u64::from(packet.reflector_hold_ns)),
+                    at: received,
+                });
+            }
+        }
+    }
+}
+
+/// One probed path.
+struct Probed {
+    target: Target,
+    prober: PathProber,
+    health: PathHealth,
+    gates: BTreeMap<u16, SlaGate>,
+    view: PathView,
+    /// Totals at the last sample (samples carry the window's difference).
+    sampled: (u64, u64),
+}
+
+/// Sequence numbers start from the wall clock in microseconds, so a restarted agent's
+/// requests are above what the peers' replay windows saw from its previous run.
+fn sequence_base() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct State {
+    plan: Option<ProbePlan>,
+    paths: BTreeMap<PathId, Probed>,
+    sockets: BTreeMap<String, (Arc<tokio::net::UdpSocket>, tokio::task::JoinHandle<()>)>,
+    keys: Arc<RwLock<BTreeMap<IpAddr, ProbeKey>>>,
+    updates: tokio::sync::mpsc::UnboundedSender<Update>,
+    replies: tokio::sync::mpsc::UnboundedSender<Reply>,
+    drops: Drops,
+    epoch: Instant,
+    base: u64,
+    out: Vec<u8>,
+    views_dirty: bool,
+}
+
+impl State {
+    fn configure(&mut self, plan: ProbePlan) {
+        let now = self.epoch.elapsed();
+        let prober_config = ProberConfig::from(&plan.settings);
+        let health_config = HealthConfig::from(&plan.failover);
+        if let Ok(mut keys) = self.keys.write() {
+            *keys = plan
+                .targets
+                .iter()
+                .map(|t| (t.peer_overlay, ProbeKey(t.key.0)))
+                .collect();
+        }
+        let wanted: BTreeSet<PathId> = plan.targets.iter().map(|t| t.path).collect();
+        self.paths.retain(|id, _| wanted.contains(id));
+        for target in &plan.targets {
+            match self.paths.get_mut(&target.path) {
+                Some(p) => {
+                    p.target = target.clone();
+                    p.prober.set_config(prober_config, now);
+                    p.health.set_config(health_config);
+                }
+                None => {
+                    self.paths.insert(
+                        target.path,
+                        Probed {
+                            target: target.clone(),
+                            prober: PathProber::new(prober_config, now),
+                            health: PathHealth::new(health_config),
+                            gates: BTreeMap::new(),
+                            view: PathView::default(),
+                            sampled: (0, 0),
+                        },
+                    );
+                }
+            }
+        }
+        let interfaces: BTreeSet<&str> =
+            plan.targets.iter().map(|t| t.interface.as_str()).collect();
+        self.sockets.retain(|name, (_, task)| {
+            let keep = interfaces.contains(name.as_str());
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        self.plan = Some(plan);
+        self.open_missing_sockets();
+        self.views_dirty = true;
+    }
+
+    /// Open the sockets of tunnels that exist now (a new tunnel's interface may appear only
+    /// after the apply; retried at every tick).
+    fn open_missing_sockets(&mut self) {
+        let Some(plan) = &self.plan else {
+            return;
+        };
+        let overlay = plan.overlay;
+        let missing: BTreeSet<String> = plan
+            .targets
+            .iter()
+            .map(|t| t.interface.clone())
+            .filter(|i| !self.sockets.contains_key(i))
+            .collect();
+        for interface in missing {
+            match open_socket(&interface, overlay) {
+                Ok(socket) => {
+                    let socket = Arc::new(socket);
+                    let task = tokio::spawn(receive(
+                        interface.clone(),
+                        socket.clone(),
+                        self.keys.clone(),
+                        self.replies.clone(),
+                        self.drops.clone(),
+                        self.epoch,
+                    ));
+                    self.sockets.insert(interface, (socket, task));
+                }
+                // ENODEV: the tunnel is not there yet; EADDRNOTAVAIL: no overlay address yet.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Duration {
+        self.paths
+            .values()
+            .map(|p| p.prober.next_deadline())
+            .min()
+            .unwrap_or(self.epoch.elapsed() + Duration::from_secs(1))
+    }
+
+    /// Send due probes and expire lost ones.
+    async fn tick(&mut self) {
+        let now = self.epoch.elapsed();
+        let ids: Vec<PathId> = self.paths.keys().copied().collect();
+        for id in ids {
+            let Some(p) = self.paths.get_mut(&id) else {
+                continue;
+            };
+            let poll = p.prober.poll(now);
+            if let Some(sequence) = poll.send {
+                let request = ProbePacket {
+                    kind: ProbeKind::Request,
+                    mtu_probe: false,
+                    path_tag: 0,
+                    sequence: self.base.wrapping_add(sequence),
+                    sent_ns: now.as_nanos() as u64,
+                    echo_sent_ns: 0,
+                    reflector_hold_ns: 0,
+                    nonce: rand::random(),
+                    pad_len: 0,
+                };
+                if let (Some((socket, _)), Ok(())) = (
+                    self.sockets.get(&p.target.interface),
+                    request.encode_into(Some(&p.target.key), &mut self.out),
+                ) {
+                    // A send error (tunnel gone) is a lost probe, found by its timeout.
+                    let _ = socket
+                        .send_to(
+                            &self.out,
+                            SocketAddr::new(p.target.peer_overlay, PROBE_PORT),
+                        )
+                        .await;
+                }
+            }
+            if poll.lost > 0 || poll.liveness_changed.is_some() {
+                self.evaluate(id, now);
+            }
+        }
+    }
+
+    fn on_reply(&mut self, reply: Reply) {
+        let Some(id) = self
+            .paths
+            .iter()
+            .find(|(_, p)| {
+                p.target.interface == reply.interface && p.target.peer_overlay == reply.from
+            })
+            .map(|(id, _)| *id)
+        else {
+            count(&self.drops, "unknown_path");
+            return;
+        };
+        let Some(p) = self.paths.get_mut(&id) else {
+            return;
+        };
+        let Some(sequence) = reply.sequence.checked_sub(self.base) else {
+            count(&self.drops, "unknown_sequence");
+            return;
+        };
+        match p.prober.on_reply(reply.at, sequence, reply.hold) {
+            ReplyOutcome::Accepted { .. } => self.evaluate(id, reply.at),
+            ReplyOutcome::Late => count(&self.drops, "late"),
+            ReplyOutcome::Duplicate => count(&self.drops, "duplicate_reply"),
+            ReplyOutcome::Unknown => count(&self.drops, "unknown_sequence"),
+        }
+    }
+
+    /// Recompute one path's health and view; report transitions.
+    fn evaluate(&mut self, id: PathId, now: Duration) {
+        let Some(plan) = &self.plan else {
+            return;
+        };
+        let hold_down = Duration::from_millis(u64::from(plan.failover.failback_hold_down_ms));
+        let Some(p) = self.paths.get_mut(&id) else {
+            return;
+        };
+        let stats = p.prober.stats();
+        let measured = p.prober.liveness() != Liveness::Unknown;
+        let score = health_score(&stats);
+        if let Some(transition) = p.health.update(
+            now,
+            p.prober.liveness(),
+            score,
+            p.prober.consecutive_losses(),
+        ) {
+            let event = match transition.to {
+                Health::Down => Some(SdwanEvent::PathFailed {
+                    path: id,
+                    reason: transition.reason.clone(),
+                }),
+                Health::Degraded => Some(SdwanEvent::PathDegraded {
+                    path: id,
+                    metrics: metrics_of(&stats, score),
+                }),
+                Health::Up if transition.from != Health::Unknown => {
+                    Some(SdwanEvent::PathEstablished {
+                        path: id,
+                        src: plan.site,
+                        dst: p.target.peer,
+                    })
+                }
+                _ => None,
+            };
+            eprintln!(
+                "probe: path {id} via {} {:?} -> {:?}: {}",
+                p.target.interface, transition.from, transition.to, transition.reason
+            );
+            if let Some(event) = event {
+                let _ = self.updates.send(Update::Event(event));
+            }
+        }
+        let mut blocked = BTreeSet::new();
+        for (class, sla) in &plan.class_slas {
+            let meets = !measured || crate::monitor::meets_sla(sla, &stats);
+            let gate = p.gates.entry(*class).or_default();
+            if !gate.update(now, meets, hold_down) {
+                blocked.insert(*class);
+            }
+        }
+        let view = PathView {
+            status: p.health.health().as_status(),
+            preferred: p.health.preferred(now) || p.health.health() == Health::Unknown,
+            latency_ms: measured.then_some(stats.latency_ms),
+            jitter_ms: measured.then_some(stats.jitter_ms),
+            loss_pct: measured.then_some(stats.loss_pct),
+            sla_blocked: blocked,
+        };
+        if view.status != p.view.status
+            || view.preferred != p.view.preferred
+            || view.sla_blocked != p.view.sla_blocked
+        {
+            self.views_dirty = true;
+        }
+        p.view = view;
+    }
+
+    fn send_views(&mut self) {
+        let views = self
+            .paths
+            .iter()
+            .map(|(id, p)| (*id, p.view.clone()))
+            .collect();
+        let _ = self.updates.send(Update::Views(views));
+        self.views_dirty = false;
+    }
+
+    fn samples(&mut self) -> Vec<PathSample> {
+        let mut samples = Vec::new();
+        let now_ms = unix_ms();
+        for (id, p) in &mut self.paths {
+            if p.prober.liveness() == Liveness::Unknown && p.prober.stats().sent == 0 {
+                continue;
+            }
+            let stats = p.prober.stats();
+            let sent = stats.sent.saturating_sub(p.sampled.0);
+            let lost = stats.lost.saturating_sub(p.sampled.1).min(sent);
+            p.sampled = (stats.sent, stats.lost);
+            let score = health_score(&stats);
+            let mut metrics = metrics_of(&stats, score);
+            metrics.measured_at_unix_ms = now_ms;
+            samples.push(PathSample {
+                path: *id,
+                status: p.health.health().as_status(),
+                metrics,
+                probes_sent: u32::try_from(sent).unwrap_or(u32::MAX),
+                probes_lost: u32::try_from(lost).unwrap_or(u32::MAX),
+            });
+        }
+        samples
+    }
+}
+
+fn metrics_of(stats: &crate::monitor::ProbeStats, score: u8) -> PathMetrics {
+    let clean = |v: f64| if v.is_finite() && v >= 0.0 { v } else { 0.0 };
+    PathMetrics {
+        latency_ms: clean(stats.latency_ms),
+        jitter_ms: clean(stats.jitter_ms),
+        packet_loss_pct: clean(stats.loss_pct).min(100.0),
+        bandwidth_mbps: None,
+        mtu: None,
+        score: score.min(100),
+        measured_at_unix_ms: unix_ms(),
+    }
+}
+
+async fn run(
+    mut plans: tokio::sync::mpsc::UnboundedReceiver<ProbePlan>,
+    updates: tokio::sync::mpsc::UnboundedSender<Update>,
+    drops: Drops,
+) {
+    let (replies_tx, mut replies) = tokio::sync::mpsc::unbounded_channel();
+    let epoch = Instant::now();
+    let mut state = State {
+        plan: None,
+        paths: BTreeMap::new(),
+        sockets: BTreeMap::new(),
+        keys: Arc::default(),
+        updates,
+        replies: replies_tx,
+        drops,
+        epoch,
+        base: sequence_base(),
+        out: Vec::with_capacity(128),
+        views_dirty: false,
+    };
+    let mut sample = tokio::time::interval(SAMPLE_EVERY);
+    let mut refresh = tokio::time::interval(VIEW_REFRESH);
+    let mut sockets_retry = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let deadline = tokio::time::Instant::from_std(epoch + state.next_deadline());
+        tokio::select! {
+            plan = plans.recv() => match plan {
+                Some(plan) => state.configure(plan),
+                None => return, // the run loop is gone
+            },
+            Some(reply) = replies.recv() => state.on_reply(reply),
+            _ = tokio::time::sleep_until(deadline) => state.tick().await,
+            _ = sample.tick() => {
+                let samples = state.samples();
+                if !samples.is_empty() {
+                    let _ = state.updates.send(Update::Samples(samples));
+                }
+            }
+            _ = refresh.tick() => state.views_dirty = true,
+            _ = sockets_retry.tick() => state.open_missing_sockets(),
+        }
+        if state.views_dirty {
+            state.send_views();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_has_one_target_per_path_on_its_tunnel() {
+        let intent: SiteIntent = serde_json::from_value(serde_json::json!({
+            "schema_version": "1.0", "tenant": uuid::Uuid::nil(), "site": uuid::Uuid::from_u128(0xab),
+            "site_name": "a", "revision": 1, "generated_at_unix_ms": 0,
+            "overlay": {"address": "100.64.0.1", "network": "100.64.0.0/16", "lan_prefixes": []},
+            "uplinks": [{"index": 0, "name": "wan0", "kind": "fiber", "cost_per_gb": 0.0, "metered": false}],
+            "wireguard": {"public_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "listen_port_base": 51820, "mtu": 1420, "persistent_keepalive_s": 25},
+            "peers": [{"site": uuid::Uuid::from_u128(2), "name": "b", "public_key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+                       "overlay_address": "100.64.0.2", "lan_prefixes": [], "endpoints": [{"uplink_index": 1, "ip": "198.18.0.9"}],
+                       "listen_port_base": 51820, "probe_key": "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI="}],
+            "paths": [{"id": uuid::Uuid::from_u128(7), "local_uplink": 0, "remote_site": uuid::Uuid::from_u128(2), "remote_uplink": 1},
+                      {"id": uuid::Uuid::from_u128(8), "local_uplink": 0, "remote_site": uuid::Uuid::from_u128(3), "remote_uplink": 0}]
+        }))
+        .expect("an intent");
+        let plan = plan(&intent, None);
+        assert_eq!(
+            plan.targets.len(),
+            1,
+            "a path to an unknown peer is skipped"
+        );
+        let t = &plan.targets[0];
+        assert_eq!(t.path, PathId(uuid::Uuid::from_u128(7)));
+        assert_eq!(t.peer_overlay, "100.64.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            t.interface,
+            crate::desired::interface_name(intent.site, 0, 1)
+        );
+        assert_eq!(t.key.0, [2; 32]);
+    }
+}

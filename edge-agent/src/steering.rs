@@ -290,6 +290,61 @@ pub fn plan(
     plan
 }
 
+/// The failovers between two plans: for every (class, destination) whose first path changed
+/// because the old first path no longer qualifies (it is down, degraded, recovering or out of
+/// the class's SLA, not merely outranked), the path ids `(from, to, reason)`, each pair once.
+pub fn failovers(
+    intent: &SiteIntent,
+    slots: &SiteSlots,
+    before: &SteeringPlan,
+    after: &SteeringPlan,
+    views: &BTreeMap<PathId, PathView>,
+) -> Vec<(PathId, PathId, String)> {
+    let id_of = |slot: u16, index: u32| {
+        intent
+            .paths
+            .iter()
+            .find(|p| {
+                slots.slot(p.remote_site) == Some(slot)
+                    && path_index(p.local_uplink, p.remote_uplink) == index
+            })
+            .map(|p| p.id)
+    };
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for (key @ (class, slot), old) in &before.classes {
+        let (Some(&from), Some(&to)) = (
+            old.paths.first(),
+            after.classes.get(key).and_then(|c| c.paths.first()),
+        ) else {
+            continue;
+        };
+        if from == to
+            || after
+                .classes
+                .get(key)
+                .is_some_and(|c| c.paths.contains(&from))
+        {
+            continue; // Outranked, not failed: its flows stay.
+        }
+        let (Some(from_id), Some(to_id)) = (id_of(*slot, from), id_of(*slot, to)) else {
+            continue;
+        };
+        if !seen.insert((from_id, to_id)) {
+            continue;
+        }
+        let reason = match views.get(&from_id) {
+            Some(v) if v.status == PathStatus::Down => "path down".to_string(),
+            Some(v) if v.status == PathStatus::Degraded => "path degraded".to_string(),
+            Some(v) if v.sla_blocked.contains(class) => format!("SLA of class {class} not met"),
+            Some(v) if !v.preferred => "path recovering (hold-down)".to_string(),
+            _ => "path withdrawn".to_string(),
+        };
+        out.push((from_id, to_id, reason));
+    }
+    out
+}
+
 /// The map value for `class`, given what the map holds now: the generation rises only when
 /// the paths or the mode change (a new generation makes flows re-check their path).
 pub fn next_class_paths(current: Option<&ClassPaths>, class: &ClassPlan) -> ClassPaths {
@@ -671,5 +726,26 @@ mod tests {
             },
         );
         assert_eq!(next_class_paths(Some(&h1), &hashed).flags, 0);
+    }
+
+    #[test]
+    fn a_failover_is_reported_once_per_pair_with_its_reason() {
+        let intent = fiber_and_lte(false);
+        let slots = slots_for(&intent);
+        let compiled = voip_and_backup();
+        let before = plan(&intent, &compiled, &slots, &BTreeMap::new());
+        let views = BTreeMap::from([(path_id(0, PEER_A, 0), down())]);
+        let after = plan(&intent, &compiled, &slots, &views);
+        let found = failovers(&intent, &slots, &before, &after, &views);
+        assert_eq!(
+            found,
+            vec![(
+                path_id(0, PEER_A, 0),
+                path_id(0, PEER_A, 1),
+                "path down".to_string()
+            )]
+        );
+        // The same plan again: nothing to report.
+        assert!(failovers(&intent, &slots, &after, &after, &views).is_empty());
     }
 }

@@ -29,6 +29,7 @@ mod nats;
 mod probing;
 mod run;
 mod state;
+mod steerer;
 mod steering;
 mod tunnels;
 

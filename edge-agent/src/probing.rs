@@ -208,8 +208,11 @@ impl Prober {
     }
 }
 
-/// Start the probing thread.
-pub fn start(updates: tokio::sync::mpsc::UnboundedSender<Update>) -> std::io::Result<Prober> {
+/// Start the probing thread; it re-steers through `steerer` itself on every view change.
+pub fn start(
+    updates: tokio::sync::mpsc::UnboundedSender<Update>,
+    steerer: crate::steerer::SharedSteerer,
+) -> std::io::Result<Prober> {
     let (plans_tx, plans_rx) = tokio::sync::mpsc::unbounded_channel();
     let drops: Drops = Arc::default();
     let thread_drops = drops.clone();
@@ -226,7 +229,7 @@ pub fn start(updates: tokio::sync::mpsc::UnboundedSender<Update>) -> std::io::Re
                     return;
                 }
             };
-            runtime.block_on(run(plans_rx, updates, thread_drops));
+            runtime.block_on(run(plans_rx, updates, thread_drops, steerer));
         })?;
     Ok(Prober {
         plans: plans_tx,
@@ -438,6 +441,7 @@ struct State {
     base: u64,
     out: Vec<u8>,
     views_dirty: bool,
+    steerer: crate::steerer::SharedSteerer,
 }
 
 impl State {
@@ -667,12 +671,15 @@ impl State {
         p.view = view;
     }
 
+    /// Steer with the current views (the failover, from this thread), then tell the run
+    /// loop.
     fn send_views(&mut self) {
-        let views = self
+        let views: BTreeMap<PathId, PathView> = self
             .paths
             .iter()
             .map(|(id, p)| (*id, p.view.clone()))
             .collect();
+        self.steerer.lock().set_views(views.clone());
         let _ = self.updates.send(Update::Views(views));
         self.views_dirty = false;
     }
@@ -720,6 +727,7 @@ async fn run(
     mut plans: tokio::sync::mpsc::UnboundedReceiver<ProbePlan>,
     updates: tokio::sync::mpsc::UnboundedSender<Update>,
     drops: Drops,
+    steerer: crate::steerer::SharedSteerer,
 ) {
     let (replies_tx, mut replies) = tokio::sync::mpsc::unbounded_channel();
     let epoch = Instant::now();
@@ -735,6 +743,7 @@ async fn run(
         base: sequence_base(),
         out: Vec::with_capacity(128),
         views_dirty: false,
+        steerer,
     };
     let mut sample = tokio::time::interval(SAMPLE_EVERY);
     let mut refresh = tokio::time::interval(VIEW_REFRESH);

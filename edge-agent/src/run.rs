@@ -49,18 +49,14 @@ struct Agent {
     dataplane_config: crate::config::DataplaneConfig,
     /// When an intent was last applied (the data plane loads once this is quiet).
     last_apply: Instant,
-    /// The policies last written to the data plane (names for flow reports).
-    steered: Option<crate::classifier::Compiled>,
-    /// Destination slots of the peer sites in the data plane.
-    slots: crate::steering::SiteSlots,
-    /// What the probes say about each path (empty until measured).
+    /// The steering state the probing thread shares (it fails over without this loop).
+    steerer: crate::steerer::SharedSteerer,
+    /// The data plane's flow table, for flow reports (read without the steerer's lock).
+    flow_table: Option<crate::dataplane::FlowTable>,
+    /// What the probes say about each path (empty until measured); a copy for reports.
     path_views: std::collections::BTreeMap<patronus_proto::PathId, crate::steering::PathView>,
     /// The probing thread (none where it could not start: no failover, said once).
     prober: Option<crate::probing::Prober>,
-    /// The plan last written to the data plane (to see failovers in the next one).
-    last_plan: Option<crate::steering::SteeringPlan>,
-    /// Events found while steering, reported by the loop.
-    pending_events: Vec<SdwanEvent>,
     /// Sequence of the metrics batches this process sent.
     metrics_seq: u64,
 }
@@ -84,7 +80,8 @@ enum DataplaneSlot {
     Loaded(Box<crate::dataplane::Dataplane>),
     /// Routes only (the reason was logged once).
     Off,
-    On(Box<crate::dataplane::Dataplane>),
+    /// Attached; the data plane itself lives in the steerer.
+    On,
 }
 
 impl DataplaneSlot {
@@ -138,9 +135,8 @@ impl Agent {
         Ok(actions.len())
     }
 
-    /// Bring the eBPF data plane up to date with the applied intent: load and attach it the
-    /// first time (or say in one line why it runs routes-only), then write the compiled
-    /// policies and the class → path plan.
+    /// Load and attach the eBPF data plane once it can be (or say in one line why it runs
+    /// routes-only) and hand it to the steerer, which writes the policies and the plan.
     fn steer(&mut self) {
         let Some(intent) = &self.applied else {
             return;
@@ -185,62 +181,18 @@ impl Agent {
                     }
                 }
             }
-            self.dataplane = DataplaneSlot::On(dp);
-        }
-        let DataplaneSlot::On(dp) = &mut self.dataplane else {
-            return;
-        };
-        let compiled = match crate::classifier::compile(&intent.policies.routing) {
-            Ok(compiled) => compiled,
-            Err(e) => {
-                eprintln!("dataplane: {e}; the previous policies stay in force");
-                return;
-            }
-        };
-        self.slots.update(intent.peers.iter().map(|p| p.site));
-        let plan = crate::steering::plan(intent, &compiled, &self.slots, &self.path_views);
-        let changed = self.last_plan.as_ref() != Some(&plan);
-        match dp.apply(&compiled, &plan) {
-            Ok(writes) => {
-                if changed {
-                    eprintln!(
-                        "dataplane: {} policies in {} classes over {} paths ({writes} map writes)",
-                        compiled.rules.len(),
-                        compiled.classes.len(),
-                        plan.paths.len()
-                    );
-                }
-                if let Some(before) = &self.last_plan {
-                    for (from, to, reason) in crate::steering::failovers(
-                        intent,
-                        &self.slots,
-                        before,
-                        &plan,
-                        &self.path_views,
-                    ) {
-                        eprintln!("dataplane: failover {from} -> {to}: {reason}");
-                        self.pending_events.push(SdwanEvent::FailoverTriggered {
-                            from_path: from,
-                            to_path: to,
-                            reason,
-                        });
-                    }
-                }
-                self.last_plan = Some(plan);
-                self.steered = Some(compiled);
-            }
-            Err(e) => eprintln!("dataplane: writing the maps failed: {e}"),
+            self.flow_table = self.steerer.lock().attach(dp);
+            self.dataplane = DataplaneSlot::On;
         }
     }
 
     /// The top flows of the data plane's table, ready to publish; `None` without one.
     fn flow_report(&self) -> Option<patronus_proto::flows::FlowReport> {
-        let (DataplaneSlot::On(dp), Some(intent), Some(compiled)) =
-            (&self.dataplane, &self.applied, &self.steered)
-        else {
+        let (Some(table), Some(intent)) = (&self.flow_table, &self.applied) else {
             return None;
         };
-        let entries = match dp.flows() {
+        let compiled = self.steerer.lock().compiled().cloned()?;
+        let entries = match table.entries() {
             Ok(entries) => entries,
             Err(e) => {
                 eprintln!("dataplane: reading the flow table failed: {e}");
@@ -257,7 +209,7 @@ impl Agent {
         let flows = crate::flow_report::records(
             &entries,
             intent,
-            compiled,
+            &compiled,
             mono_ns,
             now_ms(),
             crate::flow_report::TOP_FLOWS,
@@ -273,7 +225,7 @@ impl Agent {
 
     fn dataplane_mode(&self) -> patronus_proto::events::DataplaneMode {
         match self.dataplane {
-            DataplaneSlot::On(_) => patronus_proto::events::DataplaneMode::Ebpf,
+            DataplaneSlot::On => patronus_proto::events::DataplaneMode::Ebpf,
             _ => patronus_proto::events::DataplaneMode::RoutesOnly,
         }
     }
@@ -331,6 +283,7 @@ impl Agent {
                     let compiled = crate::classifier::compile(&intent.policies.routing).ok();
                     prober.set_plan(crate::probing::plan(&intent, compiled.as_ref()));
                 }
+                self.steerer.lock().set_intent(intent.clone());
                 self.applied = Some(intent);
                 self.last_apply = Instant::now();
                 self.steer();
@@ -429,6 +382,7 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
     let backend = tunnels::resolve_backend(config.wireguard.backend)?;
     eprintln!("run: WireGuard backend {backend:?}");
     let (probe_updates_tx, mut probe_updates) = tokio::sync::mpsc::unbounded_channel();
+    let steerer = crate::steerer::SharedSteerer::default();
     let mut agent = Agent {
         identity: identity.clone(),
         state,
@@ -439,10 +393,10 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
         dataplane: DataplaneSlot::NotStarted,
         dataplane_config: config.dataplane.clone(),
         last_apply: Instant::now(),
-        steered: None,
-        slots: crate::steering::SiteSlots::default(),
+        steerer: steerer.clone(),
+        flow_table: None,
         path_views: std::collections::BTreeMap::new(),
-        prober: match crate::probing::start(probe_updates_tx) {
+        prober: match crate::probing::start(probe_updates_tx, steerer) {
             Ok(prober) => Some(prober),
             Err(e) => {
                 eprintln!(
@@ -451,8 +405,6 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
                 None
             }
         },
-        last_plan: None,
-        pending_events: Vec::new(),
         metrics_seq: 0,
     };
     let (reconcile_every, heartbeat_every) =
@@ -526,7 +478,8 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
                     Err(e) => eprintln!("run: reading the current intent failed: {e:#}"),
                 }
             }
-            for event in std::mem::take(&mut agent.pending_events) {
+            let failovers = agent.steerer.lock().take_events();
+            for event in failovers {
                 report(&client, &identity, event).await;
             }
             let kick_at = agent.kicker.next_deadline();
@@ -545,7 +498,7 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
                     {
                         agent.dataplane = DataplaneSlot::start(&agent.dataplane_config);
                     }
-                    if !matches!(agent.dataplane, DataplaneSlot::On(_) | DataplaneSlot::Off) {
+                    if !matches!(agent.dataplane, DataplaneSlot::On | DataplaneSlot::Off) {
                         agent.steer();
                     }
                     match agent.converge(&agent.want()) {
@@ -583,9 +536,9 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
                     }
                 }
                 Some(update) = probe_updates.recv() => match update {
+                    // The probing thread already steered with these; keep a copy for reports.
                     crate::probing::Update::Views(views) => {
                         agent.path_views = views;
-                        agent.steer();
                         agent.write_monitor_report();
                     }
                     crate::probing::Update::Event(event) => report(&client, &identity, event).await,

@@ -93,6 +93,20 @@ struct Written {
     dests: std::collections::BTreeMap<crate::classifier::Prefix, u16>,
 }
 
+/// The flow table through a descriptor of its own (see [`Dataplane::flow_table`]).
+pub struct FlowTable {
+    map: BpfHashMap<MapData, FlowKey, FlowValue>,
+}
+
+impl FlowTable {
+    pub fn entries(&self) -> Result<Vec<(FlowKey, FlowValue)>, DataplaneError> {
+        self.map
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_error("PATRONUS_FLOWS"))
+    }
+}
+
 /// The loaded programs and their maps.
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -459,6 +473,37 @@ impl Dataplane {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_error(name)(e)),
         }
+    }
+
+    /// A second handle on the flow table (its own descriptor), for readers that must not
+    /// hold whatever guards the `Dataplane` while they walk up to a million entries.
+    pub fn flow_table(&self) -> Result<FlowTable, DataplaneError> {
+        let name = "PATRONUS_FLOWS";
+        let map = self.ebpf.map(name).ok_or(DataplaneError::Map {
+            name,
+            detail: "missing from the object".into(),
+        })?;
+        let data = match map {
+            aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data) => data,
+            _ => {
+                return Err(DataplaneError::Map {
+                    name,
+                    detail: "is not a hash map".into(),
+                })
+            }
+        };
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| DataplaneError::Map {
+                name,
+                detail: e.to_string(),
+            })?;
+        let data = MapData::from_fd(fd).map_err(map_error(name))?;
+        let map =
+            BpfHashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_error(name))?;
+        Ok(FlowTable { map })
     }
 
     /// Every flow in the table.

@@ -17,6 +17,7 @@
 //!   intent taken from the `intents` KV bucket; scripts use its exit status.
 
 mod classifier;
+mod commands;
 mod config;
 mod control;
 mod dataplane;

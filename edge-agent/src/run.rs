@@ -59,6 +59,9 @@ struct Agent {
     prober: Option<crate::probing::Prober>,
     /// Sequence of the metrics batches this process sent.
     metrics_seq: u64,
+    /// Peers allowed to run path tests against this site's sink; whether it listens yet.
+    test_peers: crate::commands::Peers,
+    sink_listening: bool,
 }
 
 /// How long applying must have been quiet before the data plane is loaded.
@@ -230,6 +233,101 @@ impl Agent {
         }
     }
 
+    /// Start the path-test sink once the overlay address exists (retried every tick).
+    fn listen_for_path_tests(&mut self) {
+        let Some(intent) = &self.applied else {
+            return;
+        };
+        if self.sink_listening {
+            return;
+        }
+        match crate::commands::start_sink(intent.overlay.address, self.test_peers.clone()) {
+            Ok(()) => self.sink_listening = true,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {}
+            Err(e) => {
+                eprintln!("run: the path-test sink cannot listen ({e}); path tests against this site fail");
+                self.sink_listening = true;
+            }
+        }
+    }
+
+    /// Answer one request of the controller (path tests run off the loop).
+    fn on_command(&self, client: &async_nats::Client, message: async_nats::Message) {
+        let Some(reply_to) = message.reply.clone() else {
+            eprintln!("run: a command without a reply subject was ignored");
+            return;
+        };
+        let request: patronus_proto::command::CommandRequest = match codec::decode(&message.payload)
+        {
+            Ok(request) => request,
+            Err(e) => {
+                eprintln!("run: refused an undecodable command: {e}");
+                let answer = crate::commands::reply(
+                    "",
+                    patronus_proto::command::CommandResult::Failed {
+                        error: format!("the command does not decode: {}", e.reason()),
+                    },
+                );
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let _ = client.publish(reply_to, codec::encode(&answer).into()).await;
+                });
+                return;
+            }
+        };
+        let monitor = self.applied.as_ref().zip(self.prober.as_ref()).map(|(intent, prober)| {
+            crate::probing::report(intent, &self.path_views, &prober.drops, now_ms())
+        });
+        let client = client.clone();
+        let result = crate::commands::immediate(
+            &request,
+            self.applied.as_ref(),
+            &self.path_views,
+            monitor.as_ref(),
+        );
+        if let Some(result) = result {
+            let answer = crate::commands::reply(&request.request_id, result);
+            tokio::spawn(async move {
+                let _ = client.publish(reply_to, codec::encode(&answer).into()).await;
+            });
+            return;
+        }
+        let patronus_proto::command::Command::PathTest { path, duration_s } = request.command
+        else {
+            return;
+        };
+        let target = self
+            .applied
+            .as_ref()
+            .and_then(|intent| crate::commands::path_target(intent, path));
+        let view = self.path_views.get(&path).cloned();
+        let request_id = request.request_id.clone();
+        eprintln!("run: path test of {path} for {duration_s} s (request {request_id})");
+        tokio::spawn(async move {
+            let result = match target {
+                None => patronus_proto::command::CommandResult::Failed {
+                    error: "this site has no such path in its applied intent".into(),
+                },
+                Some((interface, peer)) => {
+                    let measured = tokio::task::spawn_blocking(move || {
+                        crate::commands::path_test(&interface, peer, duration_s)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the test stopped: {e}")));
+                    match measured {
+                        Ok(mbps) => patronus_proto::command::CommandResult::PathTest {
+                            path,
+                            metrics: crate::commands::test_metrics(view.as_ref(), mbps, now_ms()),
+                        },
+                        Err(error) => patronus_proto::command::CommandResult::Failed { error },
+                    }
+                }
+            };
+            let answer = crate::commands::reply(&request_id, result);
+            let _ = client.publish(reply_to, codec::encode(&answer).into()).await;
+        });
+    }
+
     /// Keep `monitor.json` (what `status` shows of the paths) up to date.
     fn write_monitor_report(&self) {
         let (Some(intent), Some(prober)) = (&self.applied, &self.prober) else {
@@ -284,6 +382,9 @@ impl Agent {
                     prober.set_plan(crate::probing::plan(&intent, compiled.as_ref()));
                 }
                 self.steerer.lock().set_intent(intent.clone());
+                if let Ok(mut peers) = self.test_peers.write() {
+                    *peers = intent.peers.iter().map(|p| p.overlay_address).collect();
+                }
                 self.applied = Some(intent);
                 self.last_apply = Instant::now();
                 self.steer();
@@ -406,6 +507,8 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
             }
         },
         metrics_seq: 0,
+        test_peers: crate::commands::Peers::default(),
+        sink_listening: false,
     };
     let (reconcile_every, heartbeat_every) =
         (config.reconcile_interval(), config.heartbeat_interval());
@@ -454,6 +557,13 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
             .subscribe(identity.intent.kv_subject.clone())
             .await
             .context("subscribing to the intent")?;
+        let mut commands = client
+            .subscribe(patronus_proto::subjects::cmd_subject(
+                identity.tenant_id,
+                identity.site_id,
+            ))
+            .await
+            .context("subscribing to the controller's commands")?;
         eprintln!(
             "run: site {} following its intent on {}",
             identity.site_name, identity.nats_url
@@ -492,7 +602,9 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
                     Some(message) => on_intent(&mut agent, &client, &message.payload).await,
                     None => anyhow::bail!("the intent subscription ended"),
                 },
+                Some(message) = commands.next() => agent.on_command(&client, message),
                 _ = reconcile.tick() => {
+                    agent.listen_for_path_tests();
                     if matches!(agent.dataplane, DataplaneSlot::NotStarted)
                         && agent.last_apply.elapsed() >= DATAPLANE_QUIET
                     {

@@ -55,6 +55,7 @@ const VIEW_REFRESH: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct Target {
     pub path: PathId,
+    pub local_uplink: u8,
     pub peer: SiteId,
     pub peer_overlay: IpAddr,
     pub key: ProbeKey,
@@ -71,6 +72,9 @@ pub struct ProbePlan {
     pub failover: FailoverSettings,
     /// Each class's SLA (its policy's, else the intent's default).
     pub class_slas: BTreeMap<u16, Sla>,
+    /// Local uplinks: interface and capacity (Mbit/s, from the intent), for the passive
+    /// available-bandwidth estimate.
+    pub uplinks: BTreeMap<u8, (String, Option<u32>)>,
 }
 
 /// What the run loop learns from the thread.
@@ -146,8 +150,12 @@ pub fn report(
     }
 }
 
-/// The probe plan of an intent (pure).
-pub fn plan(intent: &SiteIntent, compiled: Option<&Compiled>) -> ProbePlan {
+/// The probe plan of an intent (pure); `uplinks` as found on the system.
+pub fn plan(
+    intent: &SiteIntent,
+    compiled: Option<&Compiled>,
+    uplinks: &[crate::desired::UplinkRoute],
+) -> ProbePlan {
     let mut targets = Vec::new();
     for path in &intent.paths {
         let Some(peer) = intent.peers.iter().find(|p| p.site == path.remote_site) else {
@@ -155,6 +163,7 @@ pub fn plan(intent: &SiteIntent, compiled: Option<&Compiled>) -> ProbePlan {
         };
         targets.push(Target {
             path: path.id,
+            local_uplink: path.local_uplink,
             peer: peer.site,
             peer_overlay: peer.overlay_address,
             key: ProbeKey(peer.probe_key.0),
@@ -183,7 +192,39 @@ pub fn plan(intent: &SiteIntent, compiled: Option<&Compiled>) -> ProbePlan {
         settings: intent.probe.clone(),
         failover: intent.failover.clone(),
         class_slas,
+        uplinks: uplinks
+            .iter()
+            .map(|u| {
+                let capacity = intent
+                    .uplinks
+                    .iter()
+                    .find(|x| x.index == u.index)
+                    .and_then(|x| x.bandwidth_mbps);
+                (u.index, (u.dev.clone(), capacity))
+            })
+            .collect(),
     }
+}
+
+/// Passive available bandwidth of an uplink (pure): its capacity less what it sent over the
+/// window, never below 0; unknown without a capacity or a window.
+pub fn available_mbps(capacity_mbps: Option<u32>, tx_bytes: u64, window: Duration) -> Option<f64> {
+    let capacity = f64::from(capacity_mbps?);
+    let seconds = window.as_secs_f64();
+    if seconds <= 0.0 {
+        return None;
+    }
+    let used = tx_bytes as f64 * 8.0 / seconds / 1e6;
+    Some((capacity - used).max(0.0))
+}
+
+/// An interface's transmitted bytes (sysfs of the agent's network namespace).
+fn tx_bytes(interface: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/sys/class/net/{interface}/statistics/tx_bytes"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Drop counters by reason, shared by the receive tasks.
@@ -442,6 +483,8 @@ struct State {
     out: Vec<u8>,
     views_dirty: bool,
     steerer: crate::steerer::SharedSteerer,
+    /// Each uplink's transmitted bytes at the last sample.
+    uplink_tx: BTreeMap<u8, (Instant, u64)>,
 }
 
 impl State {
@@ -687,6 +730,24 @@ impl State {
     fn samples(&mut self) -> Vec<PathSample> {
         let mut samples = Vec::new();
         let now_ms = unix_ms();
+        let mut available: BTreeMap<u8, f64> = BTreeMap::new();
+        if let Some(plan) = &self.plan {
+            for (index, (dev, capacity)) in &plan.uplinks {
+                let Some(now_tx) = tx_bytes(dev) else {
+                    continue;
+                };
+                let at = Instant::now();
+                if let Some((then, before)) = self.uplink_tx.insert(*index, (at, now_tx)) {
+                    if let Some(mbps) = available_mbps(
+                        *capacity,
+                        now_tx.saturating_sub(before),
+                        at.duration_since(then),
+                    ) {
+                        available.insert(*index, mbps);
+                    }
+                }
+            }
+        }
         for (id, p) in &mut self.paths {
             if p.prober.liveness() == Liveness::Unknown && p.prober.stats().sent == 0 {
                 continue;
@@ -698,6 +759,7 @@ impl State {
             let score = health_score(&stats);
             let mut metrics = metrics_of(&stats, score);
             metrics.measured_at_unix_ms = now_ms;
+            metrics.bandwidth_mbps = available.get(&p.target.local_uplink).copied();
             samples.push(PathSample {
                 path: *id,
                 status: p.health.health().as_status(),
@@ -744,6 +806,7 @@ async fn run(
         out: Vec::with_capacity(128),
         views_dirty: false,
         steerer,
+        uplink_tx: BTreeMap::new(),
     };
     let mut sample = tokio::time::interval(SAMPLE_EVERY);
     let mut refresh = tokio::time::interval(VIEW_REFRESH);
@@ -791,7 +854,7 @@ mod tests {
                       {"id": uuid::Uuid::from_u128(8), "local_uplink": 0, "remote_site": uuid::Uuid::from_u128(3), "remote_uplink": 0}]
         }))
         .expect("an intent");
-        let plan = plan(&intent, None);
+        let plan = plan(&intent, None, &[]);
         assert_eq!(
             plan.targets.len(),
             1,
@@ -805,5 +868,20 @@ mod tests {
             crate::desired::interface_name(intent.site, 0, 1)
         );
         assert_eq!(t.key.0, [2; 32]);
+    }
+
+    #[test]
+    fn available_bandwidth_is_capacity_less_what_was_sent() {
+        // 100 Mbit/s uplink that sent 25 MB in 4 s (50 Mbit/s).
+        assert_eq!(
+            available_mbps(Some(100), 25_000_000, Duration::from_secs(4)),
+            Some(50.0)
+        );
+        assert_eq!(
+            available_mbps(Some(10), 25_000_000, Duration::from_secs(4)),
+            Some(0.0)
+        );
+        assert_eq!(available_mbps(None, 1, Duration::from_secs(1)), None);
+        assert_eq!(available_mbps(Some(10), 1, Duration::ZERO), None);
     }
 }

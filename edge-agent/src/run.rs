@@ -270,14 +270,20 @@ impl Agent {
                 );
                 let client = client.clone();
                 tokio::spawn(async move {
-                    let _ = client.publish(reply_to, codec::encode(&answer).into()).await;
+                    let _ = client
+                        .publish(reply_to, codec::encode(&answer).into())
+                        .await;
                 });
                 return;
             }
         };
-        let monitor = self.applied.as_ref().zip(self.prober.as_ref()).map(|(intent, prober)| {
-            crate::probing::report(intent, &self.path_views, &prober.drops, now_ms())
-        });
+        let monitor = self
+            .applied
+            .as_ref()
+            .zip(self.prober.as_ref())
+            .map(|(intent, prober)| {
+                crate::probing::report(intent, &self.path_views, &prober.drops, now_ms())
+            });
         let client = client.clone();
         let result = crate::commands::immediate(
             &request,
@@ -288,7 +294,9 @@ impl Agent {
         if let Some(result) = result {
             let answer = crate::commands::reply(&request.request_id, result);
             tokio::spawn(async move {
-                let _ = client.publish(reply_to, codec::encode(&answer).into()).await;
+                let _ = client
+                    .publish(reply_to, codec::encode(&answer).into())
+                    .await;
             });
             return;
         }
@@ -324,7 +332,9 @@ impl Agent {
                 }
             };
             let answer = crate::commands::reply(&request_id, result);
-            let _ = client.publish(reply_to, codec::encode(&answer).into()).await;
+            let _ = client
+                .publish(reply_to, codec::encode(&answer).into())
+                .await;
         });
     }
 
@@ -379,7 +389,7 @@ impl Agent {
                     .map_err(|e| format!("applied, but not stored: {e:#}"))?;
                 if let Some(prober) = &self.prober {
                     let compiled = crate::classifier::compile(&intent.policies.routing).ok();
-                    prober.set_plan(crate::probing::plan(&intent, compiled.as_ref()));
+                    prober.set_plan(crate::probing::plan(&intent, compiled.as_ref(), &uplinks));
                 }
                 self.steerer.lock().set_intent(intent.clone());
                 if let Ok(mut peers) = self.test_peers.write() {

@@ -104,7 +104,11 @@ fn sockaddr(address: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 }
 
 /// A TCP connection to `to` leaving through `interface` only.
-fn connect_through(interface: &str, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+fn connect_through(
+    interface: &str,
+    to: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
     let family = if to.is_ipv4() {
         libc::AF_INET
     } else {
@@ -172,9 +176,14 @@ pub fn path_test(interface: &str, peer: IpAddr, seconds: u32) -> Result<f64, Str
     while Instant::now() < until {
         match stream.write(&chunk) {
             Ok(n) => written += n as u64,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-                || e.kind() == std::io::ErrorKind::TimedOut => {}
-            Err(e) => return Err(format!("the test connection broke after {written} bytes: {e}")),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => {
+                return Err(format!(
+                    "the test connection broke after {written} bytes: {e}"
+                ))
+            }
         }
     }
     let acknowledged = written.saturating_sub(unacknowledged(&stream));
@@ -226,7 +235,10 @@ pub fn start_sink(overlay: IpAddr, peers: Peers) -> std::io::Result<()> {
 pub fn test_metrics(view: Option<&PathView>, bandwidth_mbps: f64, now_ms: u64) -> PathMetrics {
     let latency = view.and_then(|v| v.latency_ms).unwrap_or(0.0);
     let jitter = view.and_then(|v| v.jitter_ms).unwrap_or(0.0);
-    let loss = view.and_then(|v| v.loss_pct).unwrap_or(0.0).clamp(0.0, 100.0);
+    let loss = view
+        .and_then(|v| v.loss_pct)
+        .unwrap_or(0.0)
+        .clamp(0.0, 100.0);
     let stats = crate::monitor::ProbeStats {
         latency_ms: latency,
         jitter_ms: jitter,
@@ -267,7 +279,12 @@ mod tests {
         )
         .is_none());
         assert_eq!(
-            immediate(&request(Command::Reprobe { path: None }), None, &views, None),
+            immediate(
+                &request(Command::Reprobe { path: None }),
+                None,
+                &views,
+                None
+            ),
             Some(CommandResult::Accepted)
         );
         assert!(matches!(

@@ -64,6 +64,7 @@ fn layout(clang: &str, ebpf: &Path, out: &Path) {
                 "lb_mode",
                 "count",
                 "flags",
+                "pick",
                 "paths",
                 "weights",
             ],

@@ -34,8 +34,11 @@ use crate::desired::table_of;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClassPlan {
     pub lb_mode: LbMode,
-    /// Path indexes, best first (at most PATHS_PER_CLASS).
+    /// Path indexes, best first (at most PATHS_PER_CLASS): every path the class may use
+    /// now; flows on any of them stay.
     pub paths: Vec<u32>,
+    /// New flows choose among the first `pick` paths (the best tier).
+    pub pick: usize,
     /// Per path, for weighted modes (the local uplink's bandwidth in Mbit/s, at least 1).
     pub weights: Vec<u32>,
 }
@@ -264,16 +267,16 @@ pub fn plan(
                 usable
             };
             ranked.sort_by_key(|c| (tier(c), c.kind_latency, c.cost, c.local, c.remote));
-            // Active-backup lists every qualifying path, best first (the first is used, the
-            // next on failover). The spreading modes spread over the best tier only:
+            // Every qualifying path is listed, best first, so a flow on a healthy path that
+            // is merely outranked stays there. Active-backup uses the first (the next on
+            // failover); the spreading modes spread new flows over the best tier only:
             // hashing bulk traffic onto the expensive link because it is also up is not
             // what "lowest cost" means.
-            if class.load_balancing != LoadBalancing::ActiveBackup {
-                if let Some(best) = ranked.first().map(|c| tier(c).0) {
-                    ranked.retain(|c| tier(c).0 == best);
-                }
-            }
             ranked.truncate(PATHS_PER_CLASS);
+            let pick = match (class.load_balancing, ranked.first().map(|c| tier(c).0)) {
+                (LoadBalancing::ActiveBackup, _) | (_, None) => ranked.len(),
+                (_, Some(best)) => ranked.iter().take_while(|c| tier(c).0 == best).count(),
+            };
             plan.classes.insert(
                 (class.id, slot),
                 ClassPlan {
@@ -282,6 +285,7 @@ pub fn plan(
                         .iter()
                         .map(|c| path_index(c.local, c.remote))
                         .collect(),
+                    pick,
                     weights: ranked.iter().map(|c| c.bandwidth).collect(),
                 },
             );
@@ -353,6 +357,7 @@ pub fn next_class_paths(current: Option<&ClassPaths>, class: &ClassPlan) -> Clas
         lb_mode: class.lb_mode as u8,
         count: class.paths.len().min(PATHS_PER_CLASS) as u8,
         flags: 0,
+        pick: class.pick.min(class.paths.len()).min(PATHS_PER_CLASS) as u8,
         ..ClassPaths::default()
     };
     for (i, (path, weight)) in class
@@ -573,8 +578,11 @@ mod tests {
         // Active-backup: all four, best first.
         assert_eq!(voip.paths.len(), 4);
         assert_eq!(voip.paths[..2], [path_index(0, 0), path_index(0, 1)]);
-        // Flow hash: only the cheapest tier, so no flow is hashed onto the dear uplink.
-        assert_eq!(backup.paths, [path_index(1, 0), path_index(1, 1)]);
+        // Flow hash: new flows only on the cheapest tier, so none is hashed onto the dear
+        // uplink; the dear paths are listed after it (a flow already there stays).
+        assert_eq!(backup.pick, 2);
+        assert_eq!(backup.paths[..2], [path_index(1, 0), path_index(1, 1)]);
+        assert_eq!(backup.paths.len(), 4);
         assert_eq!(backup.weights[0], 100);
         // The peer's overlay address and LAN lead to its slot.
         assert_eq!(plan.dests.len(), 2);
@@ -687,6 +695,7 @@ mod tests {
         let class = ClassPlan {
             lb_mode: LbMode::ActiveBackup,
             paths: vec![0, 1],
+            pick: 2,
             weights: vec![1, 1],
         };
         let first = next_class_paths(None, &class);
@@ -694,6 +703,7 @@ mod tests {
         assert_eq!(next_class_paths(Some(&first), &class), first);
         let failed_over = ClassPlan {
             paths: vec![1],
+            pick: 1,
             weights: vec![1],
             ..class.clone()
         };
@@ -721,6 +731,7 @@ mod tests {
             None,
             &ClassPlan {
                 paths: vec![1],
+                pick: 1,
                 weights: vec![1],
                 ..hashed.clone()
             },
@@ -747,5 +758,36 @@ mod tests {
         );
         // The same plan again: nothing to report.
         assert!(failovers(&intent, &slots, &after, &after, &views).is_empty());
+    }
+
+    #[test]
+    fn an_outranked_healthy_path_keeps_its_flows_in_spreading_modes() {
+        let intent = fiber_and_lte(false);
+        let slots = slots_for(&intent);
+        let a = slots.slot(site(PEER_A)).unwrap();
+        let compiled = compile(&[policy(
+            1,
+            "video",
+            PathPreference::LowestLatency,
+            LoadBalancing::FlowHash,
+        )])
+        .unwrap();
+        let mut views = BTreeMap::from([
+            (path_id(0, PEER_A, 0), measured_view(2.0)),
+            (path_id(0, PEER_A, 1), measured_view(3.0)),
+            (path_id(1, PEER_A, 0), measured_view(30.0)),
+            (path_id(1, PEER_A, 1), measured_view(31.0)),
+        ]);
+        let before = plan(&intent, &compiled, &slots, &views);
+        assert_eq!(before.classes[&(1, a)].pick, 2);
+        // (0, 1) slows down: new flows avoid it, but it stays listed, so the flows hashed
+        // onto it do not move (the map value keeps it among `count`).
+        views.insert(path_id(0, PEER_A, 1), measured_view(12.0));
+        let after = plan(&intent, &compiled, &slots, &views);
+        let class = &after.classes[&(1, a)];
+        assert_eq!(class.pick, 1);
+        assert!(class.paths.contains(&path_index(0, 1)));
+        let value = next_class_paths(None, class);
+        assert_eq!((value.count, value.pick), (4, 1));
     }
 }

@@ -123,8 +123,11 @@ enum patronus_lb_mode {
 struct patronus_class_paths {
 	__u32 generation;
 	__u8  lb_mode;      /* enum patronus_lb_mode */
-	__u8  count;        /* valid entries in paths[], 0 = default route */
-	__u16 flags;
+	__u8  count;        /* valid entries in paths[], 0 = default route; flows on any of
+	                     * them stay where they are */
+	__u8  flags;
+	__u8  pick;         /* new flows choose among paths[0..pick] (the best tier), so a
+	                     * healthy path that is merely outranked keeps its flows; 0 = count */
 	__u32 paths[PATRONUS_PATHS_PER_CLASS];
 	__u32 weights[PATRONUS_PATHS_PER_CLASS];
 };

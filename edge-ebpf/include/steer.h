@@ -204,6 +204,8 @@ static __always_inline __u32 patronus_pick(const struct patronus_class_paths *cp
 	__u32 count = cp->count;
 	__u32 slot = 0;
 
+	if (cp->pick && cp->pick < count)
+		count = cp->pick;
 	if (count == 0)
 		return PATRONUS_NO_PATH;
 	if (count > PATRONUS_PATHS_PER_CLASS)

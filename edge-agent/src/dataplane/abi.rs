@@ -25,7 +25,7 @@ pub const POLICY_WORDS: usize = c::PATRONUS_POLICY_WORDS as usize;
 pub const COUNTERS: u32 = c::PATRONUS_CNT_MAX as u32;
 pub const NO_PATH: u32 = c::PATRONUS_NO_PATH as u32;
 pub const NO_POLICY: u16 = c::PATRONUS_NO_POLICY as u16;
-pub const CLASS_REPIN: u16 = c::PATRONUS_CLASS_REPIN as u16;
+pub const CLASS_REPIN: u8 = c::PATRONUS_CLASS_REPIN as u8;
 pub const META_MAGIC: u32 = c::PATRONUS_META_MAGIC as u32;
 
 /// Indexes of `PATRONUS_COUNTERS` (enum patronus_counter).
@@ -144,8 +144,11 @@ impl PolicySet {
 pub struct ClassPaths {
     pub generation: u32,
     pub lb_mode: u8,
+    /// Listed paths: flows on any of them stay.
     pub count: u8,
-    pub flags: u16,
+    pub flags: u8,
+    /// New flows choose among the first `pick` (0 = all `count`).
+    pub pick: u8,
     pub paths: [u32; PATHS_PER_CLASS],
     pub weights: [u32; PATHS_PER_CLASS],
 }
@@ -225,6 +228,7 @@ same_layout!(ClassPaths, SIZE_OF_PATRONUS_CLASS_PATHS,
     lb_mode => OFFSET_OF_PATRONUS_CLASS_PATHS_LB_MODE,
     count => OFFSET_OF_PATRONUS_CLASS_PATHS_COUNT,
     flags => OFFSET_OF_PATRONUS_CLASS_PATHS_FLAGS,
+    pick => OFFSET_OF_PATRONUS_CLASS_PATHS_PICK,
     paths => OFFSET_OF_PATRONUS_CLASS_PATHS_PATHS,
     weights => OFFSET_OF_PATRONUS_CLASS_PATHS_WEIGHTS);
 same_layout!(PathEntry, SIZE_OF_PATRONUS_PATH,

@@ -26,7 +26,7 @@ fn loaded() -> Dataplane {
     })
 }
 
-fn class(generation: u32, mode: LbMode, paths: &[u32], flags: u16) -> ClassPaths {
+fn class(generation: u32, mode: LbMode, paths: &[u32], flags: u8) -> ClassPaths {
     let mut c = ClassPaths {
         generation,
         lb_mode: mode as u8,
@@ -429,4 +429,36 @@ fn each_destination_site_has_its_own_paths_and_failover() {
     assert_eq!(run(&dp, &to_site).1, Some(MARK_LOW_LATENCY));
     assert_eq!(run(&dp, &elsewhere).1, Some(MARK_LOW_LATENCY));
     assert_eq!(dp.counter(Counter::Repath).unwrap(), 1);
+}
+
+#[test]
+fn new_flows_take_the_picked_tier_and_outranked_paths_keep_their_flows() {
+    let mut dp = steering();
+    // Spread 32 flows over both paths, then narrow new flows to the first one.
+    let mut on_low_cost = Vec::new();
+    for port in 0..32u16 {
+        let packet = ipv4(17, 31000 + port, 9000, 0, false, false);
+        if run(&dp, &packet).1 == Some(MARK_LOW_COST) {
+            on_low_cost.push(packet);
+        }
+    }
+    assert!(
+        !on_low_cost.is_empty(),
+        "no flow hashed onto the second path"
+    );
+    let mut narrowed = class(2, LbMode::FlowHash, &[LOW_LATENCY, LOW_COST], 0);
+    narrowed.pick = 1;
+    dp.set_class_paths(anywhere(HASHED), narrowed).unwrap();
+    for packet in &on_low_cost {
+        assert_eq!(
+            run(&dp, packet).1,
+            Some(MARK_LOW_COST),
+            "a flow left a healthy path that is only outranked"
+        );
+    }
+    for port in 0..16u16 {
+        let packet = ipv4(17, 32000 + port, 9000, 0, false, false);
+        assert_eq!(run(&dp, &packet).1, Some(MARK_LOW_LATENCY));
+    }
+    assert_eq!(dp.counter(Counter::Repath).unwrap(), 0);
 }

@@ -94,6 +94,14 @@ pub fn remote_status(state: &StateDir, identity: &Identity) -> anyhow::Result<Ed
 
 /// New certificate key and NATS nkey, a new certificate and NATS user for them, swapped in
 /// as one set. The old ones stay valid until they expire.
+/// Whether the credentials issued at `issued` and expiring at `expires` (Unix seconds) are
+/// due for renewal at `now`: past two thirds of their lifetime, as with ACME clients, so a
+/// failing controller leaves a third of the lifetime for retries.
+pub fn renewal_due(now: i64, issued: i64, expires: i64) -> bool {
+    let lifetime = expires.saturating_sub(issued).max(0);
+    now >= issued.saturating_add(lifetime / 3 * 2)
+}
+
 pub fn renew(state: &StateDir) -> anyhow::Result<Identity> {
     let mut identity = state.identity()?;
     eprintln!("renew: generating a new certificate key and NATS key");
@@ -118,6 +126,11 @@ pub fn renew(state: &StateDir) -> anyhow::Result<Identity> {
         .seed()
         .map_err(|e| anyhow::anyhow!("NATS seed: {e}"))?;
     identity.expires_at = answer.expires_at;
+    identity.renewed_at = Some(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+    );
     identity.nats_url = answer.nats.url.clone();
     identity.inbox_prefix = answer.nats.inbox_prefix.clone();
     let identity_json = serde_json::to_string_pretty(&identity)?;
@@ -135,4 +148,20 @@ pub fn renew(state: &StateDir) -> anyhow::Result<Identity> {
         identity.site_name, identity.expires_at
     );
     Ok(identity)
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use super::renewal_due;
+
+    #[test]
+    fn renewal_is_due_after_two_thirds_of_the_lifetime() {
+        let (issued, expires) = (1_000, 1_000 + 90 * 86_400);
+        assert!(!renewal_due(issued, issued, expires));
+        assert!(!renewal_due(issued + 60 * 86_400 - 1, issued, expires));
+        assert!(renewal_due(issued + 60 * 86_400, issued, expires));
+        assert!(renewal_due(expires + 1, issued, expires));
+        // Nonsense (expiry before issue) renews at once rather than never.
+        assert!(renewal_due(issued, issued, issued - 5));
+    }
 }

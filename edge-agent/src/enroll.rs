@@ -199,6 +199,7 @@ pub fn enroll(
         listen_port_base: answer.listen_port_base,
         expires_at: answer.expires_at,
         enrolled_at: now_unix(),
+        renewed_at: None,
         nats_url: answer.nats.url,
         inbox_prefix: answer.nats.inbox_prefix,
         intent: answer.intent,

@@ -11,7 +11,10 @@
 //! desired state of the applied intent is compared with the namespace again, which repairs
 //! what someone changed by hand. New peers without a handshake are kicked by one end of the
 //! path ([`crate::handshake`]) so a first handshake lost to a race costs ~300 ms, not 5 s.
-//! NATS reconnects by itself with backoff.
+//! NATS reconnects by itself with backoff. Every minute the agent checks whether its
+//! certificate and NATS credentials are past two thirds of their lifetime; then it renews
+//! them (a signed call, off the loop) and reconnects with the new credentials (the old ones
+//! stay valid until they expire, so a failed renewal is retried the next minute).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -485,6 +488,57 @@ async fn on_intent(agent: &mut Agent, client: &async_nats::Client, payload: &[u8
     }
 }
 
+/// The agent's NATS connection and its subscriptions.
+struct Link {
+    client: async_nats::Client,
+    updates: async_nats::Subscriber,
+    commands: async_nats::Subscriber,
+    /// A message per (re)connection: the current intent must be read again then, since
+    /// updates published while the connection was down never reach the subscription.
+    connected: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
+/// Connect with the credentials in the state directory and subscribe to the intent and the
+/// controller's commands.
+async fn connect(state: &StateDir, identity: &Identity) -> anyhow::Result<Link> {
+    let creds = state.read(crate::state::NATS_CREDS_FILE)?;
+    let (connected_tx, connected) = tokio::sync::mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::with_credentials(&creds)
+        .context("nats.creds is damaged; enroll again")?
+        .event_callback(move |event| {
+            let connected_tx = connected_tx.clone();
+            async move {
+                if matches!(event, async_nats::Event::Connected) {
+                    let _ = connected_tx.send(());
+                }
+            }
+        })
+        .custom_inbox_prefix(identity.inbox_prefix.clone())
+        .name(format!("patronus-edge {}", identity.site_name))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .retry_on_initial_connect()
+        .connect(identity.nats_url.as_str())
+        .await
+        .context("NATS")?;
+    let updates = client
+        .subscribe(identity.intent.kv_subject.clone())
+        .await
+        .context("subscribing to the intent")?;
+    let commands = client
+        .subscribe(patronus_proto::subjects::cmd_subject(
+            identity.tenant_id,
+            identity.site_id,
+        ))
+        .await
+        .context("subscribing to the controller's commands")?;
+    Ok(Link {
+        client,
+        updates,
+        commands,
+        connected,
+    })
+}
+
 pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
     let identity = state.identity()?;
     let key = Key::from_base64(state.read(WIREGUARD_KEY_FILE)?.trim())
@@ -542,38 +596,15 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let creds = agent.state.read(crate::state::NATS_CREDS_FILE)?;
-        // Every (re)connection: read the current value, since updates published while the
-        // connection was down never reach the subscription.
-        let (connected_tx, mut connected) = tokio::sync::mpsc::unbounded_channel();
-        let client = async_nats::ConnectOptions::with_credentials(&creds)
-            .context("nats.creds is damaged; enroll again")?
-            .event_callback(move |event| {
-                let connected_tx = connected_tx.clone();
-                async move {
-                    if matches!(event, async_nats::Event::Connected) {
-                        let _ = connected_tx.send(());
-                    }
-                }
-            })
-            .custom_inbox_prefix(identity.inbox_prefix.clone())
-            .name(format!("patronus-edge {}", identity.site_name))
-            .request_timeout(Some(Duration::from_secs(5)))
-            .retry_on_initial_connect()
-            .connect(identity.nats_url.as_str())
-            .await
-            .context("NATS")?;
-        let mut updates = client
-            .subscribe(identity.intent.kv_subject.clone())
-            .await
-            .context("subscribing to the intent")?;
-        let mut commands = client
-            .subscribe(patronus_proto::subjects::cmd_subject(
-                identity.tenant_id,
-                identity.site_id,
-            ))
-            .await
-            .context("subscribing to the controller's commands")?;
+        let mut identity = identity;
+        let Link {
+            mut client,
+            mut updates,
+            mut commands,
+            mut connected,
+        } = connect(&agent.state, &identity).await?;
+        let mut renewal: Option<tokio::task::JoinHandle<anyhow::Result<Identity>>> = None;
+        let mut renewal_check = tokio::time::interval(Duration::from_secs(60));
         eprintln!(
             "run: site {} following its intent on {}",
             identity.site_name, identity.nats_url
@@ -613,6 +644,45 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
                     None => anyhow::bail!("the intent subscription ended"),
                 },
                 Some(message) = commands.next() => agent.on_command(&client, message),
+                _ = renewal_check.tick(), if renewal.is_none() => {
+                    let issued = identity.renewed_at.unwrap_or(identity.enrolled_at);
+                    let now = (now_ms() / 1000) as i64;
+                    if crate::control::renewal_due(now, issued, identity.expires_at) {
+                        eprintln!("run: the certificate is past two thirds of its lifetime; renewing");
+                        let state = StateDir::new(agent.state.path.clone());
+                        renewal = Some(tokio::task::spawn_blocking(move || {
+                            crate::control::renew(&state)
+                        }));
+                    }
+                }
+                done = async { renewal.as_mut().expect("guarded by is_some").await },
+                    if renewal.is_some() =>
+                {
+                    renewal = None;
+                    match done.map_err(|e| anyhow::anyhow!("the renewal stopped: {e}")).and_then(|r| r) {
+                        Ok(renewed) => {
+                            // The old credentials stay valid until they expire; move to the
+                            // new ones now.
+                            match connect(&agent.state, &renewed).await {
+                                Ok(link) => {
+                                    client = link.client;
+                                    updates = link.updates;
+                                    commands = link.commands;
+                                    connected = link.connected;
+                                    identity = renewed;
+                                    agent.identity = identity.clone();
+                                    needs_fetch = true;
+                                    eprintln!("run: reconnected to NATS with the renewed credentials");
+                                }
+                                Err(e) => eprintln!(
+                                    "run: renewed, but connecting with the new credentials failed ({e:#}); keeping the old connection"
+                                ),
+                            }
+                        }
+                        // Retried at the next check (every minute) while it stays due.
+                        Err(e) => eprintln!("run: renewing the certificate failed: {e:#}; retrying in a minute"),
+                    }
+                }
                 _ = reconcile.tick() => {
                     agent.listen_for_path_tests();
                     if matches!(agent.dataplane, DataplaneSlot::NotStarted)

@@ -39,6 +39,9 @@ pub struct Identity {
     /// Unix seconds when the certificate and NATS credentials expire.
     pub expires_at: i64,
     pub enrolled_at: i64,
+    /// Unix seconds of the last renewal (none before the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_at: Option<i64>,
     pub nats_url: String,
     pub inbox_prefix: String,
     pub intent: IntentLocation,

@@ -59,14 +59,33 @@ pub fn secret_bytes_32(secret: &Secret) -> Option<[u8; 32]> {
         .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
 }
 
-/// Path-metrics storage.
+/// Path-metrics ingest and storage.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Days of path-metrics history kept; older daily partitions are dropped.
+    /// Days of raw path-metrics history kept; older daily partitions are dropped.
     pub retention_days: u32,
     /// Daily partitions created ahead of time.
     pub partitions_ahead_days: u32,
+    /// Days of one-minute rollups (`path_metrics_1m`) kept.
+    pub rollup_retention_days: u32,
+    /// Most samples written to PostgreSQL in one transaction (samples of many edge batches).
+    pub write_batch_samples: usize,
+    /// How long the ingest waits for more messages before writing what it has.
+    pub write_linger_ms: u64,
+    /// Writes of one tenant's metrics one replica runs at once (gathering the next while
+    /// earlier ones are in the database).
+    pub write_concurrency: usize,
+    /// Messages one tenant's consumer may have delivered and not yet acknowledged, across
+    /// every replica.
+    pub max_ack_pending: i64,
+    /// Delay before a message whose write failed (database unreachable) is delivered again.
+    pub retry_delay_ms: u64,
+    /// Lifetime of a path's latest state in Redis; the tenant's hash expires when no sample
+    /// arrived for this long, and the API ignores a state older than this.
+    pub latest_state_ttl_s: u64,
+    /// At most one `path_metrics` WebSocket event per path per this interval (per replica).
+    pub event_interval_ms: u64,
 }
 
 impl Default for MetricsConfig {
@@ -74,6 +93,14 @@ impl Default for MetricsConfig {
         Self {
             retention_days: 30,
             partitions_ahead_days: 7,
+            rollup_retention_days: 400,
+            write_batch_samples: 10_000,
+            write_linger_ms: 20,
+            write_concurrency: 2,
+            max_ack_pending: 4_000,
+            retry_delay_ms: 2_000,
+            latest_state_ttl_s: 300,
+            event_interval_ms: 1_000,
         }
     }
 }
@@ -463,6 +490,51 @@ impl ControllerConfig {
             return Err(invalid(
                 "metrics.partitions_ahead_days",
                 "must be 1-60".into(),
+            ));
+        }
+        if !(1..=3650).contains(&self.metrics.rollup_retention_days) {
+            return Err(invalid(
+                "metrics.rollup_retention_days",
+                "must be 1-3650".into(),
+            ));
+        }
+        if !(1..=100_000).contains(&self.metrics.write_batch_samples) {
+            return Err(invalid(
+                "metrics.write_batch_samples",
+                "must be 1-100000".into(),
+            ));
+        }
+        if self.metrics.write_linger_ms > 5_000 {
+            return Err(invalid(
+                "metrics.write_linger_ms",
+                "must be at most 5000".into(),
+            ));
+        }
+        if !(1..=16).contains(&self.metrics.write_concurrency) {
+            return Err(invalid("metrics.write_concurrency", "must be 1-16".into()));
+        }
+        if !(1..=1_000_000).contains(&self.metrics.max_ack_pending) {
+            return Err(invalid(
+                "metrics.max_ack_pending",
+                "must be 1-1000000".into(),
+            ));
+        }
+        if !(10..=600_000).contains(&self.metrics.retry_delay_ms) {
+            return Err(invalid(
+                "metrics.retry_delay_ms",
+                "must be 10-600000".into(),
+            ));
+        }
+        if !(10..=86_400).contains(&self.metrics.latest_state_ttl_s) {
+            return Err(invalid(
+                "metrics.latest_state_ttl_s",
+                "must be 10-86400".into(),
+            ));
+        }
+        if !(10..=3_600_000).contains(&self.metrics.event_interval_ms) {
+            return Err(invalid(
+                "metrics.event_interval_ms",
+                "must be 10-3600000".into(),
             ));
         }
         if !(500..=60_000).contains(&self.intents.lease_ttl_ms) {

@@ -32,7 +32,8 @@ use crate::server::AppState;
 pub const CLIENT_BUFFER: usize = 256;
 const CONTROLLER_EVENTS: &str = "patronus.events";
 
-fn controller_subject(tenant: TenantId) -> String {
+/// Where the controller announces a tenant's events to every replica (`patronus.events.<tenant>`).
+pub fn controller_subject(tenant: TenantId) -> String {
     format!("{CONTROLLER_EVENTS}.{tenant}")
 }
 

@@ -17,6 +17,8 @@
 //! - [`intents`]: compile each site's intent and publish it (singleton, under a Redis lease).
 //! - [`lease`]: Redis leases for singleton work shared by replicas.
 //! - [`metrics`]: Prometheus text at `/metrics`.
+//! - [`metrics_ingest`]: edges' path metrics (a JetStream work queue and a shared durable
+//!   consumer per tenant) into `path_metrics`, the paths' status, Redis and the event stream.
 //! - [`nats`]: NATS operator mode: account per tenant, JWTs, the controller's connections.
 //! - [`pki`]: tenant CAs, CSR checks and site certificates (pure).
 //! - [`server`]: the actix-web application and its lifecycle.
@@ -34,6 +36,7 @@ pub mod health;
 pub mod intents;
 pub mod lease;
 pub mod metrics;
+pub mod metrics_ingest;
 pub mod nats;
 pub mod pki;
 pub mod server;

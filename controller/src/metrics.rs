@@ -48,6 +48,40 @@ impl Gauge {
     }
 }
 
+/// A counter family with one label whose values are a fixed set of `'static` strings (drop
+/// reasons), so its cardinality is bounded by the code.
+#[derive(Default)]
+pub struct LabelledCounter(Mutex<BTreeMap<&'static str, u64>>);
+
+impl LabelledCounter {
+    pub fn add(&self, label: &'static str, n: u64) {
+        if let Ok(mut map) = self.0.lock() {
+            *map.entry(label).or_default() += n;
+        }
+    }
+    pub fn inc(&self, label: &'static str) {
+        self.add(label, 1);
+    }
+    pub fn get(&self, label: &str) -> u64 {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|map| map.get(label).copied())
+            .unwrap_or(0)
+    }
+    pub fn total(&self) -> u64 {
+        self.0.lock().map(|map| map.values().sum()).unwrap_or(0)
+    }
+
+    fn render(&self, out: &mut String, name: &str, label: &str) {
+        if let Ok(map) = self.0.lock() {
+            for (value, n) in map.iter() {
+                let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+            }
+        }
+    }
+}
+
 /// Cumulative-bucket histogram; sums are kept in microseconds to stay integral.
 #[derive(Default)]
 pub struct Histogram {
@@ -103,6 +137,26 @@ pub struct Metrics {
     pub ws_slow_clients_dropped: Counter,
     pub flows_stored: Counter,
     pub flow_reports_dropped: Counter,
+    /// Edge metric batches (NATS messages) whose samples were written.
+    pub metric_batches_stored: Counter,
+    /// Path samples written to `path_metrics`.
+    pub metric_samples_stored: Counter,
+    /// Samples already stored (a redelivered or resent batch), skipped by the database.
+    pub metric_samples_duplicate: Counter,
+    /// Metric batches dropped (acknowledged as terminated), by reason.
+    pub metric_batches_dropped: LabelledCounter,
+    /// Samples dropped from batches that were otherwise stored, by reason.
+    pub metric_samples_dropped: LabelledCounter,
+    /// Metric batches handed back for a later retry (the write failed transiently).
+    pub metric_batches_retried: Counter,
+    /// From the JetStream publish time of a batch to its being taken for writing.
+    pub metric_ingest_lag_seconds: Histogram,
+    /// One multi-batch write transaction.
+    pub metric_write_seconds: Histogram,
+    /// Writes of the latest path state to Redis that failed.
+    pub metric_state_write_failures: Counter,
+    /// `path_metrics` events forwarded to WebSocket clients.
+    pub metric_events_emitted: Counter,
     /// (route pattern, method, status) → latency histogram.
     http: Mutex<BTreeMap<(String, String, u16), Histogram>>,
 }
@@ -185,6 +239,7 @@ impl Metrics {
             "patronus_flow_reports_dropped_total {}",
             self.flow_reports_dropped.get()
         );
+        self.render_metrics_ingest(&mut out);
         let _ = writeln!(out, "# HELP patronus_ws_slow_clients_dropped_total WebSocket clients disconnected for reading too slowly.");
         let _ = writeln!(out, "# TYPE patronus_ws_slow_clients_dropped_total counter");
         let _ = writeln!(
@@ -244,6 +299,67 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    fn render_metrics_ingest(&self, out: &mut String) {
+        let counters = [
+            (
+                "patronus_metric_batches_stored_total",
+                "Edge path-metric batches whose samples were written.",
+                &self.metric_batches_stored,
+            ),
+            (
+                "patronus_metric_samples_stored_total",
+                "Path samples written to path_metrics.",
+                &self.metric_samples_stored,
+            ),
+            (
+                "patronus_metric_samples_duplicate_total",
+                "Path samples already stored (redelivered or resent batches), skipped.",
+                &self.metric_samples_duplicate,
+            ),
+            (
+                "patronus_metric_batches_retried_total",
+                "Path-metric batches handed back for a later retry after a failed write.",
+                &self.metric_batches_retried,
+            ),
+            (
+                "patronus_metric_state_write_failures_total",
+                "Writes of the latest path state to Redis that failed.",
+                &self.metric_state_write_failures,
+            ),
+            (
+                "patronus_metric_events_emitted_total",
+                "path_metrics events forwarded to WebSocket clients.",
+                &self.metric_events_emitted,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", counter.get());
+        }
+        let _ = writeln!(
+            out,
+            "# HELP patronus_metric_batches_dropped_total Path-metric batches dropped, by reason."
+        );
+        let _ = writeln!(out, "# TYPE patronus_metric_batches_dropped_total counter");
+        self.metric_batches_dropped
+            .render(out, "patronus_metric_batches_dropped_total", "reason");
+        let _ = writeln!(out, "# HELP patronus_metric_samples_dropped_total Path samples dropped from stored batches, by reason.");
+        let _ = writeln!(out, "# TYPE patronus_metric_samples_dropped_total counter");
+        self.metric_samples_dropped
+            .render(out, "patronus_metric_samples_dropped_total", "reason");
+        let _ = writeln!(out, "# HELP patronus_metric_ingest_lag_seconds From a batch's arrival in JetStream to its being taken for writing.");
+        let _ = writeln!(out, "# TYPE patronus_metric_ingest_lag_seconds histogram");
+        self.metric_ingest_lag_seconds
+            .render(out, "patronus_metric_ingest_lag_seconds", "");
+        let _ = writeln!(out, "# HELP patronus_metric_write_seconds One write transaction of path samples (many batches).");
+        let _ = writeln!(out, "# TYPE patronus_metric_write_seconds histogram");
+        self.metric_write_seconds
+            .render(out, "patronus_metric_write_seconds", "");
+    }
+}
+
 /// Record every request's latency by route pattern, method and status.
 pub async fn record(
     req: ServiceRequest,
@@ -289,5 +405,21 @@ mod tests {
         assert!(out.contains("x_bucket{a=\"b\",le=\"0.25\"} 2"), "{out}");
         assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 2"), "{out}");
         assert!(out.contains("x_count{a=\"b\"} 2"), "{out}");
+    }
+
+    #[test]
+    fn labelled_counters_render_one_line_per_label() {
+        let c = LabelledCounter::default();
+        c.inc("syntax");
+        c.add("wrong_tenant", 2);
+        c.inc("syntax");
+        assert_eq!(c.get("syntax"), 2);
+        assert_eq!(c.total(), 4);
+        let mut out = String::new();
+        c.render(&mut out, "d", "reason");
+        assert_eq!(
+            out,
+            "d{reason=\"syntax\"} 2\nd{reason=\"wrong_tenant\"} 2\n"
+        );
     }
 }

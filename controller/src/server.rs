@@ -242,12 +242,17 @@ pub async fn serve_on(
         data.get_ref().clone(),
         stop_tx.subscribe(),
     ));
+    let path_metrics = tokio::spawn(crate::metrics_ingest::run(
+        data.get_ref().clone(),
+        stop_tx.subscribe(),
+    ));
     let server = server.run();
     started(server.handle());
     let served = server.await;
     // The HTTP server has drained: stop the publisher, which releases its lease.
     let _ = stop_tx.send(true);
     let _ = flows.await;
+    let _ = path_metrics.await;
     if let Err(e) = publisher.await {
         tracing::warn!(error = %e, "the intent publisher ended abnormally");
     }

@@ -1,7 +1,10 @@
 //! Paths between sites (created by the intent publisher from the topology) and their metrics.
 //!
-//! - `GET /paths?site=&status=`, `GET /paths/{id}`
-//! - `GET /paths/{id}/metrics?from=&to=&step=` history, raw or bucketed by `step` seconds
+//! - `GET /paths?site=&status=`, `GET /paths/{id}`: with each path's newest sample (`latest`)
+//!   from Redis when it is younger than `metrics.latest_state_ttl_s`
+//! - `GET /paths/{id}/metrics?from=&to=&step=` history, raw or bucketed by `step` seconds; a
+//!   whole number of minutes from a whole minute reads the one-minute rollups (plus raw
+//!   samples for the last, unfinished minute)
 //! - `POST /paths/{id}/test` asks the source edge to measure the path now (NATS request to
 //!   `sdwan.<tenant>.<site>.cmd`); 503 if the edge does not answer.
 
@@ -37,6 +40,8 @@ pub struct PathView {
     pub score: Option<i16>,
     pub status_changed_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// The newest sample the edge reported, if recent (`metrics.latest_state_ttl_s`).
+    pub latest: Option<crate::metrics_ingest::PathState>,
 }
 
 type PathTuple = (
@@ -79,6 +84,26 @@ fn view(row: PathTuple) -> PathView {
         score,
         status_changed_at,
         created_at,
+        latest: None,
+    }
+}
+
+/// Fill in each path's latest state from Redis. Best effort: without Redis the paths are
+/// still served, from PostgreSQL alone.
+async fn with_latest(ctx: &Ctx, views: &mut [PathView]) {
+    let Ok(tenant) = ctx.tenant() else {
+        return;
+    };
+    let ids: Vec<Uuid> = views.iter().map(|v| v.id).collect();
+    match crate::metrics_ingest::latest_states(&ctx.state, tenant, &ids).await {
+        Ok(mut states) => {
+            for view in views {
+                view.latest = states.remove(&view.id);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(tenant = %tenant, error = %e, "latest path states unavailable")
+        }
     }
 }
 
@@ -139,7 +164,7 @@ async fn list(ctx: Ctx, query: web::Query<PathQuery>) -> ApiResult<HttpResponse>
             format!("status must be one of {}", PATH_STATUSES.join(", ")),
         ));
     }
-    let rows = ctx
+    let mut rows = ctx
         .tenant_tx(move |conn| {
             Box::pin(async move {
                 let mut q = path_rows!();
@@ -159,6 +184,7 @@ async fn list(ctx: Ctx, query: web::Query<PathQuery>) -> ApiResult<HttpResponse>
             })
         })
         .await?;
+    with_latest(&ctx, &mut rows).await;
     Ok(HttpResponse::Ok().json(page.finish(rows, |p| (p.created_at, p.id))))
 }
 
@@ -181,7 +207,10 @@ async fn find(ctx: &Ctx, id: Uuid) -> ApiResult<PathView> {
 #[utoipa::path(operation_id = "get_paths", tag = "paths", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 200, body = PathView), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[get("/paths/{id}")]
 async fn get(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(find(&ctx, id.into_inner().id).await?))
+    let mut view = [find(&ctx, id.into_inner().id).await?];
+    with_latest(&ctx, &mut view).await;
+    let [view] = view;
+    Ok(HttpResponse::Ok().json(view))
 }
 
 #[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
@@ -228,6 +257,40 @@ struct History {
     points: Vec<Point>,
 }
 
+/// Whether a bucketed history can come from the one-minute rollups without changing the
+/// answer: buckets of whole minutes that start on a whole minute.
+fn reads_rollup(step: i64, from: DateTime<Utc>) -> bool {
+    step >= 60 && step % 60 == 0 && from.timestamp() % 60 == 0 && from.timestamp_subsec_nanos() == 0
+}
+
+/// Buckets from `path_metrics_1m` for the whole minutes of [$2, $3), plus the raw samples of
+/// the minute `to` falls in (not finished, or not wholly inside the range).
+const ROLLUP_HISTORY: &str = "
+    SELECT date_bin(make_interval(secs => $4), u.at, $2) AS at,
+           (sum(u.latency_sum) / sum(u.samples))::float8 AS latency_ms,
+           (sum(u.jitter_sum) / sum(u.samples))::float8 AS jitter_ms,
+           (sum(u.loss_sum) / sum(u.samples))::float8 AS packet_loss_pct,
+           (sum(u.bandwidth_sum) / nullif(sum(u.bandwidth_samples), 0))::float8 AS bandwidth_mbps,
+           min(u.mtu) AS mtu,
+           (sum(u.score_sum)::float8 / sum(u.samples))::float8 AS score,
+           sum(u.samples)::bigint AS samples
+    FROM (
+        SELECT minute AS at, samples::bigint AS samples, latency_sum, jitter_sum,
+               packet_loss_sum AS loss_sum, bandwidth_sum,
+               bandwidth_samples::bigint AS bandwidth_samples, mtu_min AS mtu,
+               score_sum::bigint AS score_sum
+        FROM path_metrics_1m
+        WHERE path_id = $1 AND minute >= $2 AND minute + interval '1 minute' <= $3
+        UNION ALL
+        SELECT measured_at, 1::bigint, latency_ms::float8, jitter_ms::float8,
+               packet_loss_pct::float8, coalesce(bandwidth_mbps, 0)::float8,
+               (bandwidth_mbps IS NOT NULL)::int::bigint, mtu, score::bigint
+        FROM path_metrics
+        WHERE path_id = $1 AND measured_at < $3
+          AND measured_at >= greatest($2, date_bin('1 minute', $3, timestamptz '1970-01-01 00:00:00+00'))
+    ) AS u
+    GROUP BY 1 ORDER BY 1";
+
 #[utoipa::path(operation_id = "metrics_history_paths", tag = "paths", params(("id" = Uuid, Path, description = "id of the resource"), MetricsQuery), security(("bearer" = [])), responses((status = 200, body = History), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[get("/paths/{id}/metrics")]
 async fn metrics_history(
@@ -263,10 +326,20 @@ async fn metrics_history(
         }
     }
     let step = query.step;
+    let rollup = step.is_some_and(|s| reads_rollup(s, from));
     let points = ctx
         .tenant_tx(move |conn| {
             Box::pin(async move {
                 let points: Vec<Point> = match step {
+                    Some(step) if rollup => {
+                        diesel::sql_query(ROLLUP_HISTORY)
+                            .bind::<SqlUuid, _>(id)
+                            .bind::<Timestamptz, _>(from)
+                            .bind::<Timestamptz, _>(to)
+                            .bind::<Double, _>(step as f64)
+                            .load(conn)
+                            .await?
+                    }
                     Some(step) => {
                         diesel::sql_query(
                             "SELECT date_bin(make_interval(secs => $4), measured_at, $2) AS at,
@@ -413,4 +486,23 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .service(get)
         .service(metrics_history)
         .service(test);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_whole_minute_buckets_from_a_whole_minute_read_the_rollup() {
+        let aligned = DateTime::from_timestamp(30_000_000 * 60, 0).unwrap();
+        assert!(reads_rollup(60, aligned));
+        assert!(reads_rollup(3600, aligned));
+        assert!(!reads_rollup(90, aligned));
+        assert!(!reads_rollup(30, aligned));
+        assert!(!reads_rollup(60, aligned + chrono::Duration::seconds(1)));
+        assert!(!reads_rollup(
+            60,
+            aligned + chrono::Duration::milliseconds(1)
+        ));
+    }
 }

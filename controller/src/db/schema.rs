@@ -118,6 +118,7 @@ diesel::table! {
         score -> Nullable<Int2>,
         status_changed_at -> Nullable<Timestamptz>,
         created_at -> Timestamptz,
+        metrics_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -173,6 +174,29 @@ diesel::table! {
         status -> Text,
         probes_sent -> Int4,
         probes_lost -> Int4,
+    }
+}
+
+diesel::table! {
+    path_metrics_1m (path_id, minute) {
+        tenant_id -> Uuid,
+        path_id -> Uuid,
+        minute -> Timestamptz,
+        samples -> Int4,
+        latency_sum -> Float8,
+        latency_min -> Float4,
+        latency_max -> Float4,
+        jitter_sum -> Float8,
+        packet_loss_sum -> Float8,
+        packet_loss_max -> Float4,
+        bandwidth_sum -> Float8,
+        bandwidth_samples -> Int4,
+        mtu_min -> Nullable<Int4>,
+        score_sum -> Int8,
+        score_min -> Int2,
+        down_samples -> Int4,
+        probes_sent -> Int8,
+        probes_lost -> Int8,
     }
 }
 
@@ -252,6 +276,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     policies,
     flows,
     path_metrics,
+    path_metrics_1m,
     site_intents,
     enrollment_tokens,
     site_certificates,

@@ -6,7 +6,9 @@
 //! publish) and then publishes that tenant. On taking the lease, and every
 //! `reconcile_interval`, it republishes every tenant (a no-op where nothing changed), which
 //! also covers a signal lost while no replica led. The leader also keeps the path-metrics
-//! partitions: created a week ahead, dropped after the retention period.
+//! partitions (created `metrics.partitions_ahead_days` ahead, dropped after
+//! `metrics.retention_days`) and deletes one-minute rollups older than
+//! `metrics.rollup_retention_days`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -204,6 +206,11 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
                     last_reconcile = Some(Instant::now());
                     reconcile_all(&state).await;
                     maintain_metrics_partitions(&state).await;
+                    match crate::metrics_ingest::prune_rollups(&state).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(deleted = n, "old path-metric rollups deleted"),
+                        Err(e) => tracing::warn!(error = %e, "path-metric rollup retention failed; will retry"),
+                    }
                 }
             }
             _ = flush.tick(), if leader && !pending.is_empty() => {

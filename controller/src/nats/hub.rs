@@ -40,6 +40,8 @@ pub enum HubError {
     Db(#[from] db::DbError),
     #[error("intents bucket: {0}")]
     Bucket(String),
+    #[error(transparent)]
+    MetricsStream(#[from] crate::metrics_ingest::IngestError),
 }
 
 impl From<diesel::result::Error> for HubError {
@@ -148,8 +150,8 @@ impl NatsHub {
     }
 
     /// The link into a tenant's account, created (account pushed, connection opened, intents
-    /// bucket opened) on first use. Concurrent callers share one attempt; a failed attempt is
-    /// retried by the next caller.
+    /// bucket opened, metrics stream ensured) on first use. Concurrent callers share one
+    /// attempt; a failed attempt is retried by the next caller.
     pub async fn tenant(&self, pool: &DbPool, tenant: TenantId) -> Result<TenantLink, HubError> {
         let cell = self.tenants.lock().await.entry(tenant).or_default().clone();
         cell.get_or_try_init(|| self.open_tenant(pool, tenant))
@@ -164,6 +166,7 @@ impl NatsHub {
         let intents = crate::intents::publish::open_bucket(&js)
             .await
             .map_err(|e| HubError::Bucket(e.to_string()))?;
+        crate::metrics_ingest::ensure_stream(&js, tenant).await?;
         tracing::info!(tenant = %tenant, account = %self.tenant_account(tenant), "tenant NATS account ready");
         Ok(TenantLink { client, intents })
     }

@@ -59,6 +59,12 @@ impl PathMetrics {
         if let Some(bw) = self.bandwidth_mbps {
             non_negative("bandwidth_mbps", bw, 10_000_000.0)?;
         }
+        if self.mtu.is_some_and(|m| m < 68) {
+            return Err(ValidationError::new(
+                format!("{field}.mtu"),
+                "below 68, the smallest IPv4 MTU",
+            ));
+        }
         if self.score > 100 {
             return Err(ValidationError::new(
                 format!("{field}.score"),

@@ -38,6 +38,13 @@ pub struct ProvisioningConfig {
     pub certificate_lifetime_days: u32,
     /// Lifetime of a tenant CA.
     pub ca_lifetime_days: u32,
+    /// A WireGuard key rotation commits once every peer of the site applied the announcement,
+    /// or this long after it was announced (a peer that is offline then gets the committed
+    /// intent when it returns).
+    pub wireguard_commit_timeout_s: u64,
+    /// Least time between two rotations of one site's WireGuard key (counted from the last
+    /// commit); a site asking sooner is answered 429.
+    pub wireguard_rotation_min_interval_s: u64,
 }
 
 impl Default for ProvisioningConfig {
@@ -48,6 +55,8 @@ impl Default for ProvisioningConfig {
             token_ttl_s: 3600,
             certificate_lifetime_days: 90,
             ca_lifetime_days: 3650,
+            wireguard_commit_timeout_s: 86_400,
+            wireguard_rotation_min_interval_s: 3600,
         }
     }
 }
@@ -570,6 +579,18 @@ impl ControllerConfig {
             return Err(invalid(
                 "provisioning.ca_lifetime_days",
                 "must be 365-36500 and longer than certificate_lifetime_days".into(),
+            ));
+        }
+        if !(10..=30 * 86_400).contains(&self.provisioning.wireguard_commit_timeout_s) {
+            return Err(invalid(
+                "provisioning.wireguard_commit_timeout_s",
+                "must be 10 s to 30 days".into(),
+            ));
+        }
+        if self.provisioning.wireguard_rotation_min_interval_s > 30 * 86_400 {
+            return Err(invalid(
+                "provisioning.wireguard_rotation_min_interval_s",
+                "at most 30 days".into(),
             ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.filter).map_err(|e| {

@@ -10,6 +10,8 @@
 //! - [`config`]: the one typed configuration (TOML file, environment, flags), validated at start.
 //! - [`db`]: the PostgreSQL pool, tenant-scoped transactions (row-level security) and the
 //!   embedded migrations.
+//! - [`edge_events`]: what edges report applying (per-tenant NATS queue subscriptions), for
+//!   the intent publisher's key rotations.
 //! - [`enrollment`]: enrollment tokens (zero-touch provisioning).
 //! - [`events`]: controller events and the WebSocket stream `/ws/sdwan`.
 //! - [`flows_ingest`]: edges' flow reports (per-tenant NATS subscriptions) into `flows`.
@@ -29,6 +31,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod edge_events;
 pub mod enrollment;
 pub mod events;
 pub mod flows_ingest;

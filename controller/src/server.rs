@@ -246,6 +246,10 @@ pub async fn serve_on(
         data.get_ref().clone(),
         stop_tx.subscribe(),
     ));
+    let edge_events = tokio::spawn(crate::edge_events::run(
+        data.get_ref().clone(),
+        stop_tx.subscribe(),
+    ));
     let server = server.run();
     started(server.handle());
     let served = server.await;
@@ -253,6 +257,7 @@ pub async fn serve_on(
     let _ = stop_tx.send(true);
     let _ = flows.await;
     let _ = path_metrics.await;
+    let _ = edge_events.await;
     if let Err(e) = publisher.await {
         tracing::warn!(error = %e, "the intent publisher ended abnormally");
     }

@@ -6,6 +6,7 @@
 //! state_dir = "/var/lib/patronus-edge"
 //! [wireguard]
 //! backend = "auto"            # auto | kernel | userspace
+//! rotate_after_days = 30      # make a new key pair this long after the current one; 0 = never
 //! [agent]
 //! reconcile_interval_s = 5
 //! heartbeat_interval_s = 10
@@ -54,6 +55,9 @@ pub struct DataplaneConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct WireguardConfig {
     pub backend: BackendChoice,
+    /// Days after which the agent makes a new WireGuard key pair and rotates it in (counted
+    /// from when the current key was made); 0 never rotates.
+    pub rotate_after_days: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -80,6 +84,7 @@ impl Default for WireguardConfig {
     fn default() -> Self {
         Self {
             backend: BackendChoice::Auto,
+            rotate_after_days: 30,
         }
     }
 }
@@ -119,6 +124,13 @@ impl EdgeConfig {
                 }
             };
         }
+        if let Some(days) = env("PATRONUS_EDGE_WG_ROTATE_AFTER_DAYS") {
+            config.wireguard.rotate_after_days = days.trim().parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "PATRONUS_EDGE_WG_ROTATE_AFTER_DAYS: {days:?} is not a number of days"
+                )
+            })?;
+        }
         if let Some(mode) = env("PATRONUS_EDGE_DATAPLANE") {
             config.dataplane.mode = match mode.as_str() {
                 "auto" => DataplaneChoice::Auto,
@@ -140,6 +152,9 @@ impl EdgeConfig {
         if !(1..=3600).contains(&self.agent.heartbeat_interval_s) {
             bail!("agent.heartbeat_interval_s must be 1-3600");
         }
+        if self.wireguard.rotate_after_days > 3650 {
+            bail!("wireguard.rotate_after_days must be 0 (never) to 3650");
+        }
         if let Some(name) = &self.dataplane.lan_interface {
             if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
                 bail!("dataplane.lan_interface {name:?} is not an interface name");
@@ -154,6 +169,12 @@ impl EdgeConfig {
 
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_secs(self.agent.heartbeat_interval_s)
+    }
+
+    /// How long a WireGuard key is used before a new one is made; `None`: never.
+    pub fn rotate_after(&self) -> Option<Duration> {
+        (self.wireguard.rotate_after_days > 0)
+            .then(|| Duration::from_secs(u64::from(self.wireguard.rotate_after_days) * 86_400))
     }
 }
 
@@ -180,6 +201,11 @@ mod tests {
         assert_eq!(config.wireguard.backend, BackendChoice::Userspace);
         assert_eq!(config.agent.reconcile_interval_s, 2);
         assert_eq!(config.agent.heartbeat_interval_s, 10);
+        assert_eq!(config.wireguard.rotate_after_days, 30);
+        assert_eq!(
+            config.rotate_after(),
+            Some(Duration::from_secs(30 * 86_400))
+        );
         let env = |name: &str| (name == "PATRONUS_EDGE_WG_BACKEND").then(|| "kernel".to_owned());
         assert_eq!(
             EdgeConfig::load(Some(&file), &env)
@@ -187,6 +213,23 @@ mod tests {
                 .wireguard
                 .backend,
             BackendChoice::Kernel
+        );
+        // Rotation: from the file, overridden by the environment; 0 is never.
+        std::fs::write(&file, "[wireguard]\nrotate_after_days = 7\n").unwrap();
+        assert_eq!(
+            EdgeConfig::load(Some(&file), &no_env)
+                .unwrap()
+                .wireguard
+                .rotate_after_days,
+            7
+        );
+        let never =
+            |name: &str| (name == "PATRONUS_EDGE_WG_ROTATE_AFTER_DAYS").then(|| "0".to_owned());
+        assert_eq!(
+            EdgeConfig::load(Some(&file), &never)
+                .unwrap()
+                .rotate_after(),
+            None
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -203,6 +246,11 @@ mod tests {
                 "reconcile_interval_s",
             ),
             ("state_dir = \"relative\"\n", "absolute"),
+            (
+                "[wireguard]\nrotate_after_days = 5000\n",
+                "rotate_after_days",
+            ),
+            ("[wireguard]\nrotate_after_days = -1\n", "not valid"),
         ] {
             let file = dir.join("edge.toml");
             std::fs::write(&file, text).unwrap();
@@ -211,6 +259,11 @@ mod tests {
         }
         let env = |name: &str| (name == "PATRONUS_EDGE_WG_BACKEND").then(|| "fast".to_owned());
         assert!(EdgeConfig::load(None, &env).is_err());
+        let env = |name: &str| {
+            (name == "PATRONUS_EDGE_WG_ROTATE_AFTER_DAYS").then(|| "monthly".to_owned())
+        };
+        let err = format!("{:#}", EdgeConfig::load(None, &env).unwrap_err());
+        assert!(err.contains("PATRONUS_EDGE_WG_ROTATE_AFTER_DAYS"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

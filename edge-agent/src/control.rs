@@ -1,6 +1,7 @@
 //! Calls to the controller as this site: every request signed with the site certificate's key
 //! ([`patronus_proto::edge_auth`]), and `renew`, which replaces the certificate and NATS
-//! credentials with ones for keys made here and now.
+//! credentials with ones for keys made here and now; and the WireGuard key rotation's
+//! schedule ([`rotation_step`]) and announcement ([`announce_wireguard_key`]).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -9,7 +10,10 @@ use base64::Engine;
 use patronus_proto::edge_auth::{
     canonical_request, CERTIFICATE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
-use patronus_proto::enroll::{creds_file, EdgeStatus, RenewRequest, RenewResponse};
+use patronus_proto::enroll::{
+    creds_file, EdgeStatus, RenewRequest, RenewResponse, WireguardKeyRequest, WireguardKeyResponse,
+};
+use patronus_proto::WgPublicKey;
 use rand::RngCore;
 use rcgen::SigningKey;
 
@@ -30,7 +34,28 @@ fn certificate_der_b64(pem: &str) -> anyhow::Result<String> {
     Ok(body)
 }
 
-/// Send `method path` with `body`, signed; returns the JSON answer or the controller's error.
+/// The controller answered with an error (`{"error", "detail"}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub status: u16,
+    pub code: String,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the controller refused ({} {}): {}",
+            self.status, self.code, self.detail
+        )
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Send `method path` with `body`, signed; returns the JSON answer or the controller's error
+/// (a [`Refused`] when it answered one).
 fn signed_call<T: serde::de::DeserializeOwned>(
     state: &StateDir,
     identity: &Identity,
@@ -74,11 +99,12 @@ fn signed_call<T: serde::de::DeserializeOwned>(
             .context("the controller's answer does not decode"),
         Err(ureq::Error::Status(code, r)) => {
             let body: serde_json::Value = r.into_json().unwrap_or_default();
-            bail!(
-                "the controller refused ({code} {}): {}",
-                body["error"].as_str().unwrap_or("error"),
-                body["detail"].as_str().unwrap_or("no detail")
-            )
+            Err(Refused {
+                status: code,
+                code: body["error"].as_str().unwrap_or("error").to_owned(),
+                detail: body["detail"].as_str().unwrap_or("no detail").to_owned(),
+            }
+            .into())
         }
         Err(e) => bail!(
             "cannot reach the controller at {}: {e}",
@@ -148,6 +174,125 @@ pub fn renew(state: &StateDir) -> anyhow::Result<Identity> {
         identity.site_name, identity.expires_at
     );
     Ok(identity)
+}
+
+/// Send the public key of this site's next WireGuard key (signed). The private key stays
+/// here; the controller rotates the key in through the intents.
+pub fn announce_wireguard_key(
+    state: &StateDir,
+    identity: &Identity,
+    public_key: WgPublicKey,
+) -> anyhow::Result<WireguardKeyResponse> {
+    signed_call(
+        state,
+        identity,
+        "POST",
+        "/api/v1/edge/wireguard-key",
+        &serde_json::to_vec(&WireguardKeyRequest { public_key })?,
+    )
+}
+
+/// While the controller has a next key but has not committed it, the agent sends it again
+/// this often (a controller restored from a backup would otherwise never finish the rotation).
+pub const REANNOUNCE_AFTER_S: i64 = 3600;
+
+/// What the WireGuard key rotation should do at the minute's check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotationStep {
+    /// Nothing: not due, or waiting for the controller to commit the next key.
+    Wait,
+    /// Make the next key pair (then announce it).
+    MakeKey,
+    /// Send the next key's public key (again).
+    Announce,
+}
+
+/// The rotation's next step at `now` (Unix seconds), for a current key made at
+/// `key_made_at`, rotated every `rotate_after_s` (`None`: never), with a next key or not and,
+/// if the controller accepted it, when. A rotation already under way is finished even if
+/// rotation was turned off meanwhile (the controller may be announcing it to peers).
+pub fn rotation_step(
+    now: i64,
+    key_made_at: i64,
+    rotate_after_s: Option<i64>,
+    has_next: bool,
+    next_accepted_at: Option<i64>,
+) -> RotationStep {
+    if has_next {
+        return match next_accepted_at {
+            None => RotationStep::Announce,
+            Some(at) if now >= at.saturating_add(REANNOUNCE_AFTER_S) => RotationStep::Announce,
+            Some(_) => RotationStep::Wait,
+        };
+    }
+    match rotate_after_s {
+        Some(after) if now >= key_made_at.saturating_add(after.max(0)) => RotationStep::MakeKey,
+        _ => RotationStep::Wait,
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::{rotation_step, RotationStep, REANNOUNCE_AFTER_S};
+
+    const DAY: i64 = 86_400;
+
+    #[test]
+    fn a_key_is_made_once_it_is_as_old_as_the_schedule_says() {
+        let made = 1_000;
+        let every = Some(30 * DAY);
+        assert_eq!(
+            rotation_step(made, made, every, false, None),
+            RotationStep::Wait
+        );
+        assert_eq!(
+            rotation_step(made + 30 * DAY - 1, made, every, false, None),
+            RotationStep::Wait
+        );
+        assert_eq!(
+            rotation_step(made + 30 * DAY, made, every, false, None),
+            RotationStep::MakeKey
+        );
+        // Never, however old.
+        assert_eq!(
+            rotation_step(made + 3_650 * DAY, made, None, false, None),
+            RotationStep::Wait
+        );
+        // A clock behind the key's birth waits.
+        assert_eq!(
+            rotation_step(made - 5, made, Some(0), false, None),
+            RotationStep::Wait
+        );
+    }
+
+    #[test]
+    fn a_next_key_is_announced_until_accepted_and_again_hourly_until_committed() {
+        let made = 1_000;
+        let now = made + 40 * DAY;
+        assert_eq!(
+            rotation_step(now, made, Some(30 * DAY), true, None),
+            RotationStep::Announce
+        );
+        assert_eq!(
+            rotation_step(now, made, Some(30 * DAY), true, Some(now - 60)),
+            RotationStep::Wait
+        );
+        assert_eq!(
+            rotation_step(
+                now,
+                made,
+                Some(30 * DAY),
+                true,
+                Some(now - REANNOUNCE_AFTER_S)
+            ),
+            RotationStep::Announce
+        );
+        // Turning rotation off does not strand a rotation under way.
+        assert_eq!(
+            rotation_step(now, made, None, true, None),
+            RotationStep::Announce
+        );
+    }
 }
 
 #[cfg(test)]

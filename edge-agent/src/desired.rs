@@ -7,6 +7,13 @@
 //! returns the smallest list of [`Action`]s; applying them and observing again gives an empty
 //! diff, and an unchanged intent gives no action at all (so applying twice changes nothing).
 //! The netlink and WireGuard modules execute actions; nothing here touches the system.
+//!
+//! Key rotation: every interface runs with the key the intent names for this site
+//! ([`InterfaceState::public_key`]; the agent holds its private key, or keeps its current one:
+//! [`use_local_key`]), and a peer that is rotating ([`patronus_proto::intent::Peer::next_public_key`])
+//! gets a second entry for its next key with the same endpoint, no allowed IPs and no
+//! keepalive: it never carries our traffic, but accepts the peer's first handshake with the
+//! new key, so the switch costs no handshake timeout.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -50,6 +57,8 @@ pub struct InterfaceState {
     /// The overlay address (as a host prefix).
     pub address: Option<IpNet>,
     pub mtu: u16,
+    /// The interface's own public key (the private key it runs with); none before one is set.
+    pub public_key: Option<WgPublicKey>,
     pub peers: BTreeMap<WgPublicKey, PeerState>,
 }
 
@@ -121,6 +130,12 @@ pub enum Action {
         fwmark: u32,
         mtu: u16,
         address: Option<IpNet>,
+    },
+    /// Run the interface with the private key of `public_key` (the agent holds it). Peers
+    /// stay; WireGuard drops the sessions made with the previous key.
+    SetPrivateKey {
+        name: String,
+        public_key: WgPublicKey,
     },
     SetPeer {
         interface: String,
@@ -213,16 +228,28 @@ pub fn desired(intent: &SiteIntent, uplinks: &[UplinkRoute]) -> NetState {
                 fwmark: UPLINK_BASE + u32::from(path.local_uplink),
                 address: Some(overlay),
                 mtu: intent.wireguard.mtu,
+                public_key: Some(intent.wireguard.public_key),
                 peers: BTreeMap::new(),
             });
+        let endpoint = SocketAddr::new(endpoint.ip, remote_port);
         interface.peers.insert(
             peer.public_key,
             PeerState {
-                endpoint: SocketAddr::new(endpoint.ip, remote_port),
+                endpoint,
                 allowed_ips: allowed,
                 keepalive_s: intent.wireguard.persistent_keepalive_s,
             },
         );
+        if let Some(next) = peer.next_public_key {
+            interface.peers.insert(
+                next,
+                PeerState {
+                    endpoint,
+                    allowed_ips: BTreeSet::new(),
+                    keepalive_s: 0,
+                },
+            );
+        }
         let best = default_path
             .entry(peer.site)
             .or_insert((path.local_uplink, path.remote_uplink));
@@ -255,6 +282,15 @@ pub fn desired(intent: &SiteIntent, uplinks: &[UplinkRoute]) -> NetState {
         }
     }
     state
+}
+
+/// Run every interface with `key` instead of the one the intent names (the agent does not hold
+/// that one: its state is not what the controller thinks, and its current key is the best it
+/// has).
+pub fn use_local_key(state: &mut NetState, key: WgPublicKey) {
+    for interface in state.interfaces.values_mut() {
+        interface.public_key = Some(key);
+    }
 }
 
 /// The actions that turn `actual` into `desired`: removals of what should not be there
@@ -318,6 +354,16 @@ pub fn diff(desired: &NetState, actual: &NetState) -> Vec<Action> {
                 address: want.address,
             });
         }
+        // The interface's own key before its peers: a peer set before it would start a
+        // handshake with the old key.
+        if let Some(public_key) = want.public_key {
+            if have.and_then(|h| h.public_key) != Some(public_key) {
+                actions.push(Action::SetPrivateKey {
+                    name: name.clone(),
+                    public_key,
+                });
+            }
+        }
         for (key, peer) in &want.peers {
             if have.and_then(|h| h.peers.get(key)) != Some(peer) {
                 actions.push(Action::SetPeer {
@@ -374,6 +420,11 @@ mod tests {
                         i.address = *address;
                     }
                 }
+                Action::SetPrivateKey { name, public_key } => {
+                    if let Some(i) = state.interfaces.get_mut(name) {
+                        i.public_key = Some(*public_key);
+                    }
+                }
                 Action::SetPeer {
                     interface,
                     key,
@@ -425,12 +476,14 @@ mod tests {
         let interface = (
             51820u16..51824,
             proptest::collection::btree_map((1u8..5).prop_map(key), peer, 0..4),
+            (10u8..12).prop_map(key),
         )
-            .prop_map(|(listen_port, peers)| InterfaceState {
+            .prop_map(|(listen_port, peers, own)| InterfaceState {
                 listen_port,
                 fwmark: UPLINK_BASE,
                 address: Some(IpNet::from(IpAddr::from([100, 64, 0, 1]))),
                 mtu: 1420,
+                public_key: Some(own),
                 peers,
             });
         (
@@ -493,6 +546,17 @@ mod tests {
         }
 
         #[test]
+        fn an_interface_has_its_key_before_any_of_its_peers(desired in state_strategy(), actual in state_strategy()) {
+            let actions = diff(&desired, &actual);
+            for (i, action) in actions.iter().enumerate() {
+                if let Action::SetPrivateKey { name, .. } = action {
+                    let early = actions[..i].iter().any(|a| matches!(a, Action::SetPeer { interface, .. } if interface == name));
+                    prop_assert!(!early, "a peer of {} was set before its key", name);
+                }
+            }
+        }
+
+        #[test]
         fn removals_come_before_additions(desired in state_strategy(), actual in state_strategy()) {
             let actions = diff(&desired, &actual);
             let first_add = actions.iter().position(|a| matches!(a, Action::CreateInterface { .. } | Action::SetPeer { .. } | Action::AddRoute(_) | Action::AddRule(_)));
@@ -501,6 +565,176 @@ mod tests {
                 prop_assert!(removal < add);
             }
         }
+    }
+
+    use patronus_proto::intent::{
+        Overlay, PathSpec, Peer, PeerEndpoint, Uplink, WireguardSettings,
+    };
+    use patronus_proto::{PathId, ProbeKey, TenantId, SCHEMA_VERSION};
+
+    fn uuid(n: u128) -> uuid::Uuid {
+        uuid::Uuid::from_u128(n)
+    }
+
+    /// Site 1 with one uplink and one peer, site 2, on one path.
+    fn two_sites(
+        own: WgPublicKey,
+        peer_key: WgPublicKey,
+        peer_next: Option<WgPublicKey>,
+    ) -> SiteIntent {
+        SiteIntent {
+            schema_version: SCHEMA_VERSION,
+            tenant: TenantId(uuid(9)),
+            site: SiteId(uuid(1)),
+            site_name: "one".into(),
+            revision: 1,
+            generated_at_unix_ms: 0,
+            overlay: Overlay {
+                address: "100.64.0.1".parse().unwrap(),
+                network: "100.64.0.0/16".parse().unwrap(),
+                lan_prefixes: vec!["10.1.0.0/24".parse().unwrap()],
+            },
+            uplinks: vec![Uplink {
+                index: 0,
+                name: "wan0".into(),
+                kind: patronus_proto::policy::LinkKind::Fiber,
+                interface: None,
+                bandwidth_mbps: None,
+                cost_per_gb: 0.0,
+                metered: false,
+            }],
+            wireguard: WireguardSettings {
+                public_key: own,
+                listen_port_base: 51820,
+                mtu: 1420,
+                persistent_keepalive_s: 25,
+            },
+            peers: vec![Peer {
+                site: SiteId(uuid(2)),
+                name: "two".into(),
+                public_key: peer_key,
+                overlay_address: "100.64.0.2".parse().unwrap(),
+                lan_prefixes: vec!["10.2.0.0/24".parse().unwrap()],
+                transit_prefixes: vec![],
+                endpoints: vec![PeerEndpoint {
+                    uplink_index: 0,
+                    ip: "198.18.2.1".parse().unwrap(),
+                    kind: None,
+                }],
+                listen_port_base: 51820,
+                region: None,
+                hub: false,
+                probe_key: ProbeKey([3; 32]),
+                next_public_key: peer_next,
+            }],
+            paths: vec![PathSpec {
+                id: PathId(uuid(7)),
+                local_uplink: 0,
+                remote_site: SiteId(uuid(2)),
+                remote_uplink: 0,
+            }],
+            policies: Default::default(),
+            probe: Default::default(),
+            failover: Default::default(),
+        }
+    }
+
+    fn uplink() -> Vec<UplinkRoute> {
+        vec![UplinkRoute {
+            index: 0,
+            dev: "wan0".into(),
+            src: "198.18.1.1".parse().unwrap(),
+            gateway: None,
+        }]
+    }
+
+    /// What a model namespace holds after applying `intent` on top of `state`.
+    fn applied(state: &NetState, intent: &SiteIntent) -> (NetState, Vec<Action>) {
+        let want = desired(intent, &uplink());
+        let actions = diff(&want, state);
+        let mut next = state.clone();
+        apply(&mut next, &actions);
+        assert_eq!(diff(&want, &next), vec![]);
+        (next, actions)
+    }
+
+    #[test]
+    fn a_rotating_peer_is_announced_committed_and_its_old_key_removed() {
+        let (own, old, new) = (key(1), key(2), key(3));
+        let name = interface_name(SiteId(uuid(1)), 0, 0);
+        let (before, _) = applied(&NetState::default(), &two_sites(own, old, None));
+
+        // Announce: the next key is a second peer, same endpoint, no allowed IPs, no
+        // keepalive; the current key keeps the allowed IPs and the routes stay as they were.
+        let (announced, actions) = applied(&before, &two_sites(own, old, Some(new)));
+        let peers = &announced.interfaces[&name].peers;
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[&new].endpoint, peers[&old].endpoint);
+        assert!(peers[&new].allowed_ips.is_empty());
+        assert_eq!(peers[&new].keepalive_s, 0);
+        assert_eq!(peers[&old], before.interfaces[&name].peers[&old]);
+        assert_eq!(announced.routes, before.routes);
+        assert_eq!(
+            actions,
+            vec![Action::SetPeer {
+                interface: name.clone(),
+                key: new,
+                peer: peers[&new].clone()
+            }]
+        );
+
+        // Commit: the old key goes first (freeing its allowed IPs), then the next key takes
+        // them; nothing else changes.
+        let (committed, actions) = applied(&announced, &two_sites(own, new, None));
+        assert_eq!(
+            actions[0],
+            Action::RemovePeer {
+                interface: name.clone(),
+                key: old
+            }
+        );
+        assert!(
+            matches!(&actions[1], Action::SetPeer { key, peer, .. } if *key == new && peer.allowed_ips == before.interfaces[&name].peers[&old].allowed_ips)
+        );
+        assert_eq!(actions.len(), 2);
+        assert_eq!(committed.routes, before.routes);
+        assert_eq!(committed.interfaces[&name].peers.len(), 1);
+    }
+
+    #[test]
+    fn the_rotating_site_switches_its_interfaces_to_the_key_its_intent_names() {
+        let (old, new, peer) = (key(1), key(4), key(2));
+        let name = interface_name(SiteId(uuid(1)), 0, 0);
+        let (first, actions) = applied(&NetState::default(), &two_sites(old, peer, None));
+        // A new interface gets its key after being configured and before its peer.
+        let configure = actions
+            .iter()
+            .position(|a| matches!(a, Action::ConfigureInterface { .. }))
+            .unwrap();
+        let key_set = actions
+            .iter()
+            .position(
+                |a| matches!(a, Action::SetPrivateKey { public_key, .. } if *public_key == old),
+            )
+            .unwrap();
+        let peer_set = actions
+            .iter()
+            .position(|a| matches!(a, Action::SetPeer { .. }))
+            .unwrap();
+        assert!(configure < key_set && key_set < peer_set);
+        // The commit changes only the key: no peer, address or route is touched.
+        let (_, actions) = applied(&first, &two_sites(new, peer, None));
+        assert_eq!(
+            actions,
+            vec![Action::SetPrivateKey {
+                name: name.clone(),
+                public_key: new
+            }]
+        );
+        // An intent naming a key the agent does not hold: it keeps its own.
+        let mut want = desired(&two_sites(key(9), peer, None), &uplink());
+        use_local_key(&mut want, old);
+        assert_eq!(diff(&want, &first), vec![]);
     }
 
     #[test]

@@ -52,6 +52,12 @@ impl Kicker {
         }
     }
 
+    /// This site's key changed (a rotation committed): later peers are tie-broken with the
+    /// new one, as the peers themselves do once their intents name it.
+    pub fn set_local_key(&mut self, local_public_key: [u8; 32]) {
+        self.local_key = local_public_key;
+    }
+
     /// Whether this end of a path is the one that kicks.
     pub fn kicks_for(&self, peer_key: &[u8; 32]) -> bool {
         self.local_key < *peer_key
@@ -119,6 +125,17 @@ mod tests {
             interface: format!("pw0000000{i}-00"),
             peer_key: [key; 32],
         }
+    }
+
+    #[test]
+    fn a_new_local_key_moves_the_tie_break() {
+        let t0 = Instant::now();
+        let mut k = Kicker::new([5; 32]);
+        assert!(k.kicks_for(&[7; 32]));
+        k.set_local_key([8; 32]);
+        assert!(!k.kicks_for(&[7; 32]));
+        k.configured(t0, [slot(1, 7)]);
+        assert_eq!(k.next_deadline(), None);
     }
 
     #[test]

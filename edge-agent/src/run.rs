@@ -15,6 +15,15 @@
 //! certificate and NATS credentials are past two thirds of their lifetime; then it renews
 //! them (a signed call, off the loop) and reconnects with the new credentials (the old ones
 //! stay valid until they expire, so a failed renewal is retried the next minute).
+//!
+//! WireGuard key rotation, checked every minute like renewal ([`crate::control::rotation_step`]):
+//! once the current key is `wireguard.rotate_after_days` old the agent makes the next key pair
+//! (`wireguard.next.key`, the current key stays in use), sends its public key with a signed
+//! call until the controller accepts it, and waits: the controller announces it to the peers,
+//! then commits it by naming it in this site's intent. Applying that intent runs every
+//! interface with the next key (its peers get a datagram and a handshake kick at once), and
+//! the next key replaces `wireguard.key`. An intent naming a key the agent does not hold is
+//! applied with its current key, and said.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,12 +31,11 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use patronus_proto::events::{EventEnvelope, SdwanEvent};
 use patronus_proto::{codec, SiteIntent, SCHEMA_VERSION};
-use wireguard_control::Key;
 
 use crate::config::EdgeConfig;
 use crate::desired::{self, Action, NetState};
 use crate::handshake;
-use crate::state::{Identity, StateDir, WIREGUARD_KEY_FILE};
+use crate::state::{Identity, StateDir, WireguardKeys};
 use crate::tunnels;
 
 /// The last applied intent, in the state directory.
@@ -43,7 +51,8 @@ fn now_ms() -> u64 {
 struct Agent {
     identity: Identity,
     state: StateDir,
-    key: Key,
+    /// The WireGuard keys: current, and next during a rotation.
+    keys: WireguardKeys,
     backend: tunnels::WgBackend,
     applied: Option<SiteIntent>,
     /// New peers waiting for their first handshake (see [`crate::handshake`]).
@@ -113,7 +122,7 @@ impl DataplaneSlot {
 impl Agent {
     fn want(&self) -> NetState {
         match (&self.applied, tunnels::uplink_routes(&self.identity)) {
-            (Some(intent), Ok(uplinks)) => desired::desired(intent, &uplinks),
+            (Some(intent), Ok(uplinks)) => self.want_for(intent, &uplinks),
             (Some(_), Err(e)) => {
                 eprintln!("run: cannot read the uplinks' routes: {e:#}");
                 NetState::default()
@@ -122,15 +131,72 @@ impl Agent {
         }
     }
 
+    /// The desired state of `intent`, with interfaces on the key it names if this site holds
+    /// that key (its current one, or its next one once a rotation commits), else on its
+    /// current key.
+    fn want_for(&self, intent: &SiteIntent, uplinks: &[desired::UplinkRoute]) -> NetState {
+        let mut want = desired::desired(intent, uplinks);
+        if self
+            .keys
+            .private_for(&intent.wireguard.public_key)
+            .is_none()
+        {
+            desired::use_local_key(&mut want, self.keys.current_public());
+        }
+        want
+    }
+
     /// Make the namespace match `want`; returns how many actions it took.
     fn converge(&mut self, want: &NetState) -> anyhow::Result<usize> {
         let have = tunnels::observe(self.identity.site_id)?;
         let actions = desired::diff(want, &have);
-        tunnels::execute(&actions, &self.key, self.backend)?;
-        tunnels::poke_new_peers(&actions);
+        tunnels::execute(&actions, &self.keys, self.backend)?;
+        // New peers, and every peer of an interface that changed its key (its sessions are
+        // gone), get a datagram and the handshake tie-break now. A rotating peer's next key
+        // (no allowed IPs) carries nothing and is left alone.
+        let rekeyed: std::collections::BTreeSet<&String> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::SetPrivateKey { name, .. } => Some(name),
+                _ => None,
+            })
+            .collect();
+        let mut fresh: std::collections::BTreeMap<(String, patronus_proto::WgPublicKey), Action> =
+            std::collections::BTreeMap::new();
+        for action in &actions {
+            if let Action::SetPeer {
+                interface,
+                key,
+                peer,
+                ..
+            } = action
+            {
+                if !peer.allowed_ips.is_empty() {
+                    fresh.insert((interface.clone(), *key), action.clone());
+                }
+            }
+        }
+        for name in rekeyed {
+            for (key, peer) in want.interfaces.get(name).into_iter().flat_map(|i| &i.peers) {
+                if !peer.allowed_ips.is_empty() {
+                    fresh
+                        .entry((name.clone(), *key))
+                        .or_insert_with(|| Action::SetPeer {
+                            interface: name.clone(),
+                            key: *key,
+                            peer: peer.clone(),
+                        });
+                }
+            }
+        }
+        let fresh: Vec<Action> = fresh.into_values().collect();
+        tunnels::poke_new_peers(&fresh);
+        if let Some(own) = want.interfaces.values().find_map(|i| i.public_key) {
+            self.kicker.set_local_key(own.0);
+        }
         self.kicker.configured(
             Instant::now(),
-            actions.iter().filter_map(|a| match a {
+            fresh.iter().filter_map(|a| match a {
                 Action::SetPeer { interface, key, .. } => Some(handshake::PeerSlot {
                     interface: interface.clone(),
                     peer_key: key.0,
@@ -139,6 +205,24 @@ impl Agent {
             }),
         );
         Ok(actions.len())
+    }
+
+    /// After an intent is applied: if it names this site's next key, the interfaces run with
+    /// it now, so it becomes the current key (`wireguard.key`) and the old one is dropped.
+    fn finish_rotation(&mut self, intent: &SiteIntent) {
+        if self.keys.next_public() != Some(intent.wireguard.public_key) {
+            return;
+        }
+        match self.keys.promote(&self.state) {
+            Ok(()) => eprintln!(
+                "run: WireGuard key rotated: the interfaces now run with {} (revision {})",
+                intent.wireguard.public_key, intent.revision
+            ),
+            // Retried after the next apply; both keys are still held.
+            Err(e) => eprintln!(
+                "run: the interfaces use the new WireGuard key, but storing it failed: {e:#}"
+            ),
+        }
     }
 
     /// Load and attach the eBPF data plane once it can be (or say in one line why it runs
@@ -383,7 +467,19 @@ impl Agent {
             .map_err(|e| e.to_string())?;
         let uplinks = tunnels::uplink_routes(&self.identity)
             .map_err(|e| format!("cannot read the uplinks' routes: {e:#}"))?;
-        let want = desired::desired(&intent, &uplinks);
+        if self
+            .keys
+            .private_for(&intent.wireguard.public_key)
+            .is_none()
+        {
+            eprintln!(
+                "run: intent revision {} names WireGuard key {}, which this site does not hold; keeping {} (peers cannot reach this site until the controller has its key: enroll again if this lasts)",
+                intent.revision,
+                intent.wireguard.public_key,
+                self.keys.current_public()
+            );
+        }
+        let want = self.want_for(&intent, &uplinks);
         match self.converge(&want) {
             Ok(changes) => {
                 let text = serde_json::to_vec_pretty(&intent).map_err(|e| e.to_string())?;
@@ -398,6 +494,7 @@ impl Agent {
                 if let Ok(mut peers) = self.test_peers.write() {
                     *peers = intent.peers.iter().map(|p| p.overlay_address).collect();
                 }
+                self.finish_rotation(&intent);
                 self.applied = Some(intent);
                 self.last_apply = Instant::now();
                 self.steer();
@@ -541,9 +638,9 @@ async fn connect(state: &StateDir, identity: &Identity) -> anyhow::Result<Link> 
 
 pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
     let identity = state.identity()?;
-    let key = Key::from_base64(state.read(WIREGUARD_KEY_FILE)?.trim())
-        .map_err(|_| anyhow::anyhow!("wireguard.key is damaged; enroll again"))?;
-    let key_public = key.get_public().0;
+    let keys = WireguardKeys::load(&state)?;
+    let key_public = keys.current_public().0;
+    let rotate_after_s = config.rotate_after().map(|d| d.as_secs() as i64);
     let backend = tunnels::resolve_backend(config.wireguard.backend)?;
     eprintln!("run: WireGuard backend {backend:?}");
     let (probe_updates_tx, mut probe_updates) = tokio::sync::mpsc::unbounded_channel();
@@ -551,7 +648,7 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
     let mut agent = Agent {
         identity: identity.clone(),
         state,
-        key,
+        keys,
         backend,
         applied: None,
         kicker: handshake::Kicker::new(key_public),
@@ -605,6 +702,11 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
         } = connect(&agent.state, &identity).await?;
         let mut renewal: Option<tokio::task::JoinHandle<anyhow::Result<Identity>>> = None;
         let mut renewal_check = tokio::time::interval(Duration::from_secs(60));
+        type Announcing = tokio::task::JoinHandle<
+            anyhow::Result<patronus_proto::enroll::WireguardKeyResponse>,
+        >;
+        let mut rotation: Option<Announcing> = None;
+        let mut rotation_check = tokio::time::interval(Duration::from_secs(60));
         eprintln!(
             "run: site {} following its intent on {}",
             identity.site_name, identity.nats_url
@@ -681,6 +783,71 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
                         }
                         // Retried at the next check (every minute) while it stays due.
                         Err(e) => eprintln!("run: renewing the certificate failed: {e:#}; retrying in a minute"),
+                    }
+                }
+                _ = rotation_check.tick(), if rotation.is_none() => {
+                    let now = (now_ms() / 1000) as i64;
+                    let made_at = agent.keys.current_created_at(identity.enrolled_at);
+                    let step = crate::control::rotation_step(
+                        now,
+                        made_at,
+                        rotate_after_s,
+                        agent.keys.next_public().is_some(),
+                        agent.keys.meta.next_accepted_at,
+                    );
+                    let announce = match step {
+                        crate::control::RotationStep::Wait => None,
+                        crate::control::RotationStep::MakeKey => match agent.keys.make_next(&agent.state, now) {
+                            Ok(public) => {
+                                eprintln!(
+                                    "run: the WireGuard key is {} days old; made the next key pair (public key {public}), announcing it",
+                                    (now - made_at) / 86_400
+                                );
+                                Some(public)
+                            }
+                            Err(e) => {
+                                eprintln!("run: making the next WireGuard key failed: {e:#}; retrying in a minute");
+                                None
+                            }
+                        },
+                        crate::control::RotationStep::Announce => agent.keys.next_public(),
+                    };
+                    if let Some(public) = announce {
+                        let state = StateDir::new(agent.state.path.clone());
+                        let identity = identity.clone();
+                        rotation = Some(tokio::task::spawn_blocking(move || {
+                            crate::control::announce_wireguard_key(&state, &identity, public)
+                        }));
+                    }
+                }
+                done = async { rotation.as_mut().expect("guarded by is_some").await },
+                    if rotation.is_some() =>
+                {
+                    rotation = None;
+                    let now = (now_ms() / 1000) as i64;
+                    match done.map_err(|e| anyhow::anyhow!("the call stopped: {e}")).and_then(|r| r) {
+                        Ok(answer) if Some(answer.public_key) == agent.keys.next_public() => {
+                            if agent.keys.meta.next_accepted_at.is_none() {
+                                eprintln!(
+                                    "run: the controller accepted the next WireGuard key ({:?}); it takes over when this site's intent names it",
+                                    answer.state
+                                );
+                            }
+                            if let Err(e) = agent.keys.accepted(&agent.state, now) {
+                                eprintln!("run: recording the accepted WireGuard key failed: {e:#}");
+                            }
+                        }
+                        // The key was rotated in meanwhile: nothing left to do.
+                        Ok(_) => {}
+                        Err(e) => match e.downcast_ref::<crate::control::Refused>() {
+                            Some(refused) if refused.code == "wireguard_key_in_use" || refused.code == "invalid_key" => {
+                                eprintln!("run: {refused}; discarding the next WireGuard key, a new one is made in a minute");
+                                if let Err(e) = agent.keys.discard_next(&agent.state) {
+                                    eprintln!("run: discarding the next WireGuard key failed: {e:#}");
+                                }
+                            }
+                            _ => eprintln!("run: announcing the next WireGuard key failed: {e:#}; retrying in a minute"),
+                        },
                     }
                 }
                 _ = reconcile.tick() => {

@@ -6,6 +6,8 @@
 //! |-----------------|------------------------------------------------------|
 //! | `identity.json` | tenant, site, controller, NATS URL, intent location   |
 //! | `wireguard.key` | the WireGuard private key (base64)                   |
+//! | `wireguard.next.key` | the next WireGuard private key, during a rotation |
+//! | `wireguard.json` | when the keys were made, the rotation's progress (no secret) |
 //! | `site.key`      | the certificate private key (PKCS#8 PEM)             |
 //! | `site.crt`      | the site certificate (PEM)                           |
 //! | `ca.crt`        | the tenant CA (PEM)                                  |
@@ -26,6 +28,8 @@ pub const SITE_KEY_FILE: &str = "site.key";
 pub const SITE_CERT_FILE: &str = "site.crt";
 pub const CA_CERT_FILE: &str = "ca.crt";
 pub const NATS_CREDS_FILE: &str = "nats.creds";
+pub const WIREGUARD_NEXT_KEY_FILE: &str = "wireguard.next.key";
+pub const WIREGUARD_META_FILE: &str = "wireguard.json";
 
 /// Who this edge is and where it talks to. No secrets.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -148,6 +152,163 @@ impl StateDir {
     }
 }
 
+/// When this site's WireGuard keys were made and how far the rotation to the next one got.
+/// No secret: the keys themselves are in their own files.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WireguardMeta {
+    /// Unix seconds when `wireguard.key` was made (none: at enrollment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<i64>,
+    /// Unix seconds when `wireguard.next.key` was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_created_at: Option<i64>,
+    /// Unix seconds when the controller last accepted the next key's public key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_accepted_at: Option<i64>,
+}
+
+/// The site's WireGuard private keys: the one its interfaces use, and during a rotation the
+/// next one (made here; only its public key is ever sent). `Debug` shows public keys only.
+pub struct WireguardKeys {
+    current: wireguard_control::Key,
+    next: Option<wireguard_control::Key>,
+    pub meta: WireguardMeta,
+}
+
+impl std::fmt::Debug for WireguardKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WireguardKeys")
+            .field("current_public", &self.current_public())
+            .field("next_public", &self.next_public())
+            .field("meta", &self.meta)
+            .finish()
+    }
+}
+
+fn read_wg_key(state: &StateDir, name: &str) -> anyhow::Result<wireguard_control::Key> {
+    wireguard_control::Key::from_base64(state.read(name)?.trim())
+        .map_err(|_| anyhow::anyhow!("{name} is damaged; enroll again"))
+}
+
+impl WireguardKeys {
+    /// Read the keys, finishing a promotion that a crash interrupted (a next key equal to the
+    /// current one).
+    pub fn load(state: &StateDir) -> anyhow::Result<Self> {
+        let current = read_wg_key(state, WIREGUARD_KEY_FILE)?;
+        let next = match state.file(WIREGUARD_NEXT_KEY_FILE).exists() {
+            true => Some(read_wg_key(state, WIREGUARD_NEXT_KEY_FILE)?),
+            false => None,
+        };
+        let meta: WireguardMeta = state
+            .read(WIREGUARD_META_FILE)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default();
+        let mut keys = Self {
+            current,
+            next,
+            meta,
+        };
+        if keys.next.as_ref() == Some(&keys.current) {
+            keys.finish_promotion(state)?;
+        } else if keys.next.is_none()
+            && (keys.meta.next_created_at.is_some() || keys.meta.next_accepted_at.is_some())
+        {
+            keys.meta.next_created_at = None;
+            keys.meta.next_accepted_at = None;
+            keys.write_meta(state)?;
+        }
+        Ok(keys)
+    }
+
+    pub fn current_public(&self) -> patronus_proto::WgPublicKey {
+        patronus_proto::WgPublicKey(self.current.get_public().0)
+    }
+
+    pub fn next_public(&self) -> Option<patronus_proto::WgPublicKey> {
+        self.next
+            .as_ref()
+            .map(|k| patronus_proto::WgPublicKey(k.get_public().0))
+    }
+
+    /// The private key of `public`, if this site holds it.
+    pub fn private_for(
+        &self,
+        public: &patronus_proto::WgPublicKey,
+    ) -> Option<&wireguard_control::Key> {
+        std::iter::once(&self.current)
+            .chain(self.next.as_ref())
+            .find(|k| k.get_public().0 == public.0)
+    }
+
+    /// Unix seconds when the current key was made (`enrolled_at` for the enrollment's key).
+    pub fn current_created_at(&self, enrolled_at: i64) -> i64 {
+        self.meta.created_at.unwrap_or(enrolled_at)
+    }
+
+    fn write_meta(&self, state: &StateDir) -> anyhow::Result<()> {
+        state.write(WIREGUARD_META_FILE, &serde_json::to_vec_pretty(&self.meta)?)
+    }
+
+    /// Make the next key pair (kept beside the current one, which stays in use) and return
+    /// its public key.
+    pub fn make_next(
+        &mut self,
+        state: &StateDir,
+        now: i64,
+    ) -> anyhow::Result<patronus_proto::WgPublicKey> {
+        let key = wireguard_control::Key::generate_private();
+        state.write(WIREGUARD_NEXT_KEY_FILE, key.to_base64().as_bytes())?;
+        self.next = Some(key);
+        self.meta.next_created_at = Some(now);
+        self.meta.next_accepted_at = None;
+        self.write_meta(state)?;
+        Ok(self.next_public().expect("just made"))
+    }
+
+    /// The controller accepted the next key's public key at `now`.
+    pub fn accepted(&mut self, state: &StateDir, now: i64) -> anyhow::Result<()> {
+        self.meta.next_accepted_at = Some(now);
+        self.write_meta(state)
+    }
+
+    /// Forget the next key (the controller refused it for good); a new one is made later.
+    pub fn discard_next(&mut self, state: &StateDir) -> anyhow::Result<()> {
+        self.next = None;
+        self.meta.next_created_at = None;
+        self.meta.next_accepted_at = None;
+        self.write_meta(state)?;
+        match std::fs::remove_file(state.file(WIREGUARD_NEXT_KEY_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The next key is now the site's key (its intent names it and the interfaces use it):
+    /// it replaces `wireguard.key`, and the previous key is gone. Each step is one atomic
+    /// write; [`WireguardKeys::load`] finishes the job after a crash between them.
+    pub fn promote(&mut self, state: &StateDir) -> anyhow::Result<()> {
+        let Some(next) = self.next.clone() else {
+            return Ok(());
+        };
+        state.write(WIREGUARD_KEY_FILE, next.to_base64().as_bytes())?;
+        self.current = next;
+        self.finish_promotion(state)
+    }
+
+    fn finish_promotion(&mut self, state: &StateDir) -> anyhow::Result<()> {
+        self.meta.created_at = self.meta.next_created_at.or(self.meta.created_at);
+        self.meta.next_created_at = None;
+        self.meta.next_accepted_at = None;
+        self.write_meta(state)?;
+        self.next = None;
+        match std::fs::remove_file(state.file(WIREGUARD_NEXT_KEY_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Temporary file in the same directory, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().context("a state file needs a directory")?;
@@ -211,5 +372,93 @@ mod tests {
         assert_eq!(state.read("b").unwrap(), "bee");
         assert!(state.identity().unwrap_err().to_string().contains("enroll"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn key_dir(name: &str) -> StateDir {
+        let dir = std::env::temp_dir().join(format!("patronus-edge-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let state = StateDir::new(&dir);
+        state.create().unwrap();
+        let enrolled = wireguard_control::Key::generate_private();
+        state
+            .write(WIREGUARD_KEY_FILE, enrolled.to_base64().as_bytes())
+            .unwrap();
+        state
+    }
+
+    fn mode(state: &StateDir, name: &str) -> u32 {
+        std::fs::metadata(state.file(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[test]
+    fn a_next_key_is_made_kept_private_and_promoted_in_place_of_the_current_one() {
+        let state = key_dir("wgkeys");
+        let mut keys = WireguardKeys::load(&state).unwrap();
+        let first = keys.current_public();
+        assert_eq!(keys.current_created_at(100), 100);
+        assert_eq!(keys.next_public(), None);
+
+        let next = keys.make_next(&state, 5_000).unwrap();
+        assert_ne!(next, first);
+        assert_eq!(mode(&state, WIREGUARD_NEXT_KEY_FILE), 0o600);
+        assert_eq!(mode(&state, WIREGUARD_META_FILE), 0o600);
+        // Both keys are held; the current one is still the one in use.
+        assert!(keys.private_for(&first).is_some());
+        assert!(keys.private_for(&next).is_some());
+        assert!(keys
+            .private_for(&patronus_proto::WgPublicKey([9; 32]))
+            .is_none());
+        keys.accepted(&state, 5_001).unwrap();
+        // A restart finds the rotation where it was.
+        let reloaded = WireguardKeys::load(&state).unwrap();
+        assert_eq!(reloaded.current_public(), first);
+        assert_eq!(reloaded.next_public(), Some(next));
+        assert_eq!(reloaded.meta.next_accepted_at, Some(5_001));
+        // The metadata and the debug output name no private key.
+        let private = keys.private_for(&next).unwrap().to_base64();
+        assert!(!state.read(WIREGUARD_META_FILE).unwrap().contains(&private));
+        assert!(!format!("{keys:?}").contains(&private));
+
+        keys.promote(&state).unwrap();
+        assert_eq!(keys.current_public(), next);
+        assert_eq!(keys.next_public(), None);
+        assert_eq!(keys.current_created_at(100), 5_000);
+        assert!(!state.file(WIREGUARD_NEXT_KEY_FILE).exists());
+        assert_eq!(state.read(WIREGUARD_KEY_FILE).unwrap(), private);
+        assert_eq!(mode(&state, WIREGUARD_KEY_FILE), 0o600);
+        let reloaded = WireguardKeys::load(&state).unwrap();
+        assert_eq!(reloaded.current_public(), next);
+        assert_eq!(reloaded.meta, keys.meta);
+        std::fs::remove_dir_all(&state.path).unwrap();
+    }
+
+    #[test]
+    fn a_promotion_cut_short_is_finished_on_load_and_a_refused_key_is_forgotten() {
+        let state = key_dir("wgcrash");
+        let mut keys = WireguardKeys::load(&state).unwrap();
+        let next = keys.make_next(&state, 7_000).unwrap();
+        // A crash right after the new key replaced wireguard.key: the next key file is still
+        // there and the metadata still describes the rotation.
+        let private = keys.private_for(&next).unwrap().to_base64();
+        state.write(WIREGUARD_KEY_FILE, private.as_bytes()).unwrap();
+        let reloaded = WireguardKeys::load(&state).unwrap();
+        assert_eq!(reloaded.current_public(), next);
+        assert_eq!(reloaded.next_public(), None);
+        assert_eq!(reloaded.current_created_at(0), 7_000);
+        assert!(!state.file(WIREGUARD_NEXT_KEY_FILE).exists());
+
+        let mut keys = reloaded;
+        keys.make_next(&state, 8_000).unwrap();
+        keys.discard_next(&state).unwrap();
+        assert!(!state.file(WIREGUARD_NEXT_KEY_FILE).exists());
+        let reloaded = WireguardKeys::load(&state).unwrap();
+        assert_eq!(reloaded.next_public(), None);
+        assert_eq!(reloaded.meta.next_created_at, None);
+        assert_eq!(reloaded.current_public(), next);
+        std::fs::remove_dir_all(&state.path).unwrap();
     }
 }

@@ -448,6 +448,7 @@ mod tests {
             region: None,
             hub: false,
             probe_key: ProbeKey([1; 32]),
+            next_public_key: None,
         }
     }
 

@@ -158,6 +158,7 @@ pub fn observe(site: SiteId) -> anyhow::Result<NetState> {
         if let Ok(device) = Device::get(&iface(name)?, api_for(name)) {
             interface.listen_port = device.listen_port.unwrap_or(0);
             interface.fwmark = device.fwmark.unwrap_or(0);
+            interface.public_key = device.public_key.map(|k| WgPublicKey(k.0));
             for peer in device.peers {
                 let config = peer.config;
                 let Some(endpoint) = config.endpoint else {
@@ -316,8 +317,13 @@ pub fn uplink_routes(identity: &Identity) -> anyhow::Result<Vec<UplinkRoute>> {
     Ok(found)
 }
 
-/// Execute actions in order; the first failure stops and is returned.
-pub fn execute(actions: &[Action], private_key: &Key, backend: WgBackend) -> anyhow::Result<()> {
+/// Execute actions in order; the first failure stops and is returned. Interfaces get their
+/// private key from `keys` (the site's current key, or its next one during a rotation).
+pub fn execute(
+    actions: &[Action],
+    keys: &crate::state::WireguardKeys,
+    backend: WgBackend,
+) -> anyhow::Result<()> {
     for action in actions {
         match action {
             Action::CreateInterface { name } => create_interface(name, backend)?,
@@ -332,7 +338,6 @@ pub fn execute(actions: &[Action], private_key: &Key, backend: WgBackend) -> any
                 address,
             } => {
                 DeviceUpdate::new()
-                    .set_private_key(private_key.clone())
                     .set_listen_port(*listen_port)
                     .set_fwmark(*fwmark)
                     .apply(&iface(name)?, api_for(name))
@@ -342,6 +347,15 @@ pub fn execute(actions: &[Action], private_key: &Key, backend: WgBackend) -> any
                 if let Some(address) = address {
                     ip(&["addr", "add", &address.to_string(), "dev", name])?;
                 }
+            }
+            Action::SetPrivateKey { name, public_key } => {
+                let Some(private_key) = keys.private_for(public_key) else {
+                    bail!("this site holds no private key for {public_key}; cannot run {name} with it");
+                };
+                DeviceUpdate::new()
+                    .set_private_key(private_key.clone())
+                    .apply(&iface(name)?, api_for(name))
+                    .with_context(|| format!("setting the key of {name}"))?;
             }
             Action::SetPeer {
                 interface,
@@ -462,7 +476,12 @@ pub fn liveness(site: SiteId) -> (u32, u32, u32) {
     let (mut tunnels_up, mut paths_up, mut paths) = (0, 0, 0);
     for device in devices(site) {
         let mut any = false;
-        for peer in &device.peers {
+        // A rotating peer's next key (no allowed IPs) is no path.
+        for peer in device
+            .peers
+            .iter()
+            .filter(|p| !p.config.allowed_ips.is_empty())
+        {
             paths += 1;
             let fresh = peer
                 .stats
@@ -574,7 +593,12 @@ pub fn path_stats(site: SiteId) -> Vec<PathStat> {
     let now = std::time::SystemTime::now();
     let mut stats = Vec::new();
     for device in devices(site) {
-        for peer in &device.peers {
+        // A rotating peer's next key (no allowed IPs) is no path.
+        for peer in device
+            .peers
+            .iter()
+            .filter(|p| !p.config.allowed_ips.is_empty())
+        {
             stats.push(PathStat {
                 interface: device.name.as_str_lossy().into_owned(),
                 peer_key: peer.config.public_key.0,

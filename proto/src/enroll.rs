@@ -103,6 +103,37 @@ pub struct RenewResponse {
     pub nats: NatsGrant,
 }
 
+/// `POST /api/v1/edge/wireguard-key` (signed): the public half of the WireGuard key the edge
+/// made for its next rotation (the private half never leaves the edge). The controller keeps
+/// it as the site's next key, announces it to the site's peers, and commits it (names it in
+/// the site's intent) once they all applied that announcement.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct WireguardKeyRequest {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub public_key: WgPublicKey,
+}
+
+/// Where the controller stands with the key of a [`WireguardKeyRequest`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum WireguardKeyState {
+    /// Recorded as the site's next key; the rotation is under way.
+    Pending,
+    /// Already the site's current key: the rotation is done (a repeated call after it).
+    Current,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WireguardKeyResponse {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub public_key: WgPublicKey,
+    pub state: WireguardKeyState,
+}
+
 /// `GET /api/v1/edge/status` (signed): what the controller knows of this site.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

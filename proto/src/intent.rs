@@ -100,6 +100,12 @@ pub struct Peer {
     pub hub: bool,
     /// HMAC key for probes between this site and the peer (secret; redacted in `Debug`).
     pub probe_key: ProbeKey,
+    /// While the peer rotates its WireGuard key (the announce phase), its next public key: the
+    /// edge configures it as a second peer entry with the same endpoint and no allowed IPs
+    /// (WireGuard gives an allowed IP to one peer only), so the peer's first handshake with
+    /// the new key is accepted the moment it switches. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<WgPublicKey>,
 }
 
 /// One path: (local uplink, remote site, remote uplink).
@@ -114,8 +120,10 @@ pub struct PathSpec {
 /// WireGuard settings of this site.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WireguardSettings {
-    /// The public key the controller has on record for this site; the agent checks it matches
-    /// its own private key (a mismatch means a rotation is in flight or the state is wrong).
+    /// The public key the controller has on record for this site. The agent runs its
+    /// interfaces with the private key of this public key: its current key, or the next key
+    /// it made once the controller commits a rotation (then the next key becomes current).
+    /// A key the agent does not hold means its state is wrong; it keeps its current key.
     pub public_key: WgPublicKey,
     pub listen_port_base: u16,
     pub mtu: u16,
@@ -379,6 +387,14 @@ impl Message for SiteIntent {
                     format!("{field}.public_key"),
                     "WireGuard public keys must be unique across the site and its peers",
                 ));
+            }
+            if let Some(next) = peer.next_public_key {
+                if next == wg.public_key || !keys.insert(next) {
+                    return Err(ValidationError::new(
+                        format!("{field}.next_public_key"),
+                        "WireGuard public keys must be unique across the site and its peers",
+                    ));
+                }
             }
             if !self.overlay.network.contains(&peer.overlay_address) {
                 return Err(ValidationError::new(

@@ -226,6 +226,7 @@ fn peer(site: SiteId, n: u8) -> Peer {
         region: Some("eu-west".into()),
         hub: n == 2,
         probe_key: ProbeKey([n; 32]),
+        next_public_key: None,
     }
 }
 
@@ -507,6 +508,19 @@ fn extra_fields_from_a_newer_minor_version_decode() {
 }
 
 #[test]
+fn a_peers_next_key_is_optional_on_the_wire_and_round_trips() {
+    let mut intent = sample_intent();
+    // Absent, it is not written: an intent without a rotation encodes as before.
+    let value = serde_json::to_value(&intent).unwrap();
+    assert!(value["peers"][0].get("next_public_key").is_none());
+    // Set, it survives the trip; an older agent ignores it like any unknown field.
+    intent.peers[0].next_public_key = Some(WgPublicKey([0xab; 32]));
+    let decoded: SiteIntent = codec::decode(&codec::encode(&intent)).unwrap();
+    assert_eq!(decoded, intent);
+    assert_ne!(decoded.content_digest(), sample_intent().content_digest());
+}
+
+#[test]
 fn another_major_version_is_refused() {
     let mut value = serde_json::to_value(sample_intent()).unwrap();
     value["schema_version"] = "2.0".into();
@@ -548,6 +562,18 @@ fn invalid_intents_are_refused_with_the_field_named() {
             "peers[1].public_key",
             Box::new(|i| {
                 i.peers[1].public_key = i.peers[0].public_key;
+            }),
+        ),
+        (
+            "peers[1].next_public_key",
+            Box::new(|i| {
+                i.peers[1].next_public_key = Some(i.peers[0].public_key);
+            }),
+        ),
+        (
+            "peers[0].next_public_key",
+            Box::new(|i| {
+                i.peers[0].next_public_key = Some(i.wireguard.public_key);
             }),
         ),
         (

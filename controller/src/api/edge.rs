@@ -3,6 +3,8 @@
 //!
 //! - `GET /edge/status`: what the controller knows of the calling site.
 //! - `POST /edge/renew`: a new certificate and NATS user for keys the edge made anew.
+//! - `POST /edge/wireguard-key`: the public key of the WireGuard key the edge made for its next
+//!   rotation ([`crate::intents::rotation`]).
 //!
 //! [`verify_site_request`] checks, in order: the four headers are present and well formed;
 //! the timestamp is within [`MAX_CLOCK_SKEW_S`] of ours; the certificate parses, names a site
@@ -21,8 +23,11 @@ use patronus_proto::edge_auth::{
     canonical_request, valid_nonce, CERTIFICATE_HEADER, MAX_CLOCK_SKEW_S, NONCE_HEADER,
     SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
-use patronus_proto::enroll::{EdgeStatus, NatsGrant, RenewRequest, RenewResponse};
-use patronus_proto::{subjects, SiteId, TenantId};
+use patronus_proto::enroll::{
+    EdgeStatus, NatsGrant, RenewRequest, RenewResponse, WireguardKeyRequest, WireguardKeyResponse,
+    WireguardKeyState,
+};
+use patronus_proto::{subjects, SiteId, TenantId, WgPublicKey};
 use uuid::Uuid;
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_SIG_ED25519,
@@ -363,6 +368,186 @@ pub async fn renew(
     }))
 }
 
+/// What the site row says when a next key arrives.
+enum KeyDecision {
+    /// Record it as the site's next key.
+    Record { name: String, msp: Uuid },
+    /// Already the answer (a repeated call).
+    Answer(WireguardKeyState),
+}
+
+#[utoipa::path(operation_id = "edge_wireguard_key", tag = "edge", request_body = WireguardKeyRequest, responses((status = 200, body = WireguardKeyResponse, description = "recorded as the site's next key (or already recorded, or already its key)"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[post("/edge/wireguard-key")]
+pub async fn wireguard_key(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    if body.len() > MAX_EDGE_BODY {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "the body is too large",
+        ));
+    }
+    let who = verify_site_request(&state, &req, &body).await?;
+    let request: WireguardKeyRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!("expected {{\"public_key\": <base64 of 32 bytes>}}: {e}"),
+        )
+    })?;
+    let key = request.public_key;
+    // The all-zero point gives every Diffie-Hellman the same (zero) result; WireGuard refuses
+    // handshakes with it.
+    if key == WgPublicKey([0; 32]) {
+        return Err(ApiError::unprocessable(
+            "invalid_key",
+            "not a usable WireGuard public key (all zero)",
+        ));
+    }
+    let (tenant, site) = (who.tenant, who.site);
+    let encoded = key.to_base64();
+    let min_interval = state.provisioning.wireguard_rotation_min_interval_s;
+    let request_id = req
+        .extensions()
+        .get::<super::context::RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let source_ip = req.peer_addr().map(|a| a.ip());
+    let mut conn = state.db.get().await.map_err(db::DbError::from)?;
+    let answer = db::in_scope(&mut conn, Scope::Tenant(tenant), move |conn| {
+        Box::pin(async move {
+            // One key submission at a time per tenant, so two sites cannot both claim a key
+            // the other does not hold yet.
+            diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended('patronus-wg-key:' || $1, 0))")
+                .bind::<diesel::sql_types::Text, _>(tenant.0.to_string())
+                .execute(conn)
+                .await?;
+            type Row = (
+                String,
+                String,
+                Option<String>,
+                Option<String>,
+                Option<DateTime<Utc>>,
+            );
+            let (name, site_status, current, next, rotated_at): Row = sites::table
+                .find(site.0)
+                .select((
+                    sites::name,
+                    sites::status,
+                    sites::wg_public_key,
+                    sites::wg_next_public_key,
+                    sites::wg_key_rotated_at,
+                ))
+                .for_update()
+                .first(conn)
+                .await?;
+            if site_status == "revoked" {
+                return Err(refused("certificate_revoked", "the site is revoked"));
+            }
+            let decision = if current.as_deref() == Some(encoded.as_str()) {
+                KeyDecision::Answer(WireguardKeyState::Current)
+            } else if next.as_deref() == Some(encoded.as_str()) {
+                KeyDecision::Answer(WireguardKeyState::Pending)
+            } else if next.is_some() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "rotation_pending",
+                    "another next key of this site is being rotated in; keep it until the intent names it",
+                ));
+            } else if current.is_none() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "not_enrolled",
+                    "the site has no WireGuard key on record; enroll it",
+                ));
+            } else {
+                if let Some(rotated_at) = rotated_at {
+                    let ready_at = rotated_at + chrono::Duration::seconds(min_interval as i64);
+                    let wait = (ready_at - Utc::now()).num_seconds();
+                    if wait > 0 {
+                        let mut error = ApiError::too_many_requests(wait as u64);
+                        error.code = "rotation_too_soon";
+                        error.detail = format!(
+                            "this site's key was rotated less than {min_interval} s ago; retry after {wait} s"
+                        );
+                        return Err(error);
+                    }
+                }
+                let in_use: bool = diesel::select(diesel::dsl::exists(
+                    sites::table.filter(
+                        sites::wg_public_key
+                            .eq(&encoded)
+                            .or(sites::wg_next_public_key.eq(&encoded)),
+                    ),
+                ))
+                .get_result(conn)
+                .await?;
+                if in_use {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "wireguard_key_in_use",
+                        "this WireGuard public key belongs to another site; generate a new key pair",
+                    ));
+                }
+                let msp: Uuid = tenants::table
+                    .find(tenant.0)
+                    .select(tenants::msp_id)
+                    .first(conn)
+                    .await?;
+                KeyDecision::Record { name, msp }
+            };
+            let (name, msp) = match decision {
+                KeyDecision::Answer(answer) => return Ok((answer, false)),
+                KeyDecision::Record { name, msp } => (name, msp),
+            };
+            diesel::update(sites::table.find(site.0))
+                .set((
+                    sites::wg_next_public_key.eq(Some(&encoded)),
+                    sites::wg_next_submitted_at.eq(Some(Utc::now())),
+                    sites::wg_next_announce_revision.eq(None::<i64>),
+                    sites::wg_next_announced_at.eq(None::<DateTime<Utc>>),
+                    sites::updated_at.eq(Utc::now()),
+                ))
+                .execute(conn)
+                .await?;
+            record_audit(
+                conn,
+                AuditEntry {
+                    msp_id: msp,
+                    tenant_id: Some(tenant.0),
+                    actor_kind: "site",
+                    actor_id: site.0,
+                    actor_label: format!("site {name}"),
+                    action: "site.wireguard_key_submitted",
+                    target_kind: "site",
+                    target_id: site.0.to_string(),
+                    detail: serde_json::json!({
+                        "previous_public_key": current,
+                        "next_public_key": encoded,
+                    }),
+                    request_id,
+                    source_ip,
+                },
+            )
+            .await?;
+            Ok((WireguardKeyState::Pending, true))
+        })
+    })
+    .await?;
+    let (key_state, recorded) = answer;
+    if recorded {
+        tracing::info!(tenant = %tenant, site = %site, public_key = %key, "next WireGuard key recorded; rotating it in");
+        state.intents_changed(tenant).await;
+    }
+    Ok(HttpResponse::Ok().json(WireguardKeyResponse {
+        public_key: key,
+        state: key_state,
+    }))
+}
+
 pub fn routes(cfg: &mut ServiceConfig) {
-    cfg.service(edge_status).service(renew);
+    cfg.service(edge_status)
+        .service(renew)
+        .service(wireguard_key);
 }

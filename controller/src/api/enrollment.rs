@@ -699,12 +699,32 @@ pub async fn enroll(
             // token still outstanding for this site.
             let superseded = revoke_site_credentials(conn, site.0, "superseded").await?;
             record_issued(conn, tenant, site, &issued, &nats_key).await?;
+            // Another site's pending next key is as taken as its current one (the unique
+            // constraint covers current keys).
+            let pending_elsewhere: bool = diesel::select(diesel::dsl::exists(
+                sites::table
+                    .filter(sites::wg_next_public_key.eq(&wg_key))
+                    .filter(sites::id.ne(site.0)),
+            ))
+            .get_result(conn)
+            .await?;
+            if pending_elsewhere {
+                return Err(ApiError::conflict(
+                    "this WireGuard public key belongs to another site; generate a new key pair",
+                ));
+            }
+            // A new enrollment brings a new key and ends any rotation under way.
             let updated = diesel::update(sites::table.find(site.0))
                 .set((
                     sites::wg_public_key.eq(Some(&wg_key)),
                     sites::status.eq("active"),
                     sites::enrolled_at.eq(Some(Utc::now())),
                     sites::updated_at.eq(Utc::now()),
+                    sites::wg_next_public_key.eq(None::<String>),
+                    sites::wg_next_submitted_at.eq(None::<DateTime<Utc>>),
+                    sites::wg_next_announce_revision.eq(None::<i64>),
+                    sites::wg_next_announced_at.eq(None::<DateTime<Utc>>),
+                    sites::wg_key_rotated_at.eq(None::<DateTime<Utc>>),
                 ))
                 .execute(conn)
                 .await;

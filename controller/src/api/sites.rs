@@ -44,6 +44,10 @@ pub struct SiteRow {
     pub updated_at: DateTime<Utc>,
     pub enrolled_at: Option<DateTime<Utc>>,
     pub last_seen_at: Option<DateTime<Utc>>,
+    /// The WireGuard key being rotated in (its edge made it), while a rotation runs.
+    pub wg_next_public_key: Option<String>,
+    /// When the current WireGuard key was committed by a rotation (none: the enrollment's).
+    pub wg_key_rotated_at: Option<DateTime<Utc>>,
 }
 
 #[derive(utoipa::ToSchema, Queryable, Selectable, Serialize, Debug, Clone)]

@@ -86,6 +86,11 @@ diesel::table! {
         updated_at -> Timestamptz,
         enrolled_at -> Nullable<Timestamptz>,
         last_seen_at -> Nullable<Timestamptz>,
+        wg_next_public_key -> Nullable<Text>,
+        wg_next_submitted_at -> Nullable<Timestamptz>,
+        wg_next_announce_revision -> Nullable<Int8>,
+        wg_next_announced_at -> Nullable<Timestamptz>,
+        wg_key_rotated_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -207,6 +212,8 @@ diesel::table! {
         revision -> Int8,
         digest -> Bytea,
         published_at -> Timestamptz,
+        applied_revision -> Nullable<Int8>,
+        applied_at -> Nullable<Timestamptz>,
     }
 }
 

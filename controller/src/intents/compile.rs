@@ -5,6 +5,12 @@
 //!
 //! Only sites that can take part get an intent and appear as peers: enrolled (a WireGuard key),
 //! addressed (an overlay address), with at least one uplink, and not revoked.
+//!
+//! WireGuard key rotation ([`key_phase`]): a site with a next key is in the *announce* phase
+//! (its peers list the next key beside the current one, as [`Peer::next_public_key`]) until
+//! every peer it has now applied an intent at or above the announcing revision, or the
+//! announcement is older than the commit timeout; then it is in the *commit* phase (its own
+//! intent names the next key, and its peers list only the next key, carrying the allowed IPs).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -46,6 +52,15 @@ pub struct SiteSnapshot {
     pub lan_prefixes: Vec<IpNet>,
     pub listen_port_base: u16,
     pub uplinks: Vec<UplinkSnapshot>,
+    /// The WireGuard key the site's edge made for its next rotation, while one is under way.
+    pub next_public_key: Option<WgPublicKey>,
+    /// The lowest revision among the peers' intents that first carried the next key (none
+    /// until that publish is recorded).
+    pub next_announce_revision: Option<u64>,
+    /// When that announcement was recorded.
+    pub next_announced_at_unix_ms: Option<u64>,
+    /// The highest intent revision the site's edge reported applied.
+    pub applied_revision: Option<u64>,
 }
 
 /// One enabled policy and the sites it applies to (none: all).
@@ -69,6 +84,32 @@ pub struct TenantSnapshot {
     pub failover: FailoverSettings,
     pub wireguard_mtu: u16,
     pub persistent_keepalive_s: u16,
+    /// A key rotation commits this long after its announcement even if some peer has not
+    /// reported applying it (offline peers get the committed intent when they return).
+    pub rotation_commit_timeout_ms: u64,
+}
+
+/// Where a site's WireGuard key rotation stands in one compile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyPhase {
+    /// Peers list the next key beside the current one; the site keeps its current key.
+    Announce { next: WgPublicKey },
+    /// The site's intent names the next key; peers list only it.
+    Commit { next: WgPublicKey },
+}
+
+/// A rotation in a compiled tenant, for the publisher to record once the intents are out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRotation {
+    pub site: SiteId,
+    pub phase: KeyPhase,
+    /// The site's peers in this topology (whose published revisions set the announcing
+    /// revision).
+    pub peers: Vec<SiteId>,
+    /// The announcing revision already recorded, if any.
+    pub announce_revision: Option<u64>,
+    /// While announcing: when the commit timeout makes it commit whatever the peers say.
+    pub commit_due_unix_ms: Option<u64>,
 }
 
 /// The result of compiling one tenant.
@@ -79,6 +120,8 @@ pub struct CompiledTenant {
     /// Paths the intents use that have no id yet (the caller creates them and compiles again),
     /// as (src site, src uplink, dst site, dst uplink).
     pub missing_paths: Vec<(SiteId, u8, SiteId, u8)>,
+    /// Every site with a key rotation under way, and its phase in these intents.
+    pub rotations: Vec<KeyRotation>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +143,38 @@ pub fn probe_key(secret: &[u8], tenant: TenantId, a: SiteId, b: SiteId) -> Probe
     mac.update(low.0.as_bytes());
     mac.update(high.0.as_bytes());
     ProbeKey(mac.finalize().into_bytes().into())
+}
+
+/// The phase of `site`'s key rotation (none without a next key), given its current `peers`.
+/// Commit once every peer reported applying a revision at or above the announcing one (a site
+/// without peers commits at once: nobody needs the announcement), or once the announcement is
+/// older than the tenant's commit timeout at `now_unix_ms`. Before the announcement is
+/// recorded, the phase is announce.
+pub fn key_phase(
+    site: &SiteSnapshot,
+    peers: &[&SiteSnapshot],
+    commit_timeout_ms: u64,
+    now_unix_ms: u64,
+) -> Option<KeyPhase> {
+    let next = site.next_public_key?;
+    if site.public_key == Some(next) {
+        return None;
+    }
+    let commit = peers.is_empty()
+        || site.next_announce_revision.is_some_and(|announced| {
+            peers.iter().all(|p| {
+                p.applied_revision
+                    .is_some_and(|applied| applied >= announced)
+            })
+        })
+        || site
+            .next_announced_at_unix_ms
+            .is_some_and(|at| now_unix_ms >= at.saturating_add(commit_timeout_ms));
+    Some(if commit {
+        KeyPhase::Commit { next }
+    } else {
+        KeyPhase::Announce { next }
+    })
 }
 
 fn eligible(site: &SiteSnapshot) -> bool {
@@ -141,6 +216,46 @@ pub fn compile(
         .collect();
     let topology = topology::compute(&topology_sites, &settings)?;
 
+    // Key rotations first: a site's phase decides its own key and what its peers see.
+    let mut rotations = Vec::new();
+    let mut phases: BTreeMap<SiteId, KeyPhase> = BTreeMap::new();
+    for site in sites.values() {
+        let peer_ids: Vec<SiteId> = topology.peers_of(site.id).collect();
+        let peers: Vec<&SiteSnapshot> = peer_ids
+            .iter()
+            .filter_map(|id| sites.get(id).copied())
+            .collect();
+        if let Some(phase) = key_phase(
+            site,
+            &peers,
+            snapshot.rotation_commit_timeout_ms,
+            now_unix_ms,
+        ) {
+            phases.insert(site.id, phase);
+            rotations.push(KeyRotation {
+                site: site.id,
+                phase,
+                peers: peer_ids,
+                announce_revision: site.next_announce_revision,
+                commit_due_unix_ms: match phase {
+                    KeyPhase::Announce { .. } => site
+                        .next_announced_at_unix_ms
+                        .map(|at| at.saturating_add(snapshot.rotation_commit_timeout_ms)),
+                    KeyPhase::Commit { .. } => None,
+                },
+            });
+        }
+    }
+    // (current key, next key) as the site itself and its peers are to use them now.
+    let keys_of = |site: &SiteSnapshot| -> Option<(WgPublicKey, Option<WgPublicKey>)> {
+        let current = site.public_key?;
+        Some(match phases.get(&site.id) {
+            None => (current, None),
+            Some(KeyPhase::Announce { next }) => (current, Some(*next)),
+            Some(KeyPhase::Commit { next }) => (*next, None),
+        })
+    };
+
     let mut missing = BTreeSet::new();
     let mut intents = Vec::with_capacity(sites.len());
     for site in sites.values() {
@@ -161,7 +276,8 @@ pub fn compile(
         }
         for peer_id in topology.peers_of(site.id) {
             let peer = sites[&peer_id];
-            let (Some(public_key), Some(overlay_address)) = (peer.public_key, peer.overlay_address)
+            let (Some((public_key, next_public_key)), Some(overlay_address)) =
+                (keys_of(peer), peer.overlay_address)
             else {
                 continue;
             };
@@ -188,6 +304,7 @@ pub fn compile(
                 region: peer.region.clone(),
                 hub: topology.hubs.contains(&peer.id),
                 probe_key: probe_key(probe_secret, snapshot.tenant, site.id, peer.id),
+                next_public_key,
             });
             for (local, remote) in topology.paths(site.id, peer.id) {
                 let key = (site.id, local, peer.id, remote);
@@ -205,7 +322,8 @@ pub fn compile(
             }
         }
         let policies = policies_for(site.id, &snapshot.policies);
-        let (Some(public_key), Some(address)) = (site.public_key, site.overlay_address) else {
+        // The site's own key: the next one once its rotation commits.
+        let (Some((public_key, _)), Some(address)) = (keys_of(site), site.overlay_address) else {
             continue;
         };
         intents.push(SiteIntent {
@@ -250,6 +368,7 @@ pub fn compile(
         topology,
         intents,
         missing_paths: missing.into_iter().collect(),
+        rotations,
     })
 }
 
@@ -307,6 +426,10 @@ mod tests {
                     metered: false,
                 })
                 .collect(),
+            next_public_key: None,
+            next_announce_revision: None,
+            next_announced_at_unix_ms: None,
+            applied_revision: None,
         }
     }
 
@@ -325,6 +448,7 @@ mod tests {
             failover: FailoverSettings::default(),
             wireguard_mtu: 1420,
             persistent_keepalive_s: 25,
+            rotation_commit_timeout_ms: 3_600_000,
         }
     }
 
@@ -425,6 +549,154 @@ mod tests {
         assert_eq!(digests(&a), digests(&b));
     }
 
+    fn by_number(compiled: &CompiledTenant) -> BTreeMap<u8, &SiteIntent> {
+        compiled
+            .intents
+            .iter()
+            .map(|i| (i.site.0.as_u128() as u8, i))
+            .collect()
+    }
+
+    fn sid(n: u8) -> SiteId {
+        SiteId(Uuid::from_u128(u128::from(n)))
+    }
+
+    const NEXT: WgPublicKey = WgPublicKey([0xee; 32]);
+
+    /// Three sites in a full mesh; site 1 rotates to `NEXT`.
+    fn rotating(announce: Option<u64>, applied: [Option<u64>; 3]) -> TenantSnapshot {
+        let mut sites: Vec<SiteSnapshot> = (1..=3).map(|n| site(n, false, true)).collect();
+        sites[0].next_public_key = Some(NEXT);
+        sites[0].next_announce_revision = announce;
+        sites[0].next_announced_at_unix_ms = announce.map(|_| 1_000);
+        for (s, a) in sites.iter_mut().zip(applied) {
+            s.applied_revision = a;
+        }
+        snapshot(sites, TopologyMode::FullMesh)
+    }
+
+    #[test]
+    fn an_announced_key_is_a_second_key_of_the_peer_and_the_site_keeps_its_own() {
+        let compiled = compile_with_paths(rotating(None, [None; 3]));
+        assert_eq!(
+            compiled.rotations,
+            vec![KeyRotation {
+                site: sid(1),
+                phase: KeyPhase::Announce { next: NEXT },
+                peers: vec![sid(2), sid(3)],
+                announce_revision: None,
+                commit_due_unix_ms: None,
+            }]
+        );
+        let by = by_number(&compiled);
+        assert_eq!(by[&1].wireguard.public_key, WgPublicKey([1; 32]));
+        assert!(by[&1].peers.iter().all(|p| p.next_public_key.is_none()));
+        for n in [2, 3] {
+            let peer = by[&n].peer(sid(1)).unwrap();
+            assert_eq!(peer.public_key, WgPublicKey([1; 32]));
+            assert_eq!(peer.next_public_key, Some(NEXT));
+            // Other peers are not rotating.
+            assert!(by[&n]
+                .peers
+                .iter()
+                .filter(|p| p.site != sid(1))
+                .all(|p| p.next_public_key.is_none()));
+        }
+        for intent in by.values() {
+            intent.validate().unwrap();
+        }
+        // The rotating site's own intent does not change while it announces; its peers' do.
+        let before = compile_with_paths(without_rotation(rotating(None, [None; 3])));
+        let before = by_number(&before);
+        assert_eq!(by[&1].content_digest(), before[&1].content_digest());
+        assert_ne!(by[&2].content_digest(), before[&2].content_digest());
+        // Recording the announcement changes nothing until the peers catch up.
+        let recorded = compile_with_paths(rotating(Some(10), [Some(10), Some(10), Some(9)]));
+        assert_eq!(
+            recorded.rotations[0].phase,
+            KeyPhase::Announce { next: NEXT }
+        );
+        assert_eq!(
+            by_number(&recorded)[&2].content_digest(),
+            by[&2].content_digest()
+        );
+    }
+
+    fn without_rotation(mut snap: TenantSnapshot) -> TenantSnapshot {
+        for s in &mut snap.sites {
+            s.next_public_key = None;
+            s.next_announce_revision = None;
+            s.next_announced_at_unix_ms = None;
+        }
+        snap
+    }
+
+    #[test]
+    fn the_key_commits_once_every_peer_applied_the_announcement() {
+        // Site 1's own applied revision does not matter; peers 2 and 3 are at or above 10.
+        let compiled = compile_with_paths(rotating(Some(10), [None, Some(10), Some(12)]));
+        assert_eq!(compiled.rotations[0].phase, KeyPhase::Commit { next: NEXT });
+        let by = by_number(&compiled);
+        assert_eq!(by[&1].wireguard.public_key, NEXT);
+        for n in [2, 3] {
+            let peer = by[&n].peer(sid(1)).unwrap();
+            assert_eq!(peer.public_key, NEXT);
+            assert_eq!(peer.next_public_key, None);
+        }
+        for intent in by.values() {
+            intent.validate().unwrap();
+        }
+        // Once recorded (current = next, no next key), the same intents compile again, so
+        // the publisher has nothing more to publish.
+        let mut done = without_rotation(rotating(None, [None, Some(10), Some(12)]));
+        done.sites[0].public_key = Some(NEXT);
+        let after = compile_with_paths(done);
+        assert!(after.rotations.is_empty());
+        let digests = |c: &CompiledTenant| {
+            c.intents
+                .iter()
+                .map(SiteIntent::content_digest)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(digests(&after), digests(&compiled));
+    }
+
+    #[test]
+    fn a_peer_behind_holds_the_commit_until_the_timeout() {
+        let behind = rotating(Some(10), [None, Some(10), Some(9)]);
+        // Announced at 1 s; the timeout is an hour.
+        let early = compile(&behind, b"secret", 1_000 + 3_599_999).unwrap();
+        assert_eq!(early.rotations[0].phase, KeyPhase::Announce { next: NEXT });
+        assert_eq!(
+            early.rotations[0].commit_due_unix_ms,
+            Some(1_000 + 3_600_000)
+        );
+        let late = compile(&behind, b"secret", 1_000 + 3_600_000).unwrap();
+        assert_eq!(late.rotations[0].commit_due_unix_ms, None);
+        assert_eq!(late.rotations[0].phase, KeyPhase::Commit { next: NEXT });
+        // A peer that never reported anything holds it the same way.
+        let silent = rotating(Some(10), [None, Some(11), None]);
+        let compiled = compile(&silent, b"secret", 2_000).unwrap();
+        assert_eq!(
+            compiled.rotations[0].phase,
+            KeyPhase::Announce { next: NEXT }
+        );
+    }
+
+    #[test]
+    fn a_site_without_peers_commits_at_once() {
+        let mut alone = site(1, false, true);
+        alone.next_public_key = Some(NEXT);
+        let compiled = compile_with_paths(snapshot(vec![alone], TopologyMode::FullMesh));
+        assert_eq!(compiled.rotations[0].phase, KeyPhase::Commit { next: NEXT });
+        assert_eq!(compiled.intents[0].wireguard.public_key, NEXT);
+        // A next key equal to the current one (never stored: the database refuses it) is no
+        // rotation.
+        let mut same = site(1, false, true);
+        same.next_public_key = same.public_key;
+        assert_eq!(key_phase(&same, &[], 0, 0), None);
+    }
+
     use proptest::prelude::*;
 
     fn arb_snapshot() -> impl Strategy<Value = TenantSnapshot> {
@@ -439,8 +711,17 @@ mod tests {
             1usize..4,
             any::<bool>(),
             proptest::collection::vec(any::<bool>(), 24),
+            // Per site: rotating, its announcing revision, its applied revision.
+            proptest::collection::vec(
+                (
+                    any::<bool>(),
+                    proptest::option::of(1u64..20),
+                    proptest::option::of(1u64..20),
+                ),
+                24,
+            ),
         )
-            .prop_map(|(n, mode, hubs, region_mesh, enrolled)| {
+            .prop_map(|(n, mode, hubs, region_mesh, enrolled, rotation)| {
                 let sites: Vec<SiteSnapshot> = (1..=n)
                     .map(|i| {
                         let mut s = site(
@@ -450,6 +731,12 @@ mod tests {
                         );
                         s.region =
                             Some(["us-east", "us-west", "eu-west"][usize::from(i) % 3].into());
+                        let (rotating, announced, applied) = rotation[usize::from(i) - 1];
+                        if rotating && s.public_key.is_some() {
+                            s.next_public_key = Some(WgPublicKey([100 + i; 32]));
+                            s.next_announce_revision = announced;
+                        }
+                        s.applied_revision = applied;
                         s
                     })
                     .collect();
@@ -473,6 +760,22 @@ mod tests {
         fn compiled_intents_validate_and_transit_is_unambiguous(snap in arb_snapshot()) {
             let compiled = compile_with_paths(snap.clone());
             let by_site: BTreeMap<SiteId, &SiteIntent> = compiled.intents.iter().map(|i| (i.site, i)).collect();
+            // Every peer sees a rotating site as that site sees itself: the committed key, or
+            // the current key plus the announced one.
+            for rotation in &compiled.rotations {
+                let own = by_site[&rotation.site].wireguard.public_key;
+                for peer in &rotation.peers {
+                    let seen = by_site[peer].peer(rotation.site).unwrap();
+                    prop_assert_eq!(seen.public_key, own);
+                    match rotation.phase {
+                        KeyPhase::Announce { next } => prop_assert_eq!(seen.next_public_key, Some(next)),
+                        KeyPhase::Commit { next } => {
+                            prop_assert_eq!(own, next);
+                            prop_assert_eq!(seen.next_public_key, None);
+                        }
+                    }
+                }
+            }
             for intent in &compiled.intents {
                 prop_assert!(intent.validate().is_ok(), "{:?}", intent.validate());
                 for dst in by_site.values() {

@@ -5,6 +5,10 @@
 //! put the intent under `<tenant>.<site>`, and record revision and digest. The KV write comes
 //! first: if recording fails the next round republishes the same content under a newer
 //! revision, which the edge applies as a no-op; the reverse order could lose a publish.
+//!
+//! Key rotations ([`super::rotation`]) are recorded only after the round's intents are out: the
+//! announcing revision once the peers' intents carrying a next key are published, the new key
+//! once the intents naming it are.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,7 +25,8 @@ use uuid::Uuid;
 /// JetStream puts in flight at once while publishing a tenant.
 const PUBLISH_CONCURRENCY: usize = 64;
 
-use super::compile::{compile, CompileError};
+use super::compile::{compile, CompileError, KeyPhase, KeyRotation};
+use super::rotation;
 use super::store::{load_snapshot, sync_paths, PathKey, StoreError};
 use crate::db::{self, schema::site_intents, DbPool, Scope};
 
@@ -35,6 +40,8 @@ pub enum PublishError {
     Db(#[from] db::DbError),
     #[error("NATS: {0}")]
     Nats(String),
+    #[error("recording a key rotation: {0}")]
+    Rotation(String),
 }
 
 impl From<diesel::result::Error> for PublishError {
@@ -79,6 +86,29 @@ pub struct PublishOutcome {
     pub unchanged: usize,
     /// Sites whose intent was withdrawn (deleted, revoked, no longer eligible).
     pub withdrawn: usize,
+    /// Sites whose next WireGuard key was announced to their peers in this round (the
+    /// announcing revision is recorded; the commit can follow as soon as the peers report).
+    pub announced: Vec<SiteId>,
+    /// Sites whose key rotation was committed in this round (the next key is now theirs).
+    pub committed: Vec<SiteId>,
+    /// The earliest time (Unix ms) a rotation still announcing commits by its timeout: the
+    /// tenant must be published again then.
+    pub next_commit_due_unix_ms: Option<u64>,
+}
+
+/// Settings of a publish that come from the controller's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishSettings {
+    /// See [`super::compile::TenantSnapshot::rotation_commit_timeout_ms`].
+    pub rotation_commit_timeout_ms: u64,
+}
+
+impl Default for PublishSettings {
+    fn default() -> Self {
+        Self {
+            rotation_commit_timeout_ms: super::store::DEFAULT_ROTATION_COMMIT_TIMEOUT_MS,
+        }
+    }
 }
 
 #[derive(QueryableByName)]
@@ -94,19 +124,38 @@ fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Compile and publish every changed intent of one tenant.
+/// Compile and publish every changed intent of one tenant, with default settings.
 pub async fn publish_tenant(
     pool: &DbPool,
     bucket: &kv::Store,
     tenant: TenantId,
     probe_secret: &[u8],
 ) -> Result<PublishOutcome, PublishError> {
+    publish_tenant_with(
+        pool,
+        bucket,
+        tenant,
+        probe_secret,
+        PublishSettings::default(),
+    )
+    .await
+}
+
+/// Compile and publish every changed intent of one tenant.
+pub async fn publish_tenant_with(
+    pool: &DbPool,
+    bucket: &kv::Store,
+    tenant: TenantId,
+    probe_secret: &[u8],
+    settings: PublishSettings,
+) -> Result<PublishOutcome, PublishError> {
     let mut conn = pool.get().await.map_err(db::DbError::from)?;
     let secret = probe_secret.to_vec();
     // Compile, bringing the paths table in step with the topology first.
-    let (compiled, published_digests) = db::in_scope(&mut conn, Scope::Tenant(tenant), move |conn| {
+    let (compiled, published) = db::in_scope(&mut conn, Scope::Tenant(tenant), move |conn| {
         Box::pin(async move {
             let mut snapshot = load_snapshot(conn, tenant).await?;
+            snapshot.rotation_commit_timeout_ms = settings.rotation_commit_timeout_ms;
             let mut compiled = compile(&snapshot, &secret, now_unix_ms())?;
             let wanted: BTreeSet<PathKey> = compiled
                 .topology
@@ -122,22 +171,35 @@ pub async fn publish_tenant(
             if created > 0 || deleted > 0 || !compiled.missing_paths.is_empty() {
                 tracing::info!(tenant = %tenant, created, deleted, "paths synced with topology");
                 snapshot = load_snapshot(conn, tenant).await?;
+                snapshot.rotation_commit_timeout_ms = settings.rotation_commit_timeout_ms;
                 compiled = compile(&snapshot, &secret, now_unix_ms())?;
             }
-            let digests: HashMap<Uuid, Vec<u8>> = site_intents::table
-                .select((site_intents::site_id, site_intents::digest))
-                .load::<(Uuid, Vec<u8>)>(conn)
+            let published: HashMap<Uuid, (Vec<u8>, i64)> = site_intents::table
+                .select((
+                    site_intents::site_id,
+                    site_intents::digest,
+                    site_intents::revision,
+                ))
+                .load::<(Uuid, Vec<u8>, i64)>(conn)
                 .await?
                 .into_iter()
+                .map(|(site, digest, revision)| (site, (digest, revision)))
                 .collect();
-            Ok::<_, PublishError>((compiled, digests))
+            Ok::<_, PublishError>((compiled, published))
         })
     })
     .await?;
 
     let mut outcome = PublishOutcome::default();
+    let rotations = compiled.rotations.clone();
+    outcome.next_commit_due_unix_ms = rotations.iter().filter_map(|r| r.commit_due_unix_ms).min();
+    // Each site's latest published revision, updated below with this round's.
+    let mut latest: HashMap<SiteId, u64> = published
+        .iter()
+        .map(|(site, (_, revision))| (SiteId(*site), u64::try_from(*revision).unwrap_or(0)))
+        .collect();
     let compiled_sites: BTreeSet<Uuid> = compiled.intents.iter().map(|i| i.site.0).collect();
-    let withdrawn: Vec<Uuid> = published_digests
+    let withdrawn: Vec<Uuid> = published
         .keys()
         .copied()
         .filter(|id| !compiled_sites.contains(id))
@@ -147,9 +209,9 @@ pub async fn publish_tenant(
         .into_iter()
         .filter_map(|intent| {
             let digest = intent.content_digest();
-            if published_digests
+            if published
                 .get(&intent.site.0)
-                .is_some_and(|d| d.as_slice() == digest)
+                .is_some_and(|(d, _)| d.as_slice() == digest)
             {
                 outcome.unchanged += 1;
                 None
@@ -193,6 +255,7 @@ pub async fn publish_tenant(
         for (site, revision, _) in &recorded {
             tracing::debug!(tenant = %tenant, site = %site, revision, "intent published");
             outcome.published.push((*site, *revision));
+            latest.insert(*site, *revision);
         }
         db::in_scope(&mut conn, Scope::Tenant(tenant), move |conn| {
             Box::pin(async move {
@@ -250,7 +313,60 @@ pub async fn publish_tenant(
         })
         .await?;
     }
+    if !rotations.is_empty() {
+        let (announced, committed) =
+            record_rotations(&mut conn, tenant, rotations, &latest).await?;
+        outcome.announced = announced;
+        outcome.committed = committed;
+    }
     Ok(outcome)
+}
+
+/// Record the key rotations of a round whose intents are all out (see the module docs).
+async fn record_rotations(
+    conn: &mut diesel_async::AsyncPgConnection,
+    tenant: TenantId,
+    rotations: Vec<KeyRotation>,
+    latest: &HashMap<SiteId, u64>,
+) -> Result<(Vec<SiteId>, Vec<SiteId>), PublishError> {
+    let latest = latest.clone();
+    db::in_scope(conn, Scope::Tenant(tenant), move |conn| {
+        Box::pin(async move {
+            let (mut announced, mut committed) = (Vec::new(), Vec::new());
+            for rotation in rotations {
+                match rotation.phase {
+                    KeyPhase::Announce { next } if rotation.announce_revision.is_none() => {
+                        // Every peer's latest intent carries the next key: the lowest of their
+                        // revisions is the one each peer must have applied.
+                        let revisions: Option<Vec<u64>> = rotation
+                            .peers
+                            .iter()
+                            .map(|peer| latest.get(peer).copied())
+                            .collect();
+                        let Some(revision) = revisions.and_then(|r| r.into_iter().min()) else {
+                            continue;
+                        };
+                        if rotation::record_announced(conn, rotation.site, next, revision).await? {
+                            tracing::info!(tenant = %tenant, site = %rotation.site, revision, "next WireGuard key announced to the site's peers");
+                            announced.push(rotation.site);
+                        }
+                    }
+                    KeyPhase::Announce { .. } => {}
+                    KeyPhase::Commit { next } => {
+                        let done = rotation::record_committed(conn, tenant, rotation.site, next)
+                            .await
+                            .map_err(|e| PublishError::Rotation(e.to_string()))?;
+                        if done {
+                            tracing::info!(tenant = %tenant, site = %rotation.site, "WireGuard key rotation committed");
+                            committed.push(rotation.site);
+                        }
+                    }
+                }
+            }
+            Ok::<_, PublishError>((announced, committed))
+        })
+    })
+    .await
 }
 
 /// Remove a deleted site's intent key (its `site_intents` row went with the site).

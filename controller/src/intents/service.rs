@@ -9,6 +9,10 @@
 //! partitions (created `metrics.partitions_ahead_days` ahead, dropped after
 //! `metrics.retention_days`) and deletes one-minute rollups older than
 //! `metrics.rollup_retention_days`.
+//!
+//! Key rotations: a round that records an announcement publishes the tenant again at once
+//! (its peers may already have reported), and one with a rotation still announcing publishes
+//! it again when that rotation's commit timeout runs out.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -21,7 +25,7 @@ use patronus_proto::TenantId;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::publish::publish_tenant;
+use super::publish::{publish_tenant_with, PublishSettings};
 use crate::lease::Lease;
 use crate::server::{intents_changed_subject, AppState};
 
@@ -42,19 +46,31 @@ pub(crate) async fn all_tenants(state: &AppState) -> Result<Vec<TenantId>, Strin
 }
 
 /// Publish one tenant, logging (not propagating) failures: the next signal or reconcile
-/// retries.
-pub async fn publish_one(state: &AppState, tenant: TenantId) {
+/// retries. Returns when the tenant must be published again by itself (a key rotation
+/// committing by its timeout).
+pub async fn publish_one(state: &AppState, tenant: TenantId) -> Option<Instant> {
     let started = Instant::now();
     let bucket = match state.tenant_nats(tenant).await {
         Ok(link) => link.intents,
         Err(e) => {
             tracing::warn!(tenant = %tenant, error = %e, "intents bucket unavailable; will retry");
             state.metrics.intent_publish_failures.inc();
-            return;
+            return None;
         }
     };
-    match publish_tenant(&state.db, &bucket, tenant, &state.probe_secret).await {
+    let settings = PublishSettings {
+        rotation_commit_timeout_ms: state
+            .provisioning
+            .wireguard_commit_timeout_s
+            .saturating_mul(1000),
+    };
+    match publish_tenant_with(&state.db, &bucket, tenant, &state.probe_secret, settings).await {
         Ok(outcome) => {
+            if !outcome.announced.is_empty() {
+                // The peers may have reported applying before the announcement was recorded:
+                // look again soon rather than at the next report or reconcile.
+                state.intents_changed(tenant).await;
+            }
             state
                 .metrics
                 .intents_published
@@ -63,21 +79,41 @@ pub async fn publish_one(state: &AppState, tenant: TenantId) {
                 .metrics
                 .intent_publish_seconds
                 .observe(started.elapsed().as_secs_f64());
-            if !outcome.published.is_empty() || outcome.withdrawn > 0 {
+            if !outcome.published.is_empty()
+                || outcome.withdrawn > 0
+                || !outcome.committed.is_empty()
+            {
                 tracing::info!(
                     tenant = %tenant,
                     published = outcome.published.len(),
                     unchanged = outcome.unchanged,
                     withdrawn = outcome.withdrawn,
+                    keys_announced = outcome.announced.len(),
+                    keys_committed = outcome.committed.len(),
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "tenant intents published"
                 );
             }
+            outcome.next_commit_due_unix_ms.map(|due| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                Instant::now() + Duration::from_millis(due.saturating_sub(now))
+            })
         }
         Err(e) => {
             state.metrics.intent_publish_failures.inc();
             tracing::warn!(tenant = %tenant, error = %e, "publishing intents failed; will retry");
+            None
         }
+    }
+}
+
+/// Publish `tenant` again at `at` (or earlier if it is due sooner anyway).
+fn schedule(pending: &mut HashMap<TenantId, Instant>, tenant: TenantId, at: Option<Instant>) {
+    if let Some(at) = at {
+        let due = pending.entry(tenant).or_insert(at);
+        *due = (*due).min(at);
     }
 }
 
@@ -121,11 +157,12 @@ async fn maintain_metrics_partitions(state: &AppState) {
     }
 }
 
-async fn reconcile_all(state: &AppState) {
+async fn reconcile_all(state: &AppState, pending: &mut HashMap<TenantId, Instant>) {
     match all_tenants(state).await {
         Ok(tenants) => {
             for tenant in tenants {
-                publish_one(state, tenant).await;
+                let again = publish_one(state, tenant).await;
+                schedule(pending, tenant, again);
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot list tenants for reconcile"),
@@ -174,7 +211,8 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
                     if leader {
                         match std::str::from_utf8(&message.payload).ok().and_then(|t| t.parse::<TenantId>().ok()) {
                             Some(tenant) => {
-                                pending.entry(tenant).or_insert_with(|| Instant::now() + debounce);
+                                // Also ahead of a later wake-up (a rotation's commit timeout).
+                                schedule(&mut pending, tenant, Some(Instant::now() + debounce));
                             }
                             None => tracing::warn!("ignoring a malformed intent-change signal"),
                         }
@@ -204,7 +242,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
                 state.metrics.intent_publisher_leader.set(i64::from(leader));
                 if leader && last_reconcile.is_none_or(|t| t.elapsed() >= reconcile_every) {
                     last_reconcile = Some(Instant::now());
-                    reconcile_all(&state).await;
+                    reconcile_all(&state, &mut pending).await;
                     maintain_metrics_partitions(&state).await;
                     match crate::metrics_ingest::prune_rollups(&state).await {
                         Ok(0) => {}
@@ -218,7 +256,8 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
                 let due: Vec<TenantId> = pending.iter().filter(|(_, at)| **at <= now).map(|(t, _)| *t).collect();
                 for tenant in due {
                     pending.remove(&tenant);
-                    publish_one(&state, tenant).await;
+                    let again = publish_one(&state, tenant).await;
+                    schedule(&mut pending, tenant, again);
                 }
             }
         }

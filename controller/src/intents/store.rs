@@ -13,11 +13,15 @@ use uuid::Uuid;
 
 use super::compile::{PolicySnapshot, SiteSnapshot, TenantSnapshot, UplinkSnapshot};
 use crate::api::policies::{compile as compile_policy, PolicyKind};
-use crate::db::schema::{endpoints, paths, policies, sites, tenants};
+use crate::db::schema::{endpoints, paths, policies, site_intents, sites, tenants};
 use crate::topology::TopologySettings;
 
 /// Key of a path: (src site, src uplink, dst site, dst uplink).
 pub type PathKey = (SiteId, u8, SiteId, u8);
+
+/// The snapshot's key-rotation commit timeout unless the publisher is told otherwise
+/// (`provisioning.wireguard_commit_timeout_s`, default a day).
+pub const DEFAULT_ROTATION_COMMIT_TIMEOUT_MS: u64 = 86_400_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -61,6 +65,11 @@ pub async fn load_snapshot(
         Option<IpNet>,
         Vec<IpNet>,
         i32,
+        (
+            Option<String>,
+            Option<i64>,
+            Option<chrono::DateTime<chrono::Utc>>,
+        ),
     );
     let site_rows: Vec<SiteTuple> = sites::table
         .select((
@@ -73,10 +82,24 @@ pub async fn load_snapshot(
             sites::overlay_address,
             sites::lan_prefixes,
             sites::listen_port_base,
+            (
+                sites::wg_next_public_key,
+                sites::wg_next_announce_revision,
+                sites::wg_next_announced_at,
+            ),
         ))
         .order(sites::id)
         .load(conn)
         .await?;
+    // What each site's edge reported applied (for key rotations).
+    let applied: HashMap<Uuid, u64> = site_intents::table
+        .filter(site_intents::applied_revision.is_not_null())
+        .select((site_intents::site_id, site_intents::applied_revision))
+        .load::<(Uuid, Option<i64>)>(conn)
+        .await?
+        .into_iter()
+        .filter_map(|(site, applied)| Some((site, u64::try_from(applied?).ok()?)))
+        .collect();
     type UplinkTuple = (
         Uuid,
         Uuid,
@@ -123,7 +146,7 @@ pub async fn load_snapshot(
     let sites = site_rows
         .into_iter()
         .map(
-            |(id, name, region, role, status, key, overlay, lans, port)| SiteSnapshot {
+            |(id, name, region, role, status, key, overlay, lans, port, next)| SiteSnapshot {
                 id: SiteId(id),
                 name,
                 region,
@@ -134,6 +157,12 @@ pub async fn load_snapshot(
                 lan_prefixes: lans,
                 listen_port_base: u16::try_from(port).unwrap_or(51820),
                 uplinks: uplinks.remove(&id).unwrap_or_default(),
+                next_public_key: next.0.and_then(|k| k.parse::<WgPublicKey>().ok()),
+                next_announce_revision: next.1.and_then(|r| u64::try_from(r).ok()),
+                next_announced_at_unix_ms: next
+                    .2
+                    .and_then(|at| u64::try_from(at.timestamp_millis()).ok()),
+                applied_revision: applied.get(&id).copied(),
             },
         )
         .collect();
@@ -201,6 +230,7 @@ pub async fn load_snapshot(
         failover: FailoverSettings::default(),
         wireguard_mtu: 1420,
         persistent_keepalive_s: 25,
+        rotation_commit_timeout_ms: DEFAULT_ROTATION_COMMIT_TIMEOUT_MS,
     })
 }
 

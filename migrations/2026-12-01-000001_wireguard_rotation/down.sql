@@ -1,0 +1,12 @@
+ALTER TABLE site_intents
+    DROP COLUMN applied_at,
+    DROP COLUMN applied_revision;
+ALTER TABLE sites
+    DROP CONSTRAINT sites_wg_next_public_key_key,
+    DROP CONSTRAINT sites_wg_next_phase,
+    DROP CONSTRAINT sites_wg_next_differs,
+    DROP COLUMN wg_key_rotated_at,
+    DROP COLUMN wg_next_announced_at,
+    DROP COLUMN wg_next_announce_revision,
+    DROP COLUMN wg_next_submitted_at,
+    DROP COLUMN wg_next_public_key;

@@ -15,6 +15,8 @@
 //!   applying one (schema version, size limit, references, ranges), and optionally check that
 //!   this site may accept it (tenant, site, rising revision). Operators use it to inspect an
 //!   intent taken from the `intents` KV bucket; scripts use its exit status.
+//! - `probe --peer NAME [--uplink L --remote-uplink R]`: probe one path like ping, the way the
+//!   agent does (inside the tunnel, signed with the site pair's key) ([`probing::probe_peer`]).
 
 mod classifier;
 mod commands;
@@ -127,6 +129,48 @@ enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Probe one path to a peer like ping: signed probes inside the tunnel, answered by the
+    /// peer's agent (run it in the site's namespace, as root, while the agent runs).
+    Probe {
+        /// The state directory (default: the configuration's `state_dir`).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// The peer site's name (or id).
+        #[arg(long)]
+        peer: String,
+        /// This site's uplink (default: the lowest with a path to the peer).
+        #[arg(long)]
+        uplink: Option<u8>,
+        /// The peer's uplink (default: the lowest with a path from --uplink).
+        #[arg(long)]
+        remote_uplink: Option<u8>,
+        /// Probes to send.
+        #[arg(
+            long,
+            default_value_t = 5,
+            value_parser = clap::value_parser!(u32).range(1..=100_000)
+        )]
+        count: u32,
+        /// Time between probes, in ms.
+        #[arg(
+            long,
+            default_value_t = 1000,
+            value_parser = clap::value_parser!(u64).range(1..=60_000)
+        )]
+        interval_ms: u64,
+        /// Print one JSON object (every result and the summary) instead of lines.
+        #[arg(long)]
+        json: bool,
+        /// Test: sign with a wrong key (the peer counts bad_signature).
+        #[arg(long, hide = true, conflicts_with_all = ["unsigned", "replay"])]
+        bad_key: bool,
+        /// Test: send unsigned probes (the peer counts unsigned).
+        #[arg(long, hide = true, conflicts_with = "replay")]
+        unsigned: bool,
+        /// Test: send every request twice (the peer answers once and counts replayed).
+        #[arg(long, hide = true)]
+        replay: bool,
     },
     /// Benchmarks (figures on stdout, progress on stderr).
     Bench {
@@ -349,6 +393,77 @@ fn status(state: &state::StateDir, json: bool, remote: bool) -> anyhow::Result<(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn probe(
+    state: &state::StateDir,
+    peer: &str,
+    uplink: Option<u8>,
+    remote_uplink: Option<u8>,
+    count: u32,
+    interval_ms: u64,
+    json: bool,
+    mode: probing::ProbeMode,
+) -> anyhow::Result<()> {
+    let request = probing::ProbeRequest {
+        peer: peer.to_owned(),
+        uplink,
+        remote_uplink,
+        count,
+        interval: std::time::Duration::from_millis(interval_ms),
+        mode,
+    };
+    let mut announced = false;
+    let summary = probing::probe_peer(state, &request, |s, result| {
+        if json {
+            return;
+        }
+        if !announced {
+            announced = true;
+            println!(
+                "PROBE {} ({}) via {} (uplink {} -> its uplink {}), {} requests",
+                s.peer, s.peer_overlay, s.interface, s.local_uplink, s.remote_uplink, s.mode
+            );
+        }
+        match result.rtt_ms {
+            Some(rtt) => println!(
+                "reply from {} ({}): seq={} rtt={rtt:.3} ms",
+                s.peer, s.peer_overlay, result.seq
+            ),
+            None => println!("no reply to seq={}", result.seq),
+        }
+    })?;
+    let lost = summary.sent.saturating_sub(summary.received);
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+        println!(
+            "--- {} probe statistics via {} ---\n{} sent, {} answered, {:.1} % lost; \
+             rtt min/avg/max = {}/{}/{} ms",
+            summary.peer,
+            summary.interface,
+            summary.sent,
+            summary.received,
+            f64::from(lost) * 100.0 / f64::from(summary.sent.max(1)),
+            fmt(summary.rtt_min_ms),
+            fmt(summary.rtt_avg_ms),
+            fmt(summary.rtt_max_ms)
+        );
+    }
+    match mode {
+        // Like ping: failure when the path answered nothing.
+        probing::ProbeMode::Signed | probing::ProbeMode::Replay if summary.received == 0 => {
+            anyhow::bail!(
+                "no reply from {} through {} to {} probes",
+                summary.peer,
+                summary.interface,
+                summary.sent
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Unix seconds as `YYYY-MM-DD` (days since the epoch, civil calendar).
 fn chrono_like(unix: i64) -> String {
     let days = unix.div_euclid(86_400);
@@ -462,6 +577,32 @@ fn main() -> ExitCode {
             applied_revision,
             json,
         } => check_intent(file, *tenant, *site, *applied_revision, *json),
+        Command::Probe {
+            state_dir,
+            peer,
+            uplink,
+            remote_uplink,
+            count,
+            interval_ms,
+            json,
+            bad_key,
+            unsigned,
+            replay,
+        } => probe(
+            &dir(state_dir),
+            peer,
+            *uplink,
+            *remote_uplink,
+            *count,
+            *interval_ms,
+            *json,
+            match (bad_key, unsigned, replay) {
+                (true, _, _) => probing::ProbeMode::BadKey,
+                (_, true, _) => probing::ProbeMode::Unsigned,
+                (_, _, true) => probing::ProbeMode::Replay,
+                _ => probing::ProbeMode::Signed,
+            },
+        ),
         Command::Bench {
             which: BenchCommand::Dataplane { json },
         } => dataplane::bench::run(*json),

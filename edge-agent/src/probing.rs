@@ -280,6 +280,16 @@ pub fn start(
 
 /// A UDP socket on `overlay:PROBE_PORT` bound to `interface`.
 fn open_socket(interface: &str, overlay: IpAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    tokio::net::UdpSocket::from_std(bound_socket(interface, overlay, PROBE_PORT)?)
+}
+
+/// A non-blocking UDP socket on `overlay:port` bound to `interface` (port 0: an ephemeral
+/// one, for `patronus-edge probe`).
+fn bound_socket(
+    interface: &str,
+    overlay: IpAddr,
+    port: u16,
+) -> std::io::Result<std::net::UdpSocket> {
     let family = if overlay.is_ipv4() {
         libc::AF_INET
     } else {
@@ -322,8 +332,8 @@ fn open_socket(interface: &str, overlay: IpAddr) -> std::io::Result<tokio::net::
         interface.as_ptr().cast(),
         interface.len(),
     )?;
-    bind(fd, SocketAddr::new(overlay, PROBE_PORT))?;
-    tokio::net::UdpSocket::from_std(socket)
+    bind(fd, SocketAddr::new(overlay, port))?;
+    Ok(socket)
 }
 
 /// bind(2) on a raw socket (std binds only sockets it creates itself).
@@ -372,6 +382,46 @@ struct Reply {
     at: Duration,
 }
 
+/// The reflector's replay windows, one per (sender, path tag). The agent's own probes carry
+/// tag 0; `patronus-edge probe` picks a random tag per run, so an operator's probes (whose
+/// sequences come from another clock) neither shift the agent's window (which would make the
+/// agent's next probes "too old" and its path look dead) nor are refused by it. The tag is
+/// covered by the signature, so a replayed probe always lands in its original's window.
+#[derive(Default)]
+struct ReplayWindows {
+    windows: BTreeMap<(IpAddr, u32), (ReplayWindow, u64)>,
+    uses: u64,
+}
+
+impl ReplayWindows {
+    /// Windows of operator runs kept per socket; past that the least recently used one
+    /// (never an agent's, tag 0) is forgotten.
+    const MAX_TAGGED: usize = 64;
+
+    fn window(&mut self, from: IpAddr, tag: u32) -> &mut ReplayWindow {
+        self.uses += 1;
+        let key = (from, tag);
+        if !self.windows.contains_key(&key) && tag != 0 {
+            let tagged = self.windows.keys().filter(|(_, t)| *t != 0).count();
+            if tagged >= Self::MAX_TAGGED {
+                let oldest = self
+                    .windows
+                    .iter()
+                    .filter(|((_, t), _)| *t != 0)
+                    .min_by_key(|(_, (_, used))| *used)
+                    .map(|(k, _)| *k);
+                if let Some(oldest) = oldest {
+                    self.windows.remove(&oldest);
+                }
+            }
+        }
+        let uses = self.uses;
+        let entry = self.windows.entry(key).or_default();
+        entry.1 = uses;
+        &mut entry.0
+    }
+}
+
 /// Receive on one tunnel's socket: answer requests, hand replies over.
 async fn receive(
     interface: String,
@@ -382,7 +432,7 @@ async fn receive(
     epoch: Instant,
 ) {
     let mut buffer = vec![0u8; RECV_BUFFER];
-    let mut windows: BTreeMap<IpAddr, ReplayWindow> = BTreeMap::new();
+    let mut windows = ReplayWindows::default();
     let mut out = Vec::with_capacity(128);
     loop {
         let (len, from) = match socket.recv_from(&mut buffer).await {
@@ -413,8 +463,7 @@ async fn receive(
         match packet.kind {
             ProbeKind::Request => {
                 if let Err(e) = windows
-                    .entry(from.ip())
-                    .or_default()
+                    .window(from.ip(), packet.path_tag)
                     .check_and_set(packet.sequence)
                 {
                     count(&drops, e.reason());
@@ -835,6 +884,259 @@ async fn run(
     }
 }
 
+/// How `patronus-edge probe` signs its requests. Everything but `Signed` exists to exercise
+/// the peer's checks (hidden test flags): the peer is expected to drop those and count them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeMode {
+    /// Signed with the site pair's key, as the agent does.
+    Signed,
+    /// Signed with a random key: the peer counts `bad_signature`.
+    BadKey,
+    /// Not signed: the peer counts `unsigned`.
+    Unsigned,
+    /// Every signed request sent twice: the peer answers the first and counts `replayed`.
+    Replay,
+}
+
+/// What `patronus-edge probe` is asked to do.
+#[derive(Debug, Clone)]
+pub struct ProbeRequest {
+    /// The peer's site name (or id).
+    pub peer: String,
+    pub uplink: Option<u8>,
+    pub remote_uplink: Option<u8>,
+    pub count: u32,
+    pub interval: Duration,
+    pub mode: ProbeMode,
+}
+
+/// One request's fate.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProbeResult {
+    /// 1, 2, ... in sending order.
+    pub seq: u32,
+    /// Round-trip time minus the reflector's hold time; `None`: no reply within the timeout.
+    pub rtt_ms: Option<f64>,
+}
+
+/// The run's summary (`--json` prints it).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProbeSummary {
+    pub peer: String,
+    pub peer_overlay: IpAddr,
+    pub interface: String,
+    pub local_uplink: u8,
+    pub remote_uplink: u8,
+    pub mode: String,
+    pub sent: u32,
+    pub received: u32,
+    pub results: Vec<ProbeResult>,
+    pub rtt_min_ms: Option<f64>,
+    pub rtt_avg_ms: Option<f64>,
+    pub rtt_max_ms: Option<f64>,
+}
+
+/// Probe one path to `request.peer` from the operator's shell, as the agent probes it: a
+/// socket on this site's overlay address (an ephemeral port) bound to the path's tunnel,
+/// requests signed with the site pair's key from the applied intent, answered by the peer's
+/// reflector through the same tunnel. `each` sees every result as it is known. Needs the
+/// site's namespace and CAP_NET_RAW (SO_BINDTODEVICE), like the agent.
+pub fn probe_peer(
+    state: &crate::state::StateDir,
+    request: &ProbeRequest,
+    mut each: impl FnMut(&ProbeSummary, &ProbeResult),
+) -> anyhow::Result<ProbeSummary> {
+    use anyhow::Context;
+    let text = state.read(crate::run::INTENT_FILE).context(
+        "no applied intent in the state directory (`patronus-edge run` stores the one it applies)",
+    )?;
+    let intent: SiteIntent = patronus_proto::codec::decode(text.as_bytes())
+        .context("the stored intent does not decode")?;
+    let peer = intent
+        .peers
+        .iter()
+        .find(|p| p.name == request.peer || p.site.0.to_string() == request.peer)
+        .with_context(|| {
+            let names: Vec<&str> = intent.peers.iter().map(|p| p.name.as_str()).collect();
+            format!(
+                "no peer {:?} in the applied intent (peers: {})",
+                request.peer,
+                names.join(", ")
+            )
+        })?;
+    let path = intent
+        .paths
+        .iter()
+        .filter(|p| p.remote_site == peer.site)
+        .filter(|p| request.uplink.is_none_or(|u| p.local_uplink == u))
+        .filter(|p| request.remote_uplink.is_none_or(|r| p.remote_uplink == r))
+        .min_by_key(|p| (p.local_uplink, p.remote_uplink))
+        .with_context(|| {
+            format!(
+                "no path to {} from uplink {:?} to its uplink {:?} in the applied intent",
+                peer.name, request.uplink, request.remote_uplink
+            )
+        })?;
+    let interface =
+        crate::desired::interface_name(intent.site, path.local_uplink, path.remote_uplink);
+    let socket = bound_socket(&interface, intent.overlay.address, 0).with_context(|| {
+        format!(
+            "cannot open a probe socket on {interface} (run it as root in the site's \
+             namespace, with the agent's tunnels up)"
+        )
+    })?;
+    socket.set_nonblocking(false)?;
+    let key = ProbeKey(peer.probe_key.0);
+    let signing = match request.mode {
+        ProbeMode::Signed | ProbeMode::Replay => Some(ProbeKey(peer.probe_key.0)),
+        ProbeMode::BadKey => Some(ProbeKey(rand::random())),
+        ProbeMode::Unsigned => None,
+    };
+    let mut summary = ProbeSummary {
+        peer: peer.name.clone(),
+        peer_overlay: peer.overlay_address,
+        interface,
+        local_uplink: path.local_uplink,
+        remote_uplink: path.remote_uplink,
+        mode: format!("{:?}", request.mode).to_lowercase(),
+        sent: 0,
+        received: 0,
+        results: Vec::new(),
+        rtt_min_ms: None,
+        rtt_avg_ms: None,
+        rtt_max_ms: None,
+    };
+    let to = SocketAddr::new(peer.overlay_address, PROBE_PORT);
+    let timeout = request.interval.max(Duration::from_secs(1));
+    // A tag of its own, so the peer keeps a replay window for this run apart from the
+    // agent's (see `ReplayWindows`).
+    let tag = rand::random::<u32>() | 1;
+    let base = sequence_base();
+    let epoch = Instant::now();
+    // Sequence offset → (sent at, since epoch).
+    let mut pending: BTreeMap<u32, Duration> = BTreeMap::new();
+    let mut results: BTreeMap<u32, Option<f64>> = BTreeMap::new();
+    let mut out = Vec::with_capacity(128);
+    let mut buffer = vec![0u8; RECV_BUFFER];
+    let mut next = 0u32;
+    let resolve = |summary: &mut ProbeSummary,
+                   results: &mut BTreeMap<u32, Option<f64>>,
+                   seq: u32,
+                   rtt: Option<f64>,
+                   each: &mut dyn FnMut(&ProbeSummary, &ProbeResult)| {
+        results.insert(seq, rtt);
+        if rtt.is_some() {
+            summary.received += 1;
+        }
+        each(summary, &ProbeResult { seq, rtt_ms: rtt });
+    };
+    while next < request.count || !pending.is_empty() {
+        let now = epoch.elapsed();
+        if next < request.count && now >= request.interval * next {
+            next += 1;
+            let sent_at = epoch.elapsed();
+            let packet = ProbePacket {
+                kind: ProbeKind::Request,
+                mtu_probe: false,
+                path_tag: tag,
+                sequence: base.wrapping_add(u64::from(next)),
+                sent_ns: sent_at.as_nanos() as u64,
+                echo_sent_ns: 0,
+                reflector_hold_ns: 0,
+                nonce: rand::random(),
+                pad_len: 0,
+            };
+            packet
+                .encode_into(signing.as_ref(), &mut out)
+                .map_err(|e| anyhow::anyhow!("encoding a probe: {e}"))?;
+            socket
+                .send_to(&out, to)
+                .with_context(|| format!("sending a probe to {to}"))?;
+            if request.mode == ProbeMode::Replay {
+                socket
+                    .send_to(&out, to)
+                    .with_context(|| format!("sending a probe to {to} again"))?;
+            }
+            summary.sent += 1;
+            pending.insert(next, sent_at);
+            continue;
+        }
+        // Expire what waited too long, then wait for a reply until the next thing to do.
+        let expired: Vec<u32> = pending
+            .iter()
+            .filter(|(_, sent)| now >= **sent + timeout)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in expired {
+            pending.remove(&seq);
+            resolve(&mut summary, &mut results, seq, None, &mut each);
+        }
+        let next_send = (next < request.count).then(|| request.interval * next);
+        let next_expiry = pending.values().map(|sent| *sent + timeout).min();
+        let Some(wake) = [next_send, next_expiry].into_iter().flatten().min() else {
+            break;
+        };
+        let wait = wake.saturating_sub(epoch.elapsed());
+        if wait.is_zero() {
+            continue;
+        }
+        socket.set_read_timeout(Some(wait))?;
+        let (len, from) = match socket.recv_from(&mut buffer) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e).context("receiving replies"),
+        };
+        let at = epoch.elapsed();
+        let Ok(decoded) = probe::decode(&buffer[..len]) else {
+            continue;
+        };
+        if from.ip() != peer.overlay_address || decoded.verify(&key).is_err() {
+            continue;
+        }
+        let reply = decoded.packet;
+        if reply.kind != ProbeKind::Reply || reply.path_tag != tag {
+            continue;
+        }
+        let Some(seq) = reply
+            .sequence
+            .checked_sub(base)
+            .and_then(|s| u32::try_from(s).ok())
+        else {
+            continue;
+        };
+        if let Some(sent_at) = pending.remove(&seq) {
+            let rtt = at
+                .saturating_sub(sent_at)
+                .saturating_sub(Duration::from_nanos(u64::from(reply.reflector_hold_ns)));
+            resolve(
+                &mut summary,
+                &mut results,
+                seq,
+                Some(rtt.as_secs_f64() * 1000.0),
+                &mut each,
+            );
+        }
+    }
+    let rtts: Vec<f64> = results.values().flatten().copied().collect();
+    if !rtts.is_empty() {
+        summary.rtt_min_ms = rtts.iter().copied().reduce(f64::min);
+        summary.rtt_max_ms = rtts.iter().copied().reduce(f64::max);
+        summary.rtt_avg_ms = Some(rtts.iter().sum::<f64>() / rtts.len() as f64);
+    }
+    summary.results = results
+        .into_iter()
+        .map(|(seq, rtt_ms)| ProbeResult { seq, rtt_ms })
+        .collect();
+    Ok(summary)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -883,5 +1185,43 @@ mod tests {
         );
         assert_eq!(available_mbps(None, 1, Duration::from_secs(1)), None);
         assert_eq!(available_mbps(Some(10), 1, Duration::ZERO), None);
+    }
+
+    #[test]
+    fn operator_probes_keep_a_replay_window_apart_from_the_agents() {
+        let peer: IpAddr = "100.64.0.2".parse().unwrap();
+        let mut windows = ReplayWindows::default();
+        // The agent's probes: sequences from its start time, rising slowly.
+        for seq in 1_000..1_010 {
+            assert!(windows.window(peer, 0).check_and_set(seq).is_ok());
+        }
+        // An operator's run with sequences far above (another clock) and its own tag.
+        assert!(windows.window(peer, 7).check_and_set(9_000_000).is_ok());
+        assert_eq!(
+            windows.window(peer, 7).check_and_set(9_000_000),
+            Err(crate::monitor::ReplayError::Replayed)
+        );
+        // ... did not move the agent's window: its next probe is still fresh.
+        assert!(windows.window(peer, 0).check_and_set(1_010).is_ok());
+        assert_eq!(
+            windows.window(peer, 0).check_and_set(1_005),
+            Err(crate::monitor::ReplayError::Replayed)
+        );
+    }
+
+    #[test]
+    fn operator_windows_are_bounded_and_never_evict_the_agents() {
+        let peer: IpAddr = "100.64.0.2".parse().unwrap();
+        let mut windows = ReplayWindows::default();
+        assert!(windows.window(peer, 0).check_and_set(5).is_ok());
+        for tag in 1..=(ReplayWindows::MAX_TAGGED as u32 * 3) {
+            assert!(windows.window(peer, tag).check_and_set(1).is_ok());
+        }
+        assert_eq!(windows.windows.len(), ReplayWindows::MAX_TAGGED + 1);
+        assert_eq!(
+            windows.window(peer, 0).check_and_set(5),
+            Err(crate::monitor::ReplayError::Replayed),
+            "the agent's window was forgotten"
+        );
     }
 }

@@ -67,6 +67,9 @@ struct Bench {
     state: PathBuf,
     controller_url: String,
     agents: Vec<Child>,
+    /// Prefix every line of the agents' logs with the CLOCK_MONOTONIC time it was written
+    /// (ms), so a bench can tell when an agent noticed what it did.
+    stamp_logs: bool,
 }
 
 impl Bench {
@@ -106,19 +109,8 @@ impl Bench {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        let log = std::fs::File::create(self.state.join(format!("site{n}.log")))?;
-        self.agents.push(
-            Command::new("ip")
-                .args(["netns", "exec", &format!("pl-s{n}")])
-                .arg(&self.edge)
-                .arg("run")
-                .arg("--state-dir")
-                .arg(&state)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .context("starting patronus-edge run")?,
-        );
+        let agent = self.spawn_agent(n, &format!("site{n}.log"))?;
+        self.agents.push(agent);
         let mut slowest = Duration::ZERO;
         for (m, mut ping) in pings {
             let status = ping.wait()?;
@@ -130,6 +122,34 @@ impl Bench {
             slowest = slowest.max(started.elapsed());
         }
         Ok(slowest)
+    }
+
+    /// Start site `n`'s agent (`patronus-edge run` in its router namespace), its stderr in
+    /// `log` under the state directory (stamped if [`Bench::stamp_logs`]).
+    fn spawn_agent(&self, n: u16, log: &str) -> anyhow::Result<Child> {
+        let file = std::fs::File::create(self.state.join(log))?;
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &format!("pl-s{n}")])
+            .arg(&self.edge)
+            .arg("run")
+            .arg("--state-dir")
+            .arg(self.state.join(format!("site{n}")))
+            .stdout(Stdio::null());
+        if !self.stamp_logs {
+            return command
+                .stderr(file)
+                .spawn()
+                .context("starting patronus-edge run");
+        }
+        let mut child = command
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting patronus-edge run")?;
+        if let Some(stderr) = child.stderr.take() {
+            std::thread::spawn(move || stamp_lines(stderr, file));
+        }
+        Ok(child)
     }
 
     /// A ping from site `from`'s LAN host to site `to`'s that ends at the first answer.
@@ -216,6 +236,7 @@ fn with_lab<T>(
         state,
         controller_url: controller.url_in_lab(),
         agents: Vec::new(),
+        stamp_logs: false,
     };
     let result = work(&mut bench, &runtime, &controller);
     eprintln!("bench: cleaning up (agents, lab, controller, database)");
@@ -234,6 +255,19 @@ fn with_lab<T>(
     }
     stopped?;
     Ok(value)
+}
+
+/// Copy `from` to `to` line by line, each line prefixed with the CLOCK_MONOTONIC time (ms,
+/// three decimals) it was read at; until `from` ends (the agent exited).
+fn stamp_lines(from: impl std::io::Read, mut to: std::fs::File) {
+    use std::io::{BufRead, Write};
+    for line in std::io::BufReader::new(from).lines() {
+        let Ok(line) = line else { return };
+        let ms = crate::stream::monotonic_ns() as f64 / 1e6;
+        if writeln!(to, "{ms:.3} {line}").is_err() {
+            return;
+        }
+    }
 }
 
 /// Copy the agents' logs (`site<n>.log`) to `dir` before the state is removed.
@@ -319,6 +353,7 @@ fn run_join(
                     state: bench.state.clone(),
                     controller_url: bench.controller_url.clone(),
                     agents: Vec::new(),
+                    stamp_logs: bench.stamp_logs,
                 };
                 scope.spawn(move || {
                     let took = one.join(*n, token, &others);
@@ -438,7 +473,7 @@ fn xdp_on_lan(site: u16) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
 }
 
-fn wait_for(what: &str, limit: Duration, check: impl Fn() -> bool) -> anyhow::Result<()> {
+fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     while !check() {
         ensure!(Instant::now() < deadline, "{what} within {limit:?}");
@@ -521,17 +556,8 @@ pub fn steering(seconds: u32, json: bool, keep_logs: Option<&Path>) -> anyhow::R
         eprintln!("bench: {seconds} s of TCP on the same path without the programs");
         let detached = iperf_mbps(seconds)?;
         eprintln!("bench: restarting site1's agent");
-        let restart_log = std::fs::File::create(bench.state.join("site1-restart.log"))?;
-        bench.agents.push(
-            Command::new("ip")
-                .args(["netns", "exec", "pl-s1"])
-                .arg(&bench.edge)
-                .args(["run", "--state-dir"])
-                .arg(bench.state.join("site1"))
-                .stdout(Stdio::null())
-                .stderr(restart_log)
-                .spawn()?,
-        );
+        let restarted = bench.spawn_agent(1, "site1-restart.log")?;
+        bench.agents.push(restarted);
         let restart = bench.state.join("site1-restart.log");
         wait_for(
             "the restarted agent never steered again",
@@ -563,4 +589,639 @@ pub fn steering(seconds: u32, json: bool, keep_logs: Option<&Path>) -> anyhow::R
 
 fn uuid_from(n: u128) -> uuid::Uuid {
     uuid::Uuid::from_u128(n)
+}
+
+/// One probe interval's figures in `bench failover --json`.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct FailoverRun {
+    pub interval_ms: u32,
+    /// The probe timeout used: max(interval, 3 × the paths' typical RTT).
+    pub timeout_ms: u32,
+    pub cuts: u32,
+    /// Blackout per cut: the longest gap between two consecutive packets received around
+    /// the cut (the stream's own spacing, 10 ms, included).
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Packets lost while the stream moved off an uplink delayed past its class's SLA.
+    pub lost_on_degrade: u64,
+    /// Median time from the cut to the agent's log saying a path of the cut uplink is down
+    /// (the prober thread's detection) and to its log of the data plane rewrite (the run
+    /// loop's reaction); `None` when no cut produced the line.
+    pub down_logged_p50_ms: Option<f64>,
+    pub failover_logged_p50_ms: Option<f64>,
+}
+
+/// What `bench failover --json` prints.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct FailoverFigures {
+    pub runs: Vec<FailoverRun>,
+}
+
+/// Packets per second of the measured stream.
+const STREAM_RATE: u32 = 100;
+/// Its destination port: the VoIP class's.
+const STREAM_PORT: u16 = 5060;
+/// The VoIP class's latency SLA (the degrade case delays past it).
+const SLA_MAX_LATENCY_MS: f64 = 50.0;
+/// Delay added in the degrade case.
+const DEGRADE_DELAY_MS: f64 = 100.0;
+/// Failback hold-down for the bench (the default, 10 s, would make 20 cuts take long).
+const BENCH_HOLD_DOWN_MS: u32 = 2000;
+
+/// Nearest-rank percentile (`p` in 0..=100) of `samples`; `None` when empty (pure).
+pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
+    let mut sorted: Vec<f64> = samples.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return None;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// The blackout around a cut (pure): the longest gap between consecutive arrivals (in the
+/// order received) among those received from `cut_ns` up to `resumed_ns` (the arrival of the
+/// first packet sent after the cut).
+pub fn blackout_ns(arrivals: &[crate::stream::Arrival], cut_ns: u64, resumed_ns: u64) -> u64 {
+    arrivals
+        .windows(2)
+        .filter(|w| w[1].received_ns >= cut_ns && w[1].received_ns <= resumed_ns)
+        .map(|w| w[1].received_ns.saturating_sub(w[0].received_ns))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Packets sent between `from_ns` and `to_ns` that never arrived (pure): the sequences
+/// between the last one received that was sent before `from_ns` and the first one received
+/// that was sent after `to_ns`, minus those received. `None` without both bounds.
+pub fn lost_between(arrivals: &[crate::stream::Arrival], from_ns: u64, to_ns: u64) -> Option<u64> {
+    let low = arrivals
+        .iter()
+        .filter(|a| a.sent_ns < from_ns)
+        .map(|a| a.seq)
+        .max()?;
+    let high = arrivals
+        .iter()
+        .filter(|a| a.sent_ns > to_ns)
+        .map(|a| a.seq)
+        .min()?;
+    if high <= low + 1 {
+        return Some(0);
+    }
+    let received: std::collections::BTreeSet<u64> = arrivals
+        .iter()
+        .filter(|a| a.seq > low && a.seq < high)
+        .map(|a| a.seq)
+        .collect();
+    Some((high - low - 1).saturating_sub(received.len() as u64))
+}
+
+/// The first line of a stamped log (`<ms> <text>`) at or after `after_ms` that satisfies
+/// `want`: its time in ms (pure).
+pub fn first_stamped(log: &str, after_ms: f64, want: impl Fn(&str) -> bool) -> Option<f64> {
+    log.lines().find_map(|line| {
+        let (stamp, text) = line.split_once(' ')?;
+        let ms: f64 = stamp.parse().ok()?;
+        (ms >= after_ms && want(text)).then_some(ms)
+    })
+}
+
+/// The stream between the two LAN hosts: a receiver on site 2's, a sender on site 1's, and
+/// what arrived so far. Both processes are killed when this is dropped.
+struct Streams {
+    receiver: Child,
+    sender: Option<Child>,
+    arrivals: std::sync::Arc<std::sync::Mutex<Vec<crate::stream::Arrival>>>,
+}
+
+impl Streams {
+    fn start(bench: &Bench) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        let to = plan::plan(2, 1)?
+            .sites
+            .last()
+            .map(|s| s.lan_host_addr.addr())
+            .context("plan of site 2")?;
+        let mut receiver = Command::new("ip")
+            .args(["netns", "exec", "pl-s2-lan"])
+            .arg(&bench.lab)
+            .args(["udp-stream", "recv", "--listen"])
+            .arg(format!("0.0.0.0:{STREAM_PORT}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the stream's receiver")?;
+        let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        if let Some(stdout) = receiver.stdout.take() {
+            let sink = arrivals.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { return };
+                    if let (Some(arrival), Ok(mut all)) =
+                        (crate::stream::parse_line(&line), sink.lock())
+                    {
+                        all.push(arrival);
+                    }
+                }
+            });
+        }
+        let mut streams = Self {
+            receiver,
+            sender: None,
+            arrivals,
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        streams.sender = Some(
+            Command::new("ip")
+                .args(["netns", "exec", "pl-s1-lan"])
+                .arg(&bench.lab)
+                .args(["udp-stream", "send", "--to"])
+                .arg(format!("{to}:{STREAM_PORT}"))
+                .args(["--rate", &STREAM_RATE.to_string(), "--size", "1000"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting the stream's sender")?,
+        );
+        Ok(streams)
+    }
+
+    fn snapshot(&self) -> Vec<crate::stream::Arrival> {
+        self.arrivals.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// The first arrival of a packet sent after `ns`, if any yet.
+    fn first_sent_after(&self, ns: u64) -> Option<crate::stream::Arrival> {
+        let all = self.arrivals.lock().ok()?;
+        all.iter()
+            .rev()
+            .take_while(|a| a.sent_ns > ns)
+            .last()
+            .copied()
+    }
+}
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        for child in self.sender.iter_mut().chain([&mut self.receiver]) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Bytes sent into site 1's tunnels so far, per local uplink (`prefix` names site 1's).
+fn tunnel_tx_by_uplink(prefix: &str) -> anyhow::Result<std::collections::BTreeMap<u8, u64>> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", "pl-s1", "wg", "show", "all", "transfer"])
+        .output()
+        .context("wg show")?;
+    ensure!(
+        out.status.success(),
+        "wg show: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let mut sent = std::collections::BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(name), Some(tx)) = (
+            f.first().filter(|n| n.starts_with(prefix)),
+            f.get(3).and_then(|t| t.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        // `pw<8 hex>-<l><r>`: the local uplink is the next-to-last character.
+        if let Some(local) = name
+            .chars()
+            .rev()
+            .nth(1)
+            .and_then(|c| c.to_digit(10))
+            .and_then(|d| u8::try_from(d).ok())
+        {
+            *sent.entry(local).or_default() += tx;
+        }
+    }
+    Ok(sent)
+}
+
+/// The local uplink of site 1 carrying the stream now: the one whose tunnels grew the most
+/// over 300 ms, which must be more than probes alone send.
+fn carrying_uplink(prefix: &str) -> anyhow::Result<u8> {
+    let before = tunnel_tx_by_uplink(prefix)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let after = tunnel_tx_by_uplink(prefix)?;
+    let (uplink, grew) = after
+        .iter()
+        .map(|(u, tx)| (*u, tx.saturating_sub(before.get(u).copied().unwrap_or(0))))
+        .max_by_key(|(_, grew)| *grew)
+        .context("site1 has no tunnels")?;
+    // 100 packets/s of ~1,100 bytes: ~33 kB in 300 ms; probes at 20 ms send ~5 kB.
+    ensure!(
+        grew > 15_000,
+        "the stream does not flow through site1's tunnels (at most {grew} B in 300 ms)"
+    );
+    Ok(uplink)
+}
+
+/// site 1's `monitor.json`, if it is there and parses.
+fn monitor(bench: &Bench) -> Option<serde_json::Value> {
+    let text = std::fs::read(bench.state.join("site1").join("monitor.json")).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Wait until site 1's monitor says every one of its 4 paths is up, past its hold-down and
+/// within every SLA (a restored uplink is usable again).
+fn wait_paths_ready(bench: &Bench, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let report = monitor(bench);
+        let ready = report.as_ref().is_some_and(|m| {
+            m["paths"].as_array().is_some_and(|paths| {
+                paths.len() == 4
+                    && paths.iter().all(|p| {
+                        p["status"] == "up"
+                            && p["preferred"] == true
+                            && p["sla_blocked"].as_array().is_some_and(|b| b.is_empty())
+                    })
+            })
+        });
+        if ready {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "site1's paths were not all up and usable within {limit:?}: {}",
+            report.map_or_else(|| "no monitor.json".to_owned(), |m| m.to_string())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn read_log(bench: &Bench) -> String {
+    std::fs::read_to_string(bench.state.join("site1.log")).unwrap_or_default()
+}
+
+fn wait_log(bench: &Bench, what: &str, limit: Duration) -> anyhow::Result<()> {
+    wait_for(&format!("site1's log never said {what:?}"), limit, || {
+        read_log(bench).contains(what)
+    })
+}
+
+/// Run the failover benchmark: for each probe interval, `cuts` cuts, then the degrade case.
+pub fn failover(
+    cuts: u32,
+    intervals: &[u32],
+    json: bool,
+    keep_logs: Option<&Path>,
+) -> anyhow::Result<()> {
+    ensure!((1..=1000).contains(&cuts), "--cuts must be 1-1000");
+    ensure!(
+        !intervals.is_empty() && intervals.iter().all(|i| (10..=60_000).contains(i)),
+        "--intervals: probe intervals in ms, each 10-60000"
+    );
+    let figures = with_lab("failover", keep_logs, |bench, runtime, controller| {
+        bench.stamp_logs = true;
+        lab_up(bench, controller, 2)?;
+        for n in 1..=2u16 {
+            let token = runtime.block_on(controller.token(&format!("site{n}"), &lan(n)?))?;
+            let others: Vec<u16> = (1..n).collect();
+            bench.join(n, &token, &others)?;
+        }
+        let identity: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(bench.state.join("site1").join("identity.json"))
+                .context("site1's identity")?,
+        )?;
+        let site_id = identity["site_id"]
+            .as_str()
+            .context("site1's identity has no site_id")?
+            .replace('-', "");
+        let prefix = format!("pw{}", site_id.get(..8).context("site id")?);
+        // The paths' typical RTT (the default probes measure it), for the probe timeout.
+        eprintln!("bench: measuring the paths' typical RTT");
+        let mut typical_rtt_ms = 0.0;
+        wait_for(
+            "site1 measured not all 4 paths",
+            Duration::from_secs(20),
+            || {
+                let latencies: Vec<f64> = monitor(bench)
+                    .and_then(|m| m["paths"].as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|p| p["latency_ms"].as_f64())
+                    .filter(|l| *l > 0.0)
+                    .collect();
+                if latencies.len() < 4 {
+                    return false;
+                }
+                typical_rtt_ms = percentile(&latencies, 50.0).unwrap_or(0.0);
+                true
+            },
+        )?;
+        eprintln!("bench: typical RTT {typical_rtt_ms:.2} ms");
+        // Started once the data plane has the VoIP policy: the data plane classifies a flow
+        // when it first sees it, and a flow that started before its policy existed stays in
+        // the default class (routes only, no failover) for as long as it lives.
+        let mut streams = None;
+        let mut runs = Vec::new();
+        for &interval in intervals {
+            runs.push(failover_run(
+                bench,
+                runtime,
+                controller,
+                &mut streams,
+                &prefix,
+                interval,
+                cuts,
+                typical_rtt_ms,
+            )?);
+        }
+        drop(streams);
+        Ok(FailoverFigures { runs })
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&figures)?);
+    } else {
+        for run in &figures.runs {
+            println!(
+                "probes every {} ms (timeout {} ms): blackout over {} cuts p50 {} ms, p99 {} ms, \
+                 max {} ms; lost on degrade {}",
+                run.interval_ms,
+                run.timeout_ms,
+                run.cuts,
+                run.p50_ms,
+                run.p99_ms,
+                run.max_ms,
+                run.lost_on_degrade
+            );
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn failover_run(
+    bench: &Bench,
+    runtime: &tokio::runtime::Runtime,
+    controller: &LabController,
+    streams: &mut Option<Streams>,
+    prefix: &str,
+    interval: u32,
+    cuts: u32,
+    typical_rtt_ms: f64,
+) -> anyhow::Result<FailoverRun> {
+    use crate::wan::Impairment;
+    let timeout = interval.max((3.0 * typical_rtt_ms).ceil() as u32);
+    let stored_path = bench.state.join("site1").join("intent.json");
+    let stored = std::fs::read(&stored_path)
+        .with_context(|| format!("reading {}", stored_path.display()))?;
+    let mut intent: patronus_proto::SiteIntent = patronus_proto::codec::decode(&stored)?;
+    intent.revision += 1;
+    intent.probe.interval_ms = interval;
+    intent.probe.timeout_ms = timeout;
+    intent.probe.down_after_losses = 3;
+    intent.failover.failback_hold_down_ms = BENCH_HOLD_DOWN_MS;
+    intent.policies.routing = vec![patronus_proto::policy::RoutingPolicy {
+        id: patronus_proto::PolicyId(uuid_from(1)),
+        name: "voip".into(),
+        priority: 100,
+        enabled: true,
+        match_rules: patronus_proto::policy::MatchRules {
+            protocol: Some(patronus_proto::policy::Protocol::Udp),
+            dst_ports: vec![patronus_proto::policy::PortRange::single(STREAM_PORT)],
+            ..Default::default()
+        },
+        app_class: patronus_proto::policy::AppClass::new("voip"),
+        path_preference: patronus_proto::policy::PathPreference::LowestLatency,
+        load_balancing: patronus_proto::policy::LoadBalancing::ActiveBackup,
+        sla: patronus_proto::policy::Sla {
+            max_latency_ms: Some(SLA_MAX_LATENCY_MS),
+            ..Default::default()
+        },
+    }];
+    eprintln!(
+        "bench: probes every {interval} ms (timeout {timeout} ms, down after 3 lost, hold-down \
+         {BENCH_HOLD_DOWN_MS} ms): intent revision {}",
+        intent.revision
+    );
+    runtime.block_on(controller.put_intent(&intent))?;
+    wait_log(
+        bench,
+        &format!("applied intent revision {} ", intent.revision),
+        Duration::from_secs(15),
+    )?;
+    wait_log(bench, "dataplane: 1 policies", Duration::from_secs(30))?;
+    let streams: &Streams = match streams {
+        Some(s) => s,
+        None => {
+            eprintln!("bench: starting the stream ({STREAM_RATE} packets/s, UDP {STREAM_PORT})");
+            let started = streams.insert(Streams::start(bench)?);
+            wait_for(
+                "no packet of the stream arrived",
+                Duration::from_secs(10),
+                || started.first_sent_after(0).is_some(),
+            )?;
+            started
+        }
+    };
+
+    let mut blackouts = Vec::new();
+    let mut downs = Vec::new();
+    let mut rewrites = Vec::new();
+    use crate::wan::Uniform;
+    let mut random = crate::wan::XorShift(crate::stream::monotonic_ns() | 1);
+    for cut in 1..=cuts {
+        wait_paths_ready(bench, Duration::from_secs(60))?;
+        // A restored path takes its flows back once it is usable again: let that happen.
+        std::thread::sleep(Duration::from_millis(300));
+        let uplink = carrying_uplink(prefix)?;
+        // The wait above ends on a probe's reply, so without this every cut would fall at
+        // the same point of the probe schedule.
+        std::thread::sleep(Duration::from_secs_f64(
+            random.next_f64() * f64::from(interval) / 1000.0,
+        ));
+        crate::set_impairment(
+            1,
+            uplink,
+            Impairment {
+                cut: true,
+                ..Default::default()
+            },
+        )?;
+        let cut_ns = crate::stream::monotonic_ns();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let resumed = loop {
+            if let Some(a) = streams.first_sent_after(cut_ns) {
+                break a;
+            }
+            if Instant::now() > deadline {
+                let _ = crate::set_impairment(1, uplink, Impairment::default());
+                bail!(
+                    "the stream did not come back within 30 s of cutting uplink {uplink} \
+                     (probes every {interval} ms)"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        crate::set_impairment(1, uplink, Impairment::default())?;
+        let gap_ms = blackout_ns(&streams.snapshot(), cut_ns, resumed.received_ns) as f64 / 1e6;
+        let log = read_log(bench);
+        let cut_ms = cut_ns as f64 / 1e6;
+        let tunnel = format!("via {prefix}-{uplink}");
+        let down = first_stamped(&log, cut_ms, |l| {
+            l.contains(&tunnel) && l.contains("Up -> Down")
+        })
+        .map(|t| t - cut_ms);
+        let rewrite =
+            first_stamped(&log, cut_ms, |l| l.contains("dataplane: failover")).map(|t| t - cut_ms);
+        let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} ms"));
+        eprintln!(
+            "bench: {interval} ms probes, cut {cut}/{cuts} of uplink {uplink}: blackout \
+             {gap_ms:.1} ms (path down logged after {}, data plane rewritten after {})",
+            fmt(down),
+            fmt(rewrite)
+        );
+        blackouts.push(gap_ms);
+        downs.extend(down);
+        rewrites.extend(rewrite);
+    }
+
+    // Degrade: the carrying uplink gets slower than the class's SLA; the stream must move
+    // without losing a packet (the delayed ones still arrive).
+    wait_paths_ready(bench, Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let uplink = carrying_uplink(prefix)?;
+    let start_ns = crate::stream::monotonic_ns();
+    crate::set_impairment(
+        1,
+        uplink,
+        Impairment {
+            delay_ms: DEGRADE_DELAY_MS,
+            ..Default::default()
+        },
+    )?;
+    // Watched on the tunnels' counters rather than in the log: a flow whose path is
+    // outranked first (its latency rising) and then dropped for the SLA moves without the
+    // agent logging a failover (it reports one only when a class's first path changes).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let moved = loop {
+        match carrying_uplink(prefix) {
+            Ok(now) if now != uplink => break Ok(crate::stream::monotonic_ns()),
+            Ok(_) if Instant::now() < deadline => continue,
+            Ok(_) => {
+                break Err(anyhow::anyhow!(
+                    "the stream never moved off uplink {uplink} delayed by {DEGRADE_DELAY_MS} ms \
+                     within 60 s"
+                ))
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    // The moved flow settles; the last delayed packets arrive.
+    std::thread::sleep(Duration::from_millis(500));
+    let end_ns = crate::stream::monotonic_ns();
+    crate::set_impairment(1, uplink, Impairment::default())?;
+    let moved_ns = moved?;
+    std::thread::sleep(Duration::from_millis(300));
+    let lost = lost_between(&streams.snapshot(), start_ns, end_ns)
+        .context("the stream's arrivals do not cover the degrade case")?;
+    eprintln!(
+        "bench: {interval} ms probes, uplink {uplink} delayed by {DEGRADE_DELAY_MS} ms (SLA \
+         {SLA_MAX_LATENCY_MS} ms): the stream moved within {:.1} s, {lost} packets lost",
+        moved_ns.saturating_sub(start_ns) as f64 / 1e9
+    );
+    let round = |v: f64| (v * 10.0).round() / 10.0;
+    let stat = |p: f64| percentile(&blackouts, p).map(round).unwrap_or(0.0);
+    Ok(FailoverRun {
+        interval_ms: interval,
+        timeout_ms: timeout,
+        cuts,
+        p50_ms: stat(50.0),
+        p99_ms: stat(99.0),
+        max_ms: stat(100.0),
+        lost_on_degrade: lost,
+        down_logged_p50_ms: percentile(&downs, 50.0).map(round),
+        failover_logged_p50_ms: percentile(&rewrites, 50.0).map(round),
+    })
+}
+
+#[cfg(test)]
+mod failover_tests {
+    use super::*;
+    use crate::stream::Arrival;
+
+    fn at(seq: u64, sent_ms: u64, received_ms: u64) -> Arrival {
+        Arrival {
+            seq,
+            sent_ns: sent_ms * 1_000_000,
+            received_ns: received_ms * 1_000_000,
+        }
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(10.0));
+        assert_eq!(percentile(&v, 99.0), Some(20.0));
+        assert_eq!(percentile(&v, 100.0), Some(20.0));
+        assert_eq!(percentile(&[3.0], 0.0), Some(3.0));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn the_blackout_is_the_longest_gap_around_the_cut() {
+        // Every 10 ms; cut at 35; packets 4..=11 lost; 12 (sent at 120) arrives at 121.
+        let mut a: Vec<Arrival> = (0..4).map(|s| at(s, s * 10, s * 10 + 1)).collect();
+        a.extend((12..20).map(|s| at(s, s * 10, s * 10 + 1)));
+        assert_eq!(blackout_ns(&a, 35_000_000, 121_000_000), 90_000_000);
+        // A longer gap long before the cut does not count.
+        let mut b = vec![at(0, 0, 1)];
+        b.extend(a.iter().map(|x| {
+            at(
+                x.seq + 100,
+                x.sent_ns / 1_000_000 + 1000,
+                x.received_ns / 1_000_000 + 1000,
+            )
+        }));
+        assert_eq!(blackout_ns(&b, 1_035_000_000, 1_121_000_000), 90_000_000);
+    }
+
+    #[test]
+    fn loss_counts_the_missing_sequences_of_the_window_only() {
+        // 0..30 every 10 ms; 12 and 13 lost; 20 and 21 arrive late and out of order.
+        let mut a: Vec<Arrival> = (0..30)
+            .filter(|s| ![12, 13, 20, 21].contains(s))
+            .map(|s| at(s, s * 10, s * 10 + 1))
+            .collect();
+        a.push(at(21, 210, 300));
+        a.push(at(20, 200, 301));
+        assert_eq!(lost_between(&a, 100_000_000, 250_000_000), Some(2));
+        assert_eq!(lost_between(&a, 150_000_000, 250_000_000), Some(0));
+        assert_eq!(
+            lost_between(&a, 0, 250_000_000),
+            None,
+            "nothing before the window"
+        );
+    }
+
+    #[test]
+    fn stamped_lines_are_found_after_a_time() {
+        let log = "10.000 probe: path a via pw1-00 Up -> Down: 3 lost\n\
+                   20.500 dataplane: failover a -> b: path down\n\
+                   30.000 probe: path a via pw1-00 Up -> Down: 3 lost\n";
+        assert_eq!(
+            first_stamped(log, 5.0, |l| l.contains("Up -> Down")),
+            Some(10.0)
+        );
+        assert_eq!(
+            first_stamped(log, 11.0, |l| l.contains("Up -> Down")),
+            Some(30.0)
+        );
+        assert_eq!(
+            first_stamped(log, 0.0, |l| l.contains("failover")),
+            Some(20.5)
+        );
+        assert_eq!(first_stamped(log, 31.0, |l| l.contains("failover")), None);
+    }
 }

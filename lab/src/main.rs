@@ -6,13 +6,17 @@
 //! [`wan`] decides what the emulated WAN does to a packet (pure); [`daemon`] is the emulator
 //! process around it (TUN in the internet namespace, a control socket).
 //! [`bench`] runs self-contained benchmarks on a lab of their own (`bench join`: a controller
-//! with a throwaway database, sites enrolling through real tokens, time to first packet).
-//! Commands: `plan`, `up`, `down`, `status`, `impair`, `bench join`, `bench steering`.
+//! with a throwaway database, sites enrolling through real tokens, time to first packet;
+//! `bench failover`: blackout of a steady UDP stream when its uplink is cut). [`stream`] is
+//! that stream (`udp-stream send|recv`, hidden, run inside a namespace).
+//! Commands: `plan`, `up`, `down`, `status`, `impair`, `bench join`, `bench steering`,
+//! `bench failover`.
 
 mod bench;
 mod daemon;
 mod netns;
 mod plan;
+mod stream;
 mod wan;
 
 use std::path::PathBuf;
@@ -108,6 +112,13 @@ enum Command {
         #[command(subcommand)]
         which: BenchCommand,
     },
+    /// A steady UDP stream with sequence numbers and send times (for `bench failover`; run it
+    /// inside a namespace with `ip netns exec`).
+    #[command(hide = true)]
+    UdpStream {
+        #[command(subcommand)]
+        mode: UdpStreamMode,
+    },
     /// The WAN emulator process (started by `up`).
     #[command(hide = true)]
     WanDaemon {
@@ -117,6 +128,27 @@ enum Command {
         uplinks: u8,
         #[arg(long = "relay")]
         relays: Vec<daemon::Relay>,
+    },
+}
+
+#[derive(Subcommand)]
+enum UdpStreamMode {
+    /// Send `--rate` datagrams per second to `--to` until killed (or for `--seconds`).
+    Send {
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// Datagram payload size in bytes.
+        #[arg(long, default_value_t = 1000)]
+        size: usize,
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// Print `<seq> <sent ns> <received ns>` (CLOCK_MONOTONIC) for every datagram received.
+    Recv {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
     },
 }
 
@@ -135,6 +167,24 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Keep the agents' logs in this directory.
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
+    },
+    /// Blackout of a steady 100 packets/s UDP stream (a VoIP class, active-backup) when the
+    /// uplink carrying it is cut, per probe interval; and packets lost when it is degraded
+    /// past the class's SLA instead.
+    Failover {
+        /// One JSON object: {runs: [{interval_ms, cuts, p50_ms, p99_ms, max_ms,
+        /// lost_on_degrade, ...}]}.
+        #[arg(long)]
+        json: bool,
+        /// Cuts per probe interval.
+        #[arg(long, default_value_t = 20)]
+        cuts: u32,
+        /// Probe intervals to measure, in ms.
+        #[arg(long, value_delimiter = ',', default_value = "1000,100,20")]
+        intervals: Vec<u32>,
+        /// Keep the agents' logs (lines stamped with CLOCK_MONOTONIC ms) in this directory.
         #[arg(long)]
         keep_logs: Option<PathBuf>,
     },
@@ -285,6 +335,32 @@ fn impair(
     cut: bool,
     restore: bool,
 ) -> anyhow::Result<()> {
+    let impairment = if restore {
+        wan::Impairment::default()
+    } else {
+        wan::Impairment {
+            delay_ms: delay,
+            jitter_ms: jitter,
+            loss_pct: loss,
+            rate_mbit: rate,
+            cut,
+        }
+    };
+    let (name, address, now) = set_impairment(site, uplink, impairment)?;
+    eprintln!(
+        "lab: site{site} {name} ({address}) now: {}",
+        serde_json::to_string(&now)?
+    );
+    Ok(())
+}
+
+/// Make uplink `uplink` of site `site` suffer exactly `impairment` (through the running
+/// emulator); returns the uplink's interface name, address and what it suffers now.
+pub(crate) fn set_impairment(
+    site: u16,
+    uplink: u8,
+    impairment: wan::Impairment,
+) -> anyhow::Result<(String, std::net::Ipv4Addr, wan::Impairment)> {
     let state: LabState = std::fs::read(STATE_FILE)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -304,17 +380,6 @@ fn impair(
                 state.uplinks - 1
             )
         })?;
-    let impairment = if restore {
-        wan::Impairment::default()
-    } else {
-        wan::Impairment {
-            delay_ms: delay,
-            jitter_ms: jitter,
-            loss_pct: loss,
-            rate_mbit: rate,
-            cut,
-        }
-    };
     impairment.validate()?;
     let reply = daemon::control(
         std::path::Path::new(WAN_SOCKET),
@@ -326,13 +391,11 @@ fn impair(
     if !reply.ok {
         bail!("{}", reply.error.unwrap_or_else(|| "refused".into()));
     }
-    eprintln!(
-        "lab: site{site} {} ({}) now: {}",
-        target.router_if,
+    Ok((
+        target.router_if.clone(),
         target.router_addr.addr(),
-        serde_json::to_string(&reply.impairment.unwrap_or_default())?
-    );
-    Ok(())
+        reply.impairment.unwrap_or_default(),
+    ))
 }
 
 fn down() -> anyhow::Result<()> {
@@ -431,6 +494,28 @@ fn main() -> ExitCode {
                     keep_logs,
                 },
         } => require_root().and_then(|()| bench::steering(seconds, json, keep_logs.as_deref())),
+        Command::Bench {
+            which:
+                BenchCommand::Failover {
+                    json,
+                    cuts,
+                    intervals,
+                    keep_logs,
+                },
+        } => require_root()
+            .and_then(|()| bench::failover(cuts, &intervals, json, keep_logs.as_deref())),
+        Command::UdpStream {
+            mode:
+                UdpStreamMode::Send {
+                    to,
+                    rate,
+                    size,
+                    seconds,
+                },
+        } => stream::send(to, rate, size, seconds),
+        Command::UdpStream {
+            mode: UdpStreamMode::Recv { listen },
+        } => stream::recv(listen),
         Command::Impair {
             site,
             uplink,

@@ -266,7 +266,13 @@ pub fn plan(
             } else {
                 usable
             };
-            ranked.sort_by_key(|c| (tier(c), c.kind_latency, c.cost, c.local, c.remote));
+            // Within a tier (measurements in the same bucket), the link-kind proxy before the
+            // exact measurement: sub-millisecond noise between equal paths must not reorder
+            // them at every refresh.
+            ranked.sort_by_key(|c| {
+                let (bucket, exact) = tier(c);
+                (bucket, c.kind_latency, exact, c.cost, c.local, c.remote)
+            });
             // Every qualifying path is listed, best first, so a flow on a healthy path that
             // is merely outranked stays there. Active-backup uses the first (the next on
             // failover); the spreading modes spread new flows over the best tier only:
@@ -441,7 +447,11 @@ mod tests {
                 .map(|i| PeerEndpoint {
                     uplink_index: i,
                     ip: format!("198.18.{n}.{i}").parse().unwrap(),
-                    kind: None,
+                    kind: Some(if i == 0 {
+                        LinkKind::Fiber
+                    } else {
+                        LinkKind::Lte
+                    }),
                 })
                 .collect(),
             listen_port_base: 51820,
@@ -790,5 +800,21 @@ mod tests {
         assert!(class.paths.contains(&path_index(0, 1)));
         let value = next_class_paths(None, class);
         assert_eq!((value.count, value.pick), (4, 1));
+    }
+
+    #[test]
+    fn noise_between_equal_paths_does_not_reorder_them() {
+        let intent = fiber_and_lte(false);
+        let slots = slots_for(&intent);
+        let a = slots.slot(site(PEER_A)).unwrap();
+        // Fiber to fiber is a hair slower this second; it still ranks first.
+        let views = BTreeMap::from([
+            (path_id(0, PEER_A, 0), measured_view(2.4)),
+            (path_id(0, PEER_A, 1), measured_view(2.1)),
+            (path_id(1, PEER_A, 0), measured_view(2.2)),
+            (path_id(1, PEER_A, 1), measured_view(2.3)),
+        ]);
+        let p = plan(&intent, &voip_and_backup(), &slots, &views);
+        assert_eq!(p.classes[&(1, a)].paths[0], path_index(0, 0));
     }
 }

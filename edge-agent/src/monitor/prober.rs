@@ -46,7 +46,21 @@ pub struct ProberConfig {
     pub loss_window: u16,
     /// RTT samples the latency is averaged over.
     pub rtt_window: u16,
+    /// Fast detection (what the agent runs; the plain BFD-like schedule without it): a probe
+    /// counts as lost after the smaller of `timeout` and an RTO learnt from the path
+    /// (`2·SRTT + 4·RTTVAR`, at least [`ADAPTIVE_TIMEOUT_FLOOR`], once
+    /// [`ADAPTIVE_MIN_SAMPLES`] replies came back), and after a loss the path is re-probed
+    /// at once, a quarter of that timeout apart, until it answers or is dead. With 1 s probes
+    /// a cut is found one probe interval plus ~125 ms after it happens at worst, instead of
+    /// three intervals plus the timeout.
+    pub fast_detection: bool,
 }
+
+/// The adaptive timeout never goes below this: queueing bursts on a WAN last tens of
+/// milliseconds, and three of them in a row must not look like a dead path.
+pub const ADAPTIVE_TIMEOUT_FLOOR: Duration = Duration::from_millis(50);
+/// Replies needed before the adaptive timeout replaces the configured one.
+pub const ADAPTIVE_MIN_SAMPLES: u64 = 5;
 
 impl ProberConfig {
     /// 100 probes: 1 % loss resolution, and at the default 1 s interval a loss burst fades
@@ -64,6 +78,7 @@ impl From<&ProbeSettings> for ProberConfig {
             down_after_losses: s.down_after_losses,
             loss_window: Self::loss_window_for(s.interval_ms),
             rtt_window: Self::DEFAULT_RTT_WINDOW,
+            fast_detection: true,
         }
     }
 }
@@ -156,7 +171,10 @@ pub struct PathProber {
     next_seq: u64,
     /// Sequence → send time. Sequences rise with send times, so the first is the earliest
     /// to expire.
-    outstanding: BTreeMap<u64, Duration>,
+    outstanding: BTreeMap<u64, (Duration, u32)>,
+    /// The last probes that expired unanswered (sequence, send time): a reply that comes
+    /// late still teaches the adaptive timeout the path's real RTT.
+    expired: std::collections::VecDeque<(u64, Duration)>,
     /// Bit `seq % REMEMBERED` set = that sequence was answered (cleared when sent).
     answered: [u64; REMEMBERED_WORDS],
     liveness: Liveness,
@@ -167,6 +185,13 @@ pub struct PathProber {
     sent: u64,
     lost: u64,
     received: u64,
+    /// RFC 6298 smoothed RTT and its variation (for the adaptive timeout).
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    /// While confirming a loss (fast detection): the spacing of the confirmation probes,
+    /// and how many are still to send (the detect multiplier less the first loss).
+    confirm_spacing: Option<Duration>,
+    confirms_left: u32,
 }
 
 impl PathProber {
@@ -179,6 +204,7 @@ impl PathProber {
             basis: None,
             next_seq: 1,
             outstanding: BTreeMap::new(),
+            expired: std::collections::VecDeque::new(),
             answered: [0; REMEMBERED_WORDS],
             liveness: Liveness::Unknown,
             consecutive_losses: 0,
@@ -188,6 +214,10 @@ impl PathProber {
             sent: 0,
             lost: 0,
             received: 0,
+            srtt: None,
+            rttvar: Duration::ZERO,
+            confirm_spacing: None,
+            confirms_left: 0,
         }
     }
 
@@ -216,10 +246,11 @@ impl PathProber {
     /// When [`Self::poll`] next has something to do: the next send or the earliest expiry
     /// of a waiting probe, whichever is first. May be in the past (poll at once).
     pub fn next_deadline(&self) -> Duration {
-        match self.outstanding.first_key_value() {
-            Some((_, &sent_at)) => self.expiry(sent_at).min(self.next_send),
-            None => self.next_send,
-        }
+        self.outstanding
+            .values()
+            .map(|&(sent_at, factor)| self.expiry(sent_at, factor))
+            .min()
+            .map_or(self.next_send, |expiry| expiry.min(self.next_send))
     }
 
     /// Expire waiting probes whose timeout has passed, then allocate the next probe if its
@@ -228,12 +259,29 @@ impl PathProber {
     pub fn poll(&mut self, now: Duration) -> Poll {
         let now = self.advance(now);
         let mut out = Poll::default();
-        while let Some((_, &sent_at)) = self.outstanding.first_key_value() {
-            if self.expiry(sent_at) > now {
-                break;
-            }
-            self.outstanding.pop_first();
+        let expired: Vec<(u64, Duration)> = self
+            .outstanding
+            .iter()
+            .filter(|(_, &(sent_at, factor))| self.expiry(sent_at, factor) <= now)
+            .map(|(&seq, &(sent_at, _))| (seq, sent_at))
+            .collect();
+        for (seq, sent_at) in expired {
+            self.outstanding.remove(&seq);
+            self.remember_expired(seq, sent_at);
             self.count_loss(&mut out);
+        }
+        // Fast detection: a loss on a live path is confirmed (or not) right away rather than
+        // at the regular cadence.
+        if self.config.fast_detection
+            && out.lost > 0
+            && self.consecutive_losses < self.down_after()
+            && self.liveness != Liveness::Dead
+            && self.confirm_spacing.is_none()
+        {
+            let spacing = (self.timeout() / 4).max(MIN_INTERVAL);
+            self.next_send = self.next_send.min(now);
+            self.confirm_spacing = Some(spacing);
+            self.confirms_left = self.down_after().saturating_sub(1).max(1);
         }
         if now >= self.next_send {
             self.send(now, &mut out);
@@ -256,7 +304,7 @@ impl PathProber {
         reflector_hold: Duration,
     ) -> ReplyOutcome {
         let now = self.advance(now);
-        if let Some(sent_at) = self.outstanding.remove(&sequence) {
+        if let Some((sent_at, _)) = self.outstanding.remove(&sequence) {
             let rtt = now.saturating_sub(sent_at).saturating_sub(reflector_hold);
             if self.received == 0 {
                 // Probes lost before the path ever answered were sent while the tunnel was
@@ -269,6 +317,13 @@ impl PathProber {
             self.loss.record(false);
             self.rtt.push(rtt);
             self.jitter.observe(rtt);
+            self.learn_rtt(rtt);
+            if self.confirm_spacing.take().is_some() {
+                // Alive after all: back to the regular cadence from the last probe sent.
+                if let Some(basis) = self.basis {
+                    self.next_send = basis.saturating_add(self.interval());
+                }
+            }
             let liveness_changed = (self.liveness != Liveness::Alive).then(|| {
                 self.liveness = Liveness::Alive;
                 Liveness::Alive
@@ -282,6 +337,10 @@ impl PathProber {
             return ReplyOutcome::Unknown;
         }
         if self.next_seq - sequence > REMEMBERED || !self.is_answered(sequence) {
+            if let Some(i) = self.expired.iter().position(|&(seq, _)| seq == sequence) {
+                let (_, sent_at) = self.expired.remove(i).unwrap_or((sequence, now));
+                self.learn_rtt(now.saturating_sub(sent_at).saturating_sub(reflector_hold));
+            }
             ReplyOutcome::Late
         } else {
             ReplyOutcome::Duplicate
@@ -332,8 +391,50 @@ impl PathProber {
         u32::from(self.config.down_after_losses.max(1))
     }
 
-    fn expiry(&self, sent_at: Duration) -> Duration {
-        sent_at.saturating_add(self.config.timeout)
+    /// When a probe sent at `sent_at` counts as lost; confirmation probes (`factor` 2) wait
+    /// twice the timeout, so an RTT that merely jumped is learnt from them (and from the
+    /// late reply to the first) instead of killing the path.
+    fn expiry(&self, sent_at: Duration, factor: u32) -> Duration {
+        sent_at.saturating_add(self.timeout().saturating_mul(factor.max(1)))
+    }
+
+    fn remember_expired(&mut self, seq: u64, sent_at: Duration) {
+        if self.config.fast_detection {
+            if self.expired.len() >= 64 {
+                self.expired.pop_front();
+            }
+            self.expired.push_back((seq, sent_at));
+        }
+    }
+
+    /// The timeout in force: the configured one, or with fast detection the learnt RTO when
+    /// it is smaller.
+    pub fn timeout(&self) -> Duration {
+        match (self.config.fast_detection, self.srtt) {
+            (true, Some(srtt)) if self.received >= ADAPTIVE_MIN_SAMPLES => {
+                let rto = srtt
+                    .saturating_mul(2)
+                    .saturating_add(self.rttvar.saturating_mul(4))
+                    .max(ADAPTIVE_TIMEOUT_FLOOR);
+                rto.min(self.config.timeout)
+            }
+            _ => self.config.timeout,
+        }
+    }
+
+    /// RFC 6298 §2: SRTT and RTTVAR from one more sample.
+    fn learn_rtt(&mut self, rtt: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(srtt) => {
+                let deviation = srtt.abs_diff(rtt);
+                self.rttvar = self.rttvar.saturating_mul(3).saturating_add(deviation) / 4;
+                self.srtt = Some(srtt.saturating_mul(7).saturating_add(rtt) / 8);
+            }
+        }
     }
 
     fn send(&mut self, now: Duration, out: &mut Poll) {
@@ -344,13 +445,37 @@ impl PathProber {
             return;
         };
         self.next_seq = after;
-        self.outstanding.insert(seq, now);
+        let confirming = self.confirm_spacing.is_some()
+            && self.consecutive_losses > 0
+            && self.liveness != Liveness::Dead;
+        self.outstanding
+            .insert(seq, (now, if confirming { 2 } else { 1 }));
         self.clear_answered(seq);
         self.sent = self.sent.saturating_add(1);
         out.send = Some(seq);
         if self.outstanding.len() > MAX_OUTSTANDING {
-            self.outstanding.pop_first();
+            if let Some((seq, (sent_at, _))) = self.outstanding.pop_first() {
+                self.remember_expired(seq, sent_at);
+            }
             self.count_loss(out);
+        }
+        // Confirming a loss: the next probe follows closely, until an answer or death
+        // (checked at the next poll) ends the confirmation; the regular cadence restarts
+        // from the last confirmation probe.
+        if let Some(spacing) = self.confirm_spacing {
+            if self.consecutive_losses > 0 && self.liveness != Liveness::Dead {
+                self.basis = Some(now);
+                self.confirms_left = self.confirms_left.saturating_sub(1);
+                if self.confirms_left > 0 {
+                    self.next_send = now.saturating_add(spacing.min(self.interval()));
+                } else {
+                    // Enough confirmations are on their way; their expiry decides.
+                    self.next_send = now.saturating_add(self.interval());
+                    self.confirm_spacing = None;
+                }
+                return;
+            }
+            self.confirm_spacing = None;
         }
         // Keep the cadence (slot + interval) when on time or a little late; when a whole
         // interval or more behind, restart it from now instead of sending a burst.
@@ -410,6 +535,7 @@ mod tests {
             down_after_losses: down_after,
             loss_window: 100,
             rtt_window: 20,
+            fast_detection: false,
         }
     }
 
@@ -728,6 +854,127 @@ mod tests {
         assert_eq!(ProberConfig::default(), c);
     }
 
+    fn fast(interval: u64, timeout: u64, down_after: u8) -> ProberConfig {
+        ProberConfig {
+            fast_detection: true,
+            ..config(interval, timeout, down_after)
+        }
+    }
+
+    /// Answer every probe after `rtt` ms until `until`; returns the time of the last poll.
+    fn answer_all(p: &mut PathProber, from: u64, until: u64, rtt: u64) -> u64 {
+        let mut now = from;
+        while now < until {
+            if let Some(seq) = p.poll(t(now)).send {
+                assert!(matches!(
+                    p.on_reply(t(now + rtt), seq, t(0)),
+                    ReplyOutcome::Accepted { .. }
+                ));
+            }
+            now = p.next_deadline().as_millis() as u64;
+        }
+        now
+    }
+
+    #[test]
+    fn fast_detection_learns_a_short_timeout_and_confirms_a_loss_at_once() {
+        let mut p = PathProber::new(fast(1000, 1000, 3), t(0));
+        assert_eq!(
+            p.timeout(),
+            t(1000),
+            "the configured timeout until RTTs are known"
+        );
+        // Ten answered probes at 4 ms: the timeout falls to the 50 ms floor.
+        let now = answer_all(&mut p, 0, 10_000, 4);
+        assert_eq!(p.timeout(), ADAPTIVE_TIMEOUT_FLOOR);
+        // The path is cut just after the probe at `now`: it is sent and never answered.
+        assert!(p.poll(t(now)).send.is_some());
+        assert_eq!(p.next_deadline(), t(now + 50), "its expiry comes first");
+        let first = p.poll(t(now + 50));
+        // Lost, and a confirmation probe goes out at once.
+        assert_eq!((first.lost, first.send.is_some()), (1, true));
+        // The next confirmation a quarter of the timeout later.
+        assert_eq!(
+            p.next_deadline(),
+            t(now + 50) + Duration::from_micros(12_500)
+        );
+        let mut dead_at = None;
+        for _ in 0..20 {
+            let at = p.next_deadline();
+            if p.poll(at).liveness_changed == Some(Liveness::Dead) {
+                dead_at = Some(at.as_millis() as u64);
+                break;
+            }
+        }
+        let dead_at = dead_at.expect("the path never died");
+        // First loss at +50, confirmations (twice the timeout each) at +50 and +62.5.
+        assert!(
+            dead_at - now <= 50 + 13 + 100,
+            "dead {} ms after the cut",
+            dead_at - now
+        );
+        // Dead: back to the regular cadence.
+        // Dead: back to the regular cadence (no probe for most of an interval).
+        for ms in (dead_at + 1..dead_at + 800).step_by(5) {
+            assert!(
+                p.poll(t(ms)).send.is_none(),
+                "probing a dead path fast at {ms}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_confirmed_single_loss_returns_to_the_cadence() {
+        let mut p = PathProber::new(fast(1000, 1000, 3), t(0));
+        let now = answer_all(&mut p, 0, 10_000, 4);
+        assert!(p.poll(t(now)).send.is_some()); // lost
+        let confirm = p.poll(t(now + 50));
+        let seq = confirm.send.expect("a confirmation probe");
+        assert!(matches!(
+            p.on_reply(t(now + 54), seq, t(0)),
+            ReplyOutcome::Accepted { .. }
+        ));
+        assert_eq!(p.liveness(), Liveness::Alive);
+        assert_eq!(
+            p.next_deadline(),
+            t(now + 50 + 1000),
+            "cadence from the last probe"
+        );
+    }
+
+    #[test]
+    fn a_sudden_rtt_jump_is_learnt_not_taken_for_a_dead_path() {
+        let mut p = PathProber::new(fast(1000, 1000, 3), t(0));
+        let now = answer_all(&mut p, 0, 10_000, 4);
+        // From now on the path answers after 70 ms, above the learnt 50 ms timeout.
+        let first = p.poll(t(now)).send.expect("a probe");
+        let lost = p.poll(t(now + 50));
+        assert_eq!(lost.lost, 1);
+        let confirm = lost.send.expect("a confirmation probe");
+        // The first reply comes late and is learnt from.
+        assert_eq!(p.on_reply(t(now + 70), first, t(0)), ReplyOutcome::Late);
+        assert!(
+            p.timeout() > t(70),
+            "the timeout did not learn: {:?}",
+            p.timeout()
+        );
+        // The confirmation, given twice the timeout, is answered: alive, never dead.
+        let outcome = p.on_reply(t(now + 120), confirm, t(0));
+        assert!(
+            matches!(outcome, ReplyOutcome::Accepted { .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(p.liveness(), Liveness::Alive);
+        assert_eq!(p.consecutive_losses(), 0);
+    }
+
+    #[test]
+    fn without_fast_detection_the_configured_timeout_stays() {
+        let mut p = PathProber::new(config(1000, 1000, 3), t(0));
+        answer_all(&mut p, 0, 10_000, 4);
+        assert_eq!(p.timeout(), t(1000));
+    }
+
     #[test]
     fn zero_settings_do_not_spin_or_panic() {
         let zero = ProberConfig {
@@ -736,6 +983,7 @@ mod tests {
             down_after_losses: 0,
             loss_window: 0,
             rtt_window: 0,
+            fast_detection: true,
         };
         let mut p = PathProber::new(zero, t(0));
         assert_eq!(p.poll(t(0)).send, Some(1));
@@ -919,6 +1167,9 @@ mod tests {
                 down_after_losses: down,
                 loss_window,
                 rtt_window,
+                // The reference model is the plain schedule; fast detection has its own
+                // table tests and the any-input test below.
+                fast_detection: false,
             },
         )
     }
@@ -1052,6 +1303,7 @@ mod tests {
                             down_after_losses: (small % 256) as u8,
                             loss_window: small,
                             rtt_window: small.rotate_left(3),
+                            fast_detection: small % 2 == 0,
                         };
                         p.set_config(cfg, huge(c));
                     }

@@ -448,8 +448,14 @@ impl PathProber {
         let confirming = self.confirm_spacing.is_some()
             && self.consecutive_losses > 0
             && self.liveness != Liveness::Dead;
-        self.outstanding
-            .insert(seq, (now, if confirming { 2 } else { 1 }));
+        // Confirmations wait twice the learnt RTO (an RTT that jumped past it is learnt
+        // from them); a timeout the operator configured below the RTO floor is kept as is.
+        let factor = if confirming && self.timeout() < self.config.timeout {
+            2
+        } else {
+            1
+        };
+        self.outstanding.insert(seq, (now, factor));
         self.clear_answered(seq);
         self.sent = self.sent.saturating_add(1);
         out.send = Some(seq);

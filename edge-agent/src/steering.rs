@@ -300,9 +300,10 @@ pub fn plan(
     plan
 }
 
-/// The failovers between two plans: for every (class, destination) whose first path changed
-/// because the old first path no longer qualifies (it is down, degraded, recovering or out of
-/// the class's SLA, not merely outranked), the path ids `(from, to, reason)`, each pair once.
+/// The failovers between two plans: for every (class, destination), each path that was
+/// listed before and is not any more (it is down, degraded, recovering or out of the class's
+/// SLA: flows on it move), paired with the new first path, as path ids `(from, to, reason)`,
+/// each pair once. A path still listed is not reported: its flows stay.
 pub fn failovers(
     intent: &SiteIntent,
     slots: &SiteSlots,
@@ -323,34 +324,30 @@ pub fn failovers(
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for (key @ (class, slot), old) in &before.classes {
-        let (Some(&from), Some(&to)) = (
-            old.paths.first(),
-            after.classes.get(key).and_then(|c| c.paths.first()),
-        ) else {
+        let Some(new) = after.classes.get(key) else {
             continue;
         };
-        if from == to
-            || after
-                .classes
-                .get(key)
-                .is_some_and(|c| c.paths.contains(&from))
-        {
-            continue; // Outranked, not failed: its flows stay.
+        let Some(&to) = new.paths.first() else {
+            continue;
+        };
+        for &from in old.paths.iter().filter(|p| !new.paths.contains(p)) {
+            let (Some(from_id), Some(to_id)) = (id_of(*slot, from), id_of(*slot, to)) else {
+                continue;
+            };
+            if !seen.insert((from_id, to_id)) {
+                continue;
+            }
+            let reason = match views.get(&from_id) {
+                Some(v) if v.status == PathStatus::Down => "path down".to_string(),
+                Some(v) if v.status == PathStatus::Degraded => "path degraded".to_string(),
+                Some(v) if v.sla_blocked.contains(class) => {
+                    format!("SLA of class {class} not met")
+                }
+                Some(v) if !v.preferred => "path recovering (hold-down)".to_string(),
+                _ => "path withdrawn".to_string(),
+            };
+            out.push((from_id, to_id, reason));
         }
-        let (Some(from_id), Some(to_id)) = (id_of(*slot, from), id_of(*slot, to)) else {
-            continue;
-        };
-        if !seen.insert((from_id, to_id)) {
-            continue;
-        }
-        let reason = match views.get(&from_id) {
-            Some(v) if v.status == PathStatus::Down => "path down".to_string(),
-            Some(v) if v.status == PathStatus::Degraded => "path degraded".to_string(),
-            Some(v) if v.sla_blocked.contains(class) => format!("SLA of class {class} not met"),
-            Some(v) if !v.preferred => "path recovering (hold-down)".to_string(),
-            _ => "path withdrawn".to_string(),
-        };
-        out.push((from_id, to_id, reason));
     }
     out
 }
@@ -759,13 +756,22 @@ mod tests {
         let views = BTreeMap::from([(path_id(0, PEER_A, 0), down())]);
         let after = plan(&intent, &compiled, &slots, &views);
         let found = failovers(&intent, &slots, &before, &after, &views);
+        // VoIP's first path is gone (to its next); the backup class listed it too (its flows
+        // there move to the cheap tier's first).
         assert_eq!(
             found,
-            vec![(
-                path_id(0, PEER_A, 0),
-                path_id(0, PEER_A, 1),
-                "path down".to_string()
-            )]
+            vec![
+                (
+                    path_id(0, PEER_A, 0),
+                    path_id(0, PEER_A, 1),
+                    "path down".to_string()
+                ),
+                (
+                    path_id(0, PEER_A, 0),
+                    path_id(1, PEER_A, 0),
+                    "path down".to_string()
+                ),
+            ]
         );
         // The same plan again: nothing to report.
         assert!(failovers(&intent, &slots, &after, &after, &views).is_empty());

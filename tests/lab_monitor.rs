@@ -595,7 +595,10 @@ impl Lab {
                 reason,
             } = envelope.event
             {
-                if self.on_uplink(from_path, voip_uplink) {
+                // The cut uplink's paths are found down one by one, so a first move may go
+                // to its other path, which is about to be found down too; the failover that
+                // counts is the one to the other uplink.
+                if self.on_uplink(from_path, voip_uplink) && self.on_uplink(to_path, other) {
                     break (from_path, to_path, reason);
                 }
             }
@@ -1000,10 +1003,8 @@ async fn agents_probe_their_paths_fail_over_a_cut_uplink_and_drop_forged_probes(
             .await?;
         lab.delay(&mut metrics).await?;
         // For step 4: uplink 1 gets 10 ms more RTT (an LTE-like link), so the VoIP class
-        // ranks uplink 0's paths first by a clear margin. Between paths of equal latency the
-        // ranking follows the measurements' noise, and a flow may then sit on a path that is
-        // not its class's first, whose failure moves the flow without a FailoverTriggered
-        // event. Set now, so the views sent during step 3 carry it.
+        // ranks uplink 0's paths first by a clear margin and the cut below hits the VoIP
+        // flow's uplink. Set now, so the views sent during step 3 carry it.
         impair(&lab.lab, 1, 1, &["--delay", "10"])?;
         let slow_since = now_unix_ms() + 500;
         lab.loss(&mut metrics).await?;

@@ -651,6 +651,26 @@ impl Lab {
             "bulk client: {}",
             text(&bulk_out)
         );
+        // Flow hash keeps the bulk flow on one path for its whole life: every flow report
+        // sent while it ran (cut, failover, restore, failback hold-down) has it on the same
+        // path.
+        let mut reports = 0;
+        while let Ok(Some(message)) =
+            tokio::time::timeout(Duration::from_millis(200), flows.next()).await
+        {
+            let report: FlowReport = patronus_proto::codec::decode(&message.payload)?;
+            if let (_, Some(b)) = flow_paths(&report) {
+                reports += 1;
+                ensure!(
+                    b == bulk_path,
+                    "the flow-hashed bulk flow moved from {bulk_path} to {b} during its life"
+                );
+            }
+        }
+        ensure!(
+            reports >= 2,
+            "only {reports} flow reports after the failover had the bulk flow"
+        );
         let server_out =
             tokio::task::spawn_blocking(move || voip_server.wait_with_output()).await??;
         let server: serde_json::Value = serde_json::from_slice(&server_out.stdout)

@@ -224,31 +224,43 @@ pub fn plan(
         };
         for class in &compiled.classes {
             let view = |c: &Candidate| views.get(&c.id).unwrap_or(&unmeasured);
+            // The measurement a preference ranks by (tenths), unmeasured last.
+            let metric = |c: &Candidate| -> Option<(u64, u64)> {
+                let v = view(c);
+                match &class.path_preference {
+                    PathPreference::LowestJitter => Some((measured(v.jitter_ms), 10)),
+                    PathPreference::LowestLoss => Some((measured(v.loss_pct), 5)),
+                    PathPreference::LowestLatency | PathPreference::Weighted { .. } => {
+                        Some((measured(v.latency_ms), 50))
+                    }
+                    _ => None,
+                }
+            };
+            // Tiers are measured from the best candidate (within 5 ms, 1 ms jitter or 0.5 %
+            // loss of it = the first tier), not cut at fixed boundaries, so two paths a hair
+            // apart never land in different tiers because of noise.
+            let best = candidates
+                .iter()
+                .filter_map(|c| metric(c).map(|(value, _)| value))
+                .filter(|v| *v != u64::MAX)
+                .min();
             // The class's preference as (tier, exact value), lower is better; the spreading
-            // modes use the whole best tier (measurements fall in 5 ms / 0.5 % buckets, so
-            // two paths a hair apart share flows), ties broken by the link-kind proxy, cost
-            // and index so the order is stable.
+            // modes use the whole best tier; ties are broken by the link-kind proxy, then the
+            // exact value, cost and index, so the order is stable.
             let tier = |c: &Candidate| -> (u64, u64) {
                 let v = view(c);
-                let bucket = |x: u64, width: u64| if x == u64::MAX { x } else { x / width };
-                let latency = measured(v.latency_ms);
                 match &class.path_preference {
                     PathPreference::LowestCost => ((u64::from(c.cost.0) << 48) | c.cost.1, 0),
                     PathPreference::HighestBandwidth => (u64::from(u32::MAX - c.bandwidth), 0),
                     PathPreference::PreferUplink { uplink } => {
-                        (u64::from(&c.local_name != uplink), latency)
+                        (u64::from(&c.local_name != uplink), measured(v.latency_ms))
                     }
-                    PathPreference::LowestJitter => {
-                        let jitter = measured(v.jitter_ms);
-                        (bucket(jitter, 10), jitter)
-                    }
-                    PathPreference::LowestLoss => {
-                        let loss = measured(v.loss_pct);
-                        (bucket(loss, 5), loss)
-                    }
-                    PathPreference::LowestLatency | PathPreference::Weighted { .. } => {
-                        (bucket(latency, 50), latency)
-                    }
+                    _ => match (metric(c), best) {
+                        (Some((value, width)), Some(best)) if value != u64::MAX => {
+                            ((value - best.min(value)) / width, value)
+                        }
+                        _ => (u64::MAX, u64::MAX),
+                    },
                 }
             };
             let qualifies = |c: &Candidate| {

@@ -34,6 +34,20 @@ fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Keep the controller's revision sequence above a revision this test publishes by hand, so
+/// the controller's next intent for the site (after the revocation below) is newer than it:
+/// an agent ignores a revision equal to the one it applied and refuses a lower one.
+async fn reserve_revision(owner_url: &str, revision: u64) -> anyhow::Result<()> {
+    let mut owner = AsyncPgConnection::establish(owner_url).await?;
+    owner
+        .batch_execute(&format!(
+            "SELECT setval('intent_revision_seq', \
+             GREATEST({revision}, (SELECT last_value FROM intent_revision_seq)))"
+        ))
+        .await?;
+    Ok(())
+}
+
 /// A routing policy for `protocol`/`dst_port` traffic of class `class`, active-backup.
 fn routing_policy(
     n: u128,
@@ -180,7 +194,8 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
     // An API token of the tenant's admin, for the revocation below.
     let (api_token, api_token_hash) = patronus_controller::auth::new_secret("pat_");
     let hash_hex: String = api_token_hash.iter().map(|b| format!("{b:02x}")).collect();
-    let mut owner = AsyncPgConnection::establish(&lab_controller.database.owner_url).await?;
+    let owner_url = lab_controller.database.owner_url.clone();
+    let mut owner = AsyncPgConnection::establish(&owner_url).await?;
     owner
         .batch_execute(&format!(
             "INSERT INTO api_tokens (tenant_id, name, token_hash, role)
@@ -404,6 +419,7 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
             patronus_proto::codec::decode(&std::fs::read(state1.join("intent.json"))?)?;
         let mut again = stored.clone();
         again.revision += 1;
+        reserve_revision(&owner_url, again.revision).await?;
         link.intents
             .put(key.clone(), patronus_proto::codec::encode(&again).into())
             .await?;
@@ -429,6 +445,7 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
         // lowest-cost one (the LTE uplink, made cheaper here), proven by WireGuard counters.
         let mut steered = again.clone();
         steered.revision += 1;
+        reserve_revision(&owner_url, steered.revision).await?;
         steered.uplinks[0].cost_per_gb = 5.0;
         steered.uplinks[1].cost_per_gb = 0.0;
         steered.policies.routing = vec![
@@ -684,7 +701,8 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
                 }
                 ensure!(
                     revoked_at.elapsed() < Duration::from_secs(5),
-                    "site 1 still has the revoked peer after 5 s"
+                    "site 1 still has the revoked peer after 5 s; its agent log:\n{}",
+                    std::fs::read_to_string(dir.join("run1.log")).unwrap_or_default()
                 );
                 std::thread::sleep(Duration::from_millis(20));
             }

@@ -306,6 +306,26 @@ fn status(state: &state::StateDir, json: bool, remote: bool) -> anyhow::Result<(
                 .join(", "),
             expires
         );
+        let keys = state
+            .read(state::WIREGUARD_META_FILE)
+            .ok()
+            .and_then(|t| serde_json::from_str::<state::WireguardMeta>(&t).ok())
+            .unwrap_or_default();
+        println!(
+            "  WireGuard key made {}{}",
+            chrono_like(keys.created_at.unwrap_or(identity.enrolled_at)),
+            match (keys.next_created_at, keys.next_accepted_at) {
+                (Some(made), Some(_)) => format!(
+                    "; next key made {}, accepted by the controller, waiting for the peers",
+                    chrono_like(made)
+                ),
+                (Some(made), None) => format!(
+                    "; next key made {}, not yet accepted by the controller (retried every minute)",
+                    chrono_like(made)
+                ),
+                _ => String::new(),
+            }
+        );
         let applied = state
             .read(run::INTENT_FILE)
             .ok()

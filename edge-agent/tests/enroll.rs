@@ -182,7 +182,9 @@ async fn an_edge_enrolls_with_a_token_and_runs_from_its_state_alone() -> anyhow:
     // From the state directory alone (no token): status, then the intent over NATS.
     let out = edge(&["status", "--state-dir", state])?;
     ensure!(
-        out.status.success() && text(&out).contains("site hq"),
+        out.status.success()
+            && text(&out).contains("site hq")
+            && text(&out).contains("WireGuard key made"),
         "{}",
         text(&out)
     );

@@ -22,6 +22,8 @@ use crate::steering::{PathView, SiteSlots, SteeringPlan};
 pub struct Steerer {
     dataplane: Option<Box<Dataplane>>,
     intent: Option<SiteIntent>,
+    /// The applied intent's policies, compiled once per intent (not per failover).
+    wanted: Option<Compiled>,
     /// The policies last written (names for flow reports).
     compiled: Option<Compiled>,
     slots: SiteSlots,
@@ -64,6 +66,10 @@ impl Steerer {
 
     pub fn set_intent(&mut self, intent: SiteIntent) {
         self.slots.update(intent.peers.iter().map(|p| p.site));
+        match crate::classifier::compile(&intent.policies.routing) {
+            Ok(compiled) => self.wanted = Some(compiled),
+            Err(e) => eprintln!("dataplane: {e}; the previous policies stay in force"),
+        }
         self.intent = Some(intent);
         self.steer();
     }
@@ -83,21 +89,16 @@ impl Steerer {
 
     /// Plan from what is known and write what changed.
     fn steer(&mut self) {
-        let (Some(intent), Some(dp)) = (&self.intent, &mut self.dataplane) else {
+        let (Some(intent), Some(compiled), Some(dp)) =
+            (&self.intent, &self.wanted, &mut self.dataplane)
+        else {
             return;
         };
-        let compiled = match crate::classifier::compile(&intent.policies.routing) {
-            Ok(compiled) => compiled,
-            Err(e) => {
-                eprintln!("dataplane: {e}; the previous policies stay in force");
-                return;
-            }
-        };
-        let plan = crate::steering::plan(intent, &compiled, &self.slots, &self.views);
-        if self.last_plan.as_ref() == Some(&plan) && self.compiled.as_ref() == Some(&compiled) {
+        let plan = crate::steering::plan(intent, compiled, &self.slots, &self.views);
+        if self.last_plan.as_ref() == Some(&plan) && self.compiled.as_ref() == Some(compiled) {
             return;
         }
-        match dp.apply(&compiled, &plan) {
+        match dp.apply(compiled, &plan) {
             Ok(writes) => {
                 eprintln!(
                     "dataplane: {} policies in {} classes over {} paths ({writes} map writes)",
@@ -118,7 +119,7 @@ impl Steerer {
                     }
                 }
                 self.last_plan = Some(plan);
-                self.compiled = Some(compiled);
+                self.compiled = Some(compiled.clone());
             }
             // The next change retries everything (last_plan is unchanged).
             Err(e) => eprintln!("dataplane: writing the maps failed: {e}"),

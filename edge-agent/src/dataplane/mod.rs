@@ -246,6 +246,11 @@ impl Dataplane {
         }
         self.written.dests = plan.dests.clone();
 
+        // The policy tables change only with the policies; a failover (the plan alone)
+        // must not rebuild and compare the 65,536-entry port table.
+        if self.written.compiled.as_ref() == Some(compiled) {
+            return Ok(writes);
+        }
         let previous = self.written.compiled.take();
         for (rank, rule) in compiled.rules.iter().enumerate() {
             if previous.as_ref().and_then(|p| p.rules.get(rank)) != Some(rule) {

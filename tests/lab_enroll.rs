@@ -6,33 +6,16 @@
 //! tunnel deleted by hand is repaired, and an agent restarted with NATS unreachable restores
 //! the tunnels from its state directory.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::StreamExt;
 use patronus_proto::policy::PathPreference;
-use patronus_test_support::lab::LabController;
+use patronus_test_support::lab::{binary, in_ns, text, LabController};
 use patronus_test_support::TestEnv;
 use uuid::Uuid;
-
-/// A workspace binary next to this test's executable (`target/debug/deps/..`).
-fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|debug| debug.join(name))
-        .context("target directory")?;
-    ensure!(
-        path.exists(),
-        "{} is not built; `cargo test --workspace` (scripts/test) builds it",
-        path.display()
-    );
-    Ok(path)
-}
 
 /// Keep the controller's revision sequence above a revision this test publishes by hand, so
 /// the controller's next intent for the site (after the revocation below) is newer than it:
@@ -116,24 +99,6 @@ fn tunnel_tx_during(
             (name, tx.saturating_sub(was))
         })
         .collect())
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// Run `program args` inside network namespace `ns`.
-fn in_ns(ns: &str, program: &PathBuf, args: &[&str]) -> anyhow::Result<Output> {
-    Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(program)
-        .args(args)
-        .output()
-        .context("ip netns exec")
 }
 
 /// The next event an agent reports within 5 s, heartbeats aside.

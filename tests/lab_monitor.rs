@@ -18,43 +18,9 @@ use patronus_proto::intent::PathSpec;
 use patronus_proto::metrics::PathMetricsBatch;
 use patronus_proto::policy::{LoadBalancing, PathPreference};
 use patronus_proto::{PathId, SiteId, SiteIntent};
-use patronus_test_support::lab::LabController;
+use patronus_test_support::lab::{binary, in_ns, text, LabController};
 use patronus_test_support::TestEnv;
 use uuid::Uuid;
-
-/// A workspace binary next to this test's executable (`target/debug/deps/..`).
-fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|debug| debug.join(name))
-        .context("target directory")?;
-    ensure!(
-        path.exists(),
-        "{} is not built; `cargo test --workspace` (scripts/test) builds it",
-        path.display()
-    );
-    Ok(path)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// Run `program args` inside network namespace `ns`.
-fn in_ns(ns: &str, program: &Path, args: &[&str]) -> anyhow::Result<Output> {
-    Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(program)
-        .args(args)
-        .output()
-        .context("ip netns exec")
-}
 
 /// The agents; killed however the test ends.
 struct Agents(Vec<Child>);

@@ -12,6 +12,45 @@ use crate::{RunningController, TestDatabase, TestEnv};
 /// controller and NATS there, through the relays `patronus-lab up --relay` runs.
 pub const LAB_MGMT_HOST: &str = "198.19.254.1";
 
+/// A workspace binary next to the running test's executable (`target/debug/deps/..`).
+pub fn binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|debug| debug.join(name))
+        .context("target directory")?;
+    anyhow::ensure!(
+        path.exists(),
+        "{} is not built; `cargo test --workspace` (scripts/test) builds it",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// A finished command's stdout and stderr, for messages.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Run `program args` inside network namespace `ns`.
+pub fn in_ns(
+    ns: &str,
+    program: &std::path::Path,
+    args: &[&str],
+) -> anyhow::Result<std::process::Output> {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(program)
+        .args(args)
+        .output()
+        .context("ip netns exec")
+}
+
 /// A running controller with one tenant, reachable from the lab.
 pub struct LabController {
     pub database: TestDatabase,

@@ -850,6 +850,29 @@ async fn viewers_read_but_cannot_write() -> anyhow::Result<()> {
         None
     );
     assert_eq!(status, StatusCode::OK);
+    // The application catalog is readable by anyone signed in, and says what `voip` matches.
+    let (status, catalog) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/app-classes",
+        Some(&w.viewer_a),
+        None
+    );
+    assert_eq!(status, StatusCode::OK, "{catalog}");
+    let voip = catalog
+        .as_array()
+        .and_then(|apps| apps.iter().find(|a| a["class"] == "voip"))
+        .expect("voip in the catalog");
+    assert!(
+        voip["signatures"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["protocol"] == "udp"
+                && s["dst_ports"]
+                    .as_array()
+                    .is_some_and(|p| p.contains(&json!([16384, 32767]))))),
+        "{voip}"
+    );
     for (method, path, body) in [
         (Method::POST, "/api/v1/sites", site_body("v", "10.9.0.0/24")),
         (Method::POST, "/api/v1/policies", voip_policy()),
@@ -1656,6 +1679,7 @@ async fn the_openapi_document_describes_exactly_what_is_served() -> anyhow::Resu
         "/api/v1/flows",
         "/api/v1/topology/optimize",
         "/api/v1/audit",
+        "/api/v1/app-classes",
     ] {
         assert!(paths.contains_key(expected), "{expected} is not documented");
     }

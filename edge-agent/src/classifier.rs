@@ -7,7 +7,10 @@
 //! module builds those tables from the intent's routing policies:
 //!
 //! - enabled policies are ordered by priority (highest first), then id — the proto rule;
-//! - a policy with several source port ranges becomes one rule per range (same class);
+//! - a policy of a built-in application class (VoIP, DNS, web, …) that names no protocol or
+//!   destination ports takes the catalog's signatures (`patronus_proto::catalog`): one entry
+//!   per signature, all reporting the policy's id;
+//! - an entry with several source port ranges becomes one rule per range (same class);
 //! - each application class gets a small id (0 is "no policy matched"), in rank order, and
 //!   takes its load balancing and path preference from its highest-priority policy;
 //! - the prefix tables store, for each distinct prefix, the rules whose prefixes contain it
@@ -32,7 +35,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use patronus_proto::policy::{AppClass, LoadBalancing, PathPreference, RoutingPolicy, Sla};
+use patronus_proto::catalog;
+use patronus_proto::policy::{
+    AppClass, LoadBalancing, MatchRules, PathPreference, RoutingPolicy, Sla,
+};
 use patronus_proto::PolicyId;
 
 use crate::dataplane::abi::{PolicySet, MAX_CLASSES, MAX_POLICIES};
@@ -52,6 +58,8 @@ pub struct ClassSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleSpec {
     pub policy: PolicyId,
+    /// Which of the policy's catalog-expanded match rules this rule came from (internal).
+    entry: usize,
     pub class_id: u16,
     pub src_port_lo: u16,
     pub src_port_hi: u16,
@@ -164,11 +172,8 @@ pub fn ordered(policies: &[RoutingPolicy]) -> Vec<&RoutingPolicy> {
     enabled
 }
 
-fn prefix_table(
-    rules: &[RuleSpec],
-    policy_prefixes: &HashMap<PolicyId, Vec<Prefix>>,
-) -> BTreeMap<Prefix, PolicySet> {
-    let mut stored: BTreeSet<Prefix> = policy_prefixes.values().flatten().copied().collect();
+fn prefix_table(rules: &[RuleSpec], entry_prefixes: &[Vec<Prefix>]) -> BTreeMap<Prefix, PolicySet> {
+    let mut stored: BTreeSet<Prefix> = entry_prefixes.iter().flatten().copied().collect();
     stored.insert(ANY);
     stored.insert(V4_ANY);
     stored
@@ -176,7 +181,7 @@ fn prefix_table(
         .map(|at| {
             let mut set = PolicySet::default();
             for (rank, rule) in rules.iter().enumerate() {
-                let prefixes = &policy_prefixes[&rule.policy];
+                let prefixes = &entry_prefixes[rule.entry];
                 if prefixes.is_empty() || prefixes.iter().any(|q| contains(q, &at)) {
                     set.insert(rank as u32);
                 }
@@ -186,12 +191,28 @@ fn prefix_table(
         .collect()
 }
 
+/// One policy's match rules after the application catalog filled them in (a catalog class
+/// with no protocol or ports gives one entry per signature, all for the same policy).
+struct Entry<'a> {
+    policy: &'a RoutingPolicy,
+    rules: MatchRules,
+}
+
 /// Compile the routing policies into the classifier's tables.
 pub fn compile(policies: &[RoutingPolicy]) -> Result<Compiled, CompileError> {
     let ordered = ordered(policies);
+    let entries: Vec<Entry> = ordered
+        .iter()
+        .flat_map(|policy| {
+            catalog::effective_rules(&policy.app_class, &policy.match_rules)
+                .into_iter()
+                .map(move |rules| Entry { policy, rules })
+        })
+        .collect();
     let mut classes: Vec<ClassSpec> = Vec::new();
     let mut rules = Vec::new();
-    for policy in &ordered {
+    for (index, entry) in entries.iter().enumerate() {
+        let policy = entry.policy;
         let class_id = match classes.iter().find(|c| c.name == policy.app_class) {
             Some(class) => class.id,
             None => {
@@ -206,11 +227,11 @@ pub fn compile(policies: &[RoutingPolicy]) -> Result<Compiled, CompileError> {
                 id
             }
         };
-        let src_ranges: Vec<(u16, u16)> = if policy.match_rules.src_ports.is_empty() {
+        let src_ranges: Vec<(u16, u16)> = if entry.rules.src_ports.is_empty() {
             vec![(0, u16::MAX)]
         } else {
-            policy
-                .match_rules
+            entry
+                .rules
                 .src_ports
                 .iter()
                 .map(|r| (r.start, r.end))
@@ -219,10 +240,11 @@ pub fn compile(policies: &[RoutingPolicy]) -> Result<Compiled, CompileError> {
         for (lo, hi) in src_ranges {
             rules.push(RuleSpec {
                 policy: policy.id,
+                entry: index,
                 class_id,
                 src_port_lo: lo,
                 src_port_hi: hi,
-                dscp: policy.match_rules.dscp,
+                dscp: entry.rules.dscp,
             });
         }
     }
@@ -232,28 +254,20 @@ pub fn compile(policies: &[RoutingPolicy]) -> Result<Compiled, CompileError> {
     if classes.len() >= MAX_CLASSES as usize {
         return Err(CompileError::TooManyClasses(classes.len()));
     }
-    let by_id: HashMap<PolicyId, &RoutingPolicy> = ordered.iter().map(|p| (p.id, *p)).collect();
-    let prefixes = |src: bool| -> HashMap<PolicyId, Vec<Prefix>> {
-        by_id
+    let prefixes = |pick: fn(&MatchRules) -> &Vec<IpNet>| -> Vec<Vec<Prefix>> {
+        entries
             .iter()
-            .map(|(id, p)| {
-                let list = if src {
-                    &p.match_rules.src_prefixes
-                } else {
-                    &p.match_rules.dst_prefixes
-                };
-                (*id, list.iter().map(prefix_of).collect())
-            })
+            .map(|e| pick(&e.rules).iter().map(prefix_of).collect())
             .collect()
     };
-    let src = prefix_table(&rules, &prefixes(true));
-    let dst = prefix_table(&rules, &prefixes(false));
+    let src = prefix_table(&rules, &prefixes(|r| &r.src_prefixes));
+    let dst = prefix_table(&rules, &prefixes(|r| &r.dst_prefixes));
 
     let protocol = (0..=255u8)
         .map(|number| {
             let mut set = PolicySet::default();
             for (rank, rule) in rules.iter().enumerate() {
-                match by_id[&rule.policy].match_rules.protocol {
+                match entries[rule.entry].rules.protocol {
                     Some(p) if p.number() != number => {}
                     _ => set.insert(rank as u32),
                 }
@@ -264,8 +278,8 @@ pub fn compile(policies: &[RoutingPolicy]) -> Result<Compiled, CompileError> {
 
     // Runs of destination ports with the same rule set: cut at every range boundary.
     let mut cuts: BTreeSet<u32> = [0, 65536].into();
-    for policy in &ordered {
-        for range in &policy.match_rules.dst_ports {
+    for entry in &entries {
+        for range in &entry.rules.dst_ports {
             cuts.insert(u32::from(range.start));
             cuts.insert(u32::from(range.end) + 1);
         }
@@ -276,7 +290,7 @@ pub fn compile(policies: &[RoutingPolicy]) -> Result<Compiled, CompileError> {
         let (first, last) = (window[0] as u16, (window[1] - 1) as u16);
         let mut set = PolicySet::default();
         for (rank, rule) in rules.iter().enumerate() {
-            let ranges = &by_id[&rule.policy].match_rules.dst_ports;
+            let ranges = &entries[rule.entry].rules.dst_ports;
             if ranges.is_empty() || ranges.iter().any(|r| r.contains(first)) {
                 set.insert(rank as u32);
             }
@@ -365,23 +379,27 @@ impl Matcher {
     }
 }
 
-/// The reference: the first policy in rank order whose rules all match, scanned plainly.
+/// The reference: the first policy in rank order whose rules all match (any of its
+/// catalog-expanded rule sets), scanned plainly.
 pub fn reference_match(policies: &[RoutingPolicy], packet: &PacketFields) -> Option<PolicyId> {
     let in_any =
         |nets: &[IpNet], addr: IpAddr| nets.is_empty() || nets.iter().any(|n| n.contains(&addr));
     ordered(policies)
         .into_iter()
         .find(|p| {
-            let m = &p.match_rules;
             let ports = |ranges: &[patronus_proto::policy::PortRange], port: u16| {
                 ranges.is_empty() || ranges.iter().any(|r| r.contains(port))
             };
-            in_any(&m.src_prefixes, packet.src)
-                && in_any(&m.dst_prefixes, packet.dst)
-                && m.protocol.is_none_or(|p| p.number() == packet.protocol)
-                && ports(&m.src_ports, packet.src_port)
-                && ports(&m.dst_ports, packet.dst_port)
-                && m.dscp.is_none_or(|d| d == packet.dscp)
+            catalog::effective_rules(&p.app_class, &p.match_rules)
+                .iter()
+                .any(|m| {
+                    in_any(&m.src_prefixes, packet.src)
+                        && in_any(&m.dst_prefixes, packet.dst)
+                        && m.protocol.is_none_or(|p| p.number() == packet.protocol)
+                        && ports(&m.src_ports, packet.src_port)
+                        && ports(&m.dst_ports, packet.dst_port)
+                        && m.dscp.is_none_or(|d| d == packet.dscp)
+                })
         })
         .map(|p| p.id)
 }
@@ -469,7 +487,7 @@ mod tests {
             policy(
                 1,
                 10,
-                "web",
+                "intranet",
                 MatchRules {
                     dst_prefixes: vec!["10.0.0.0/8".parse().unwrap()],
                     ..MatchRules::default()
@@ -478,7 +496,7 @@ mod tests {
             policy(
                 2,
                 20,
-                "dns",
+                "resolver",
                 MatchRules {
                     dst_prefixes: vec!["10.2.0.0/16".parse().unwrap()],
                     dst_ports: vec![PortRange::single(53)],
@@ -500,9 +518,57 @@ mod tests {
     }
 
     #[test]
+    fn catalog_classes_match_their_applications_and_report_the_policy() {
+        let policies = vec![
+            policy(1, 100, AppClass::VOIP, MatchRules::default()),
+            policy(
+                2,
+                90,
+                AppClass::DNS,
+                MatchRules {
+                    dst_prefixes: vec!["10.2.0.0/16".parse().unwrap()],
+                    ..MatchRules::default()
+                },
+            ),
+            policy(3, 80, AppClass::WEB, MatchRules::default()),
+            policy(4, 70, AppClass::BACKUP, MatchRules::default()),
+        ];
+        let compiled = compile(&policies).unwrap();
+        // VoIP: UDP + TCP signatures → two rules, one class.
+        assert_eq!(compiled.rules.len(), 2 + 2 + 2 + 1);
+        assert_eq!(compiled.classes.len(), 4);
+        let m = Matcher::new(&compiled);
+        let policy_of =
+            |packet: PacketFields| m.classify(&packet).map(|r| compiled.rules[r].policy);
+        let tcp = |port: u16| PacketFields {
+            protocol: 6,
+            ..udp(port)
+        };
+        assert_eq!(policy_of(udp(5060)), Some(policies[0].id), "SIP");
+        assert_eq!(policy_of(tcp(5061)), Some(policies[0].id), "SIP over TLS");
+        assert_eq!(policy_of(udp(20000)), Some(policies[0].id), "RTP");
+        assert_eq!(policy_of(udp(53)), Some(policies[1].id), "DNS to 10.2/16");
+        assert_eq!(policy_of(tcp(853)), Some(policies[1].id), "DoT to 10.2/16");
+        let elsewhere = PacketFields {
+            dst: "10.3.0.10".parse().unwrap(),
+            ..udp(53)
+        };
+        assert_eq!(
+            policy_of(elsewhere),
+            None,
+            "the policy's prefix still applies"
+        );
+        assert_eq!(policy_of(tcp(443)), Some(policies[2].id), "HTTPS");
+        assert_eq!(policy_of(udp(443)), Some(policies[2].id), "QUIC");
+        assert_eq!(policy_of(tcp(6161)), Some(policies[3].id), "Veeam");
+        assert_eq!(policy_of(tcp(5432)), None, "nothing in the catalog");
+        assert_eq!(policy_of(udp(80)), None, "web is TCP on 80");
+    }
+
+    #[test]
     fn too_many_rules_is_an_error_not_a_truncation() {
         let policies: Vec<RoutingPolicy> = (0..1001)
-            .map(|n| policy(n, 1, "web", MatchRules::default()))
+            .map(|n| policy(n, 1, "erp", MatchRules::default()))
             .collect();
         assert_eq!(compile(&policies), Err(CompileError::TooManyRules(1001)));
     }
@@ -577,7 +643,12 @@ mod tests {
             let policies: Vec<RoutingPolicy> = rules
                 .into_iter()
                 .enumerate()
-                .map(|(i, (priority, r))| policy(i as u128 + 1, priority, if i % 2 == 0 { "a" } else { "b" }, r))
+                .map(|(i, (priority, r))| {
+                    // Operator classes and catalog ones (which expand when the rules leave
+                    // protocol and ports open).
+                    let class = ["a", "b", AppClass::VOIP, AppClass::WEB, AppClass::FILE_TRANSFER][i % 5];
+                    policy(i as u128 + 1, priority, class, r)
+                })
                 .collect();
             let compiled = compile(&policies).unwrap();
             let m = Matcher::new(&compiled);

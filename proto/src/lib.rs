@@ -5,7 +5,8 @@
 //! - [`ids`]: typed identifiers (tenant, site, path, policy) and WireGuard/probe key types.
 //! - [`intent`]: [`SiteIntent`], the whole desired state of one site, versioned by a rising
 //!   revision, plus its validation.
-//! - [`policy`]: routing, QoS, security and cost policies carried inside an intent.
+//! - [`policy`]: routing, QoS, security and cost policies carried inside an intent;
+//!   [`catalog`]: what the built-in application classes (VoIP, DNS, web, …) match.
 //! - [`metrics`], [`events`], [`flows`]: what an edge reports back.
 //! - [`command`]: controller → edge requests on the `.cmd` subject and their replies.
 //! - [`enroll`]: the enrollment request and answer (`POST /api/v1/enroll`).
@@ -19,6 +20,7 @@
 //! accepts any minor version of its own major (unknown fields from a newer peer are ignored,
 //! unknown event kinds decode to [`events::SdwanEvent::Unknown`]) and refuses another major.
 
+pub mod catalog;
 pub mod codec;
 pub mod command;
 pub mod edge_auth;

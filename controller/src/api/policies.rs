@@ -1,6 +1,8 @@
 //! Policies: routing, QoS, security and cost, as `patronus-proto` defines them.
 //!
 //! - `GET|POST /policies`, `GET|PUT|DELETE /policies/{id}`
+//! - `GET /app-classes`: the built-in application catalog (what a routing policy of class
+//!   `voip`, `dns`, `web`, … matches when it names no protocol or ports)
 //!
 //! The body names the policy (`name`, `kind`, `priority`, `enabled`, `site_ids`) and carries
 //! the kind's own fields in `spec`. The controller compiles `spec` with the same types and
@@ -433,8 +435,51 @@ async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<Ht
     Ok(HttpResponse::NoContent().finish())
 }
 
+#[derive(utoipa::ToSchema, Serialize, Debug)]
+pub struct AppClassSignature {
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// Inclusive `[first, last]` destination port ranges.
+    pub dst_ports: Vec<[u16; 2]>,
+}
+
+#[derive(utoipa::ToSchema, Serialize, Debug)]
+pub struct AppClassInfo {
+    pub class: String,
+    pub description: String,
+    pub signatures: Vec<AppClassSignature>,
+}
+
+#[utoipa::path(operation_id = "list_app_classes", tag = "policies", security(("bearer" = [])), responses((status = 200, body = Vec<AppClassInfo>), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/app-classes")]
+async fn app_classes(_ctx: Ctx) -> ApiResult<HttpResponse> {
+    let catalog: Vec<AppClassInfo> = patronus_proto::catalog::CATALOG
+        .iter()
+        .map(|app| AppClassInfo {
+            class: app.class.to_owned(),
+            description: app.description.to_owned(),
+            signatures: app
+                .signatures
+                .iter()
+                .map(|s| AppClassSignature {
+                    protocol: match s.protocol {
+                        patronus_proto::policy::Protocol::Tcp => "tcp",
+                        patronus_proto::policy::Protocol::Udp => "udp",
+                        patronus_proto::policy::Protocol::Icmp => "icmp",
+                        patronus_proto::policy::Protocol::Icmpv6 => "icmpv6",
+                    }
+                    .to_owned(),
+                    dst_ports: s.dst_ports.iter().map(|&(a, b)| [a, b]).collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(catalog))
+}
+
 pub fn routes(cfg: &mut ServiceConfig) {
-    cfg.service(list)
+    cfg.service(app_classes)
+        .service(list)
         .service(create)
         .service(get)
         .service(replace)

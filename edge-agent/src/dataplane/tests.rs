@@ -462,3 +462,65 @@ fn new_flows_take_the_picked_tier_and_outranked_paths_keep_their_flows() {
     }
     assert_eq!(dp.counter(Counter::Repath).unwrap(), 0);
 }
+
+#[test]
+fn catalog_policies_compiled_by_the_agent_class_sip_rtp_and_dns_in_the_kernel() {
+    use patronus_proto::policy::{
+        AppClass, LoadBalancing, MatchRules, PathPreference, RoutingPolicy, Sla,
+    };
+    let policy = |n: u128, priority: u16, class: &str| RoutingPolicy {
+        id: patronus_proto::PolicyId(uuid::Uuid::from_u128(n)),
+        name: class.to_owned(),
+        priority,
+        enabled: true,
+        match_rules: MatchRules::default(),
+        app_class: AppClass::new(class),
+        path_preference: PathPreference::LowestLatency,
+        load_balancing: LoadBalancing::ActiveBackup,
+        sla: Sla::default(),
+    };
+    // Only the class is named: the catalog supplies the protocols and ports.
+    let compiled =
+        crate::classifier::compile(&[policy(1, 100, AppClass::VOIP), policy(2, 50, AppClass::DNS)])
+            .unwrap();
+    let mut dp = loaded();
+    dp.apply(&compiled, &crate::steering::SteeringPlan::default())
+        .unwrap();
+    for (index, mark) in [(LOW_LATENCY, MARK_LOW_LATENCY), (LOW_COST, MARK_LOW_COST)] {
+        dp.set_path(index, PathEntry { mark, flags: 0 }).unwrap();
+    }
+    let voip = compiled.classes[0].id;
+    let dns = compiled.classes[1].id;
+    dp.set_class_paths(
+        class_index(voip, 0),
+        class(1, LbMode::ActiveBackup, &[LOW_LATENCY], 0),
+    )
+    .unwrap();
+    dp.set_class_paths(
+        class_index(dns, 0),
+        class(1, LbMode::ActiveBackup, &[LOW_COST], 0),
+    )
+    .unwrap();
+    // (protocol, port, class, mark: 0 = the default class, no mark, the main table)
+    for (protocol, dst_port, class_id, mark) in [
+        (17, 5060, Some(voip), Some(MARK_LOW_LATENCY)), // SIP over UDP
+        (6, 5061, Some(voip), Some(MARK_LOW_LATENCY)),  // SIP over TLS
+        (17, 20000, Some(voip), Some(MARK_LOW_LATENCY)), // RTP
+        (17, 53, Some(dns), Some(MARK_LOW_COST)),
+        (6, 853, Some(dns), Some(MARK_LOW_COST)), // DNS over TLS
+        (6, 20000, None, Some(0)),                // TCP in the RTP range: not VoIP
+    ] {
+        let (verdict, got_mark) = run(&dp, &ipv4(protocol, 41000, dst_port, 0, false, false));
+        assert_eq!(
+            (verdict, got_mark),
+            (XDP_PASS, mark),
+            "protocol {protocol} port {dst_port}"
+        );
+        let flow = dp.flow(&key4(protocol, 41000, dst_port)).unwrap();
+        assert_eq!(
+            flow.map(|f| f.class_id).filter(|c| *c != 0),
+            class_id,
+            "protocol {protocol} port {dst_port}"
+        );
+    }
+}

@@ -532,6 +532,8 @@ async fn bad_input_gets_a_json_error_and_changes_nothing() -> anyhow::Result<()>
     reversed["spec"]["match"]["dst_ports"] = json!([{ "start": 9, "end": 1 }]);
     let mut misspelt = voip_policy();
     misspelt["spec"]["app_clas"] = json!("voip");
+    let mut too_fast = voip_policy();
+    too_fast["spec"]["probe_interval_ms"] = json!(5);
     let mut bad_kind = voip_policy();
     bad_kind["kind"] = json!("teleport");
     let cases: Vec<(&str, &str, Value, StatusCode, &str)> = vec![
@@ -609,6 +611,13 @@ async fn bad_input_gets_a_json_error_and_changes_nothing() -> anyhow::Result<()>
             "POST",
             "/api/v1/policies",
             misspelt,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_policy",
+        ),
+        (
+            "POST",
+            "/api/v1/policies",
+            too_fast,
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_policy",
         ),

@@ -58,6 +58,7 @@ fn routing_policy(
         path_preference: preference,
         load_balancing: LoadBalancing::ActiveBackup,
         sla: Sla::default(),
+        probe_interval_ms: None,
     }
 }
 

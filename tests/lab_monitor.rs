@@ -1,9 +1,12 @@
 //! Path monitoring and local failover in a real lab: two sites with two uplinks enroll with
-//! real tokens and run their agents; with probes every 20 ms the agents measure every path
+//! real tokens and run their agents; with probes every 20 ms (asked for by the VoIP policy)
+//! the agents measure every path
 //! inside its tunnel (delay and loss the WAN emulator adds show up as such), move a VoIP flow
 //! off a cut uplink within a probe timeout or so while a bulk flow on the other uplink stays
 //! where it is, and drop probes that are badly signed, unsigned or replayed (sent by
-//! `patronus-edge probe`, the operator's ping over a path), counting each by reason.
+//! `patronus-edge probe`, the operator's ping over a path), counting each by reason; and find
+//! an MTU lowered on one uplink (both ends: one from its device, the other from the
+//! internet's "fragmentation needed" answers to its full-size probes).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -98,6 +101,9 @@ fn policy(
         path_preference: preference,
         load_balancing,
         sla: Sla::default(),
+        // The site probes every second (the default); the VoIP policy asks for 20 ms probes
+        // on the paths its traffic can take (all of them: no destination prefixes).
+        probe_interval_ms: (class == "voip").then_some(20),
     }
 }
 
@@ -336,6 +342,58 @@ impl Lab {
         for n in 1..=2 {
             self.put(n, |i| i.probe.timeout_ms = 60).await?;
         }
+        Ok(())
+    }
+
+    /// Step 6: an MTU lowered on site 2's uplink 0 (both ends of its link: 1300 bytes) is
+    /// found by both sites: site 1 learns it from the internet's "fragmentation needed"
+    /// answers to its full-size probes, site 2 from its own device; each reports 1300 less
+    /// WireGuard's 60 bytes on the paths through that uplink and the tunnel's 1420 elsewhere.
+    async fn mtu(&self, metrics: &mut async_nats::Subscriber) -> anyhow::Result<()> {
+        let before: PathMetricsBatch = next_message(
+            metrics,
+            tokio::time::Instant::now() + Duration::from_secs(12),
+            "metrics batch before the MTU change",
+        )
+        .await?;
+        let by_remote = |batch: &PathMetricsBatch| -> Vec<(u8, u8, Option<u16>)> {
+            batch
+                .samples
+                .iter()
+                .filter_map(|s| {
+                    let spec = self.paths1().iter().find(|p| p.id == s.path)?;
+                    Some((spec.local_uplink, spec.remote_uplink, s.metrics.mtu))
+                })
+                .collect()
+        };
+        let unimpaired = by_remote(&before);
+        ensure!(
+            unimpaired.len() == 4 && unimpaired.iter().all(|(_, _, m)| *m == Some(1420)),
+            "before the change every path should report the tunnel's 1420: {unimpaired:?}"
+        );
+        impair(&self.lab, 2, 0, &["--mtu", "1300"])?;
+        let impaired_at = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(25);
+        let found = loop {
+            let batch: PathMetricsBatch =
+                next_message(metrics, deadline, "metrics batch with the lower MTU").await?;
+            let mtus = by_remote(&batch);
+            if mtus.len() == 4
+                && mtus
+                    .iter()
+                    .all(|(_, remote, m)| *m == Some(if *remote == 0 { 1240 } else { 1420 }))
+            {
+                break mtus;
+            }
+        };
+        println!(
+            "site1 found the 1300-byte MTU on site2's uplink 0 {:?} after it was lowered, as              (local uplink, remote uplink, MTU): {found:?}",
+            impaired_at.elapsed()
+        );
+        self.wait_log(2, "MTU 1240 (was 1420", Duration::from_secs(15))
+            .await
+            .context("site 2 should find its own uplink's lower MTU")?;
+        impair(&self.lab, 2, 0, &["--restore"])?;
         Ok(())
     }
 
@@ -864,8 +922,9 @@ async fn bring_up(
     Ok(())
 }
 
-/// Both sites' intents as the controller published them, with 20 ms probes (timeout 60 ms,
-/// down after 3 lost), a 2 s failback hold-down (the default 10 s would make the test long),
+/// Both sites' intents as the controller published them, with 20 ms probes on every path
+/// asked for by the VoIP policy (the site's own interval stays 1 s; timeout 60 ms, down after
+/// 3 lost), a 2 s failback hold-down (the default 10 s would make the test long),
 /// uplink 1 cheaper than uplink 0, VoIP (UDP 5060) on the lowest-latency path, active-backup,
 /// and bulk (TCP 873) on the cheapest uplink, hashed over its paths.
 /// Site 2 gets the same classes for the replies (matched on source ports): traffic no policy
@@ -891,7 +950,10 @@ async fn monitored_intents(
             intent.peers.len(),
             intent.paths.len()
         );
-        intent.probe.interval_ms = 20;
+        ensure!(
+            intent.probe.interval_ms == 1000,
+            "the site's own probe interval should be the default 1 s"
+        );
         intent.probe.timeout_ms = 60;
         intent.probe.down_after_losses = 3;
         intent.failover.failback_hold_down_ms = 2000;
@@ -998,6 +1060,11 @@ async fn agents_probe_their_paths_fail_over_a_cut_uplink_and_drop_forged_probes(
         lab.failover(slow_since).await?;
         impair(&lab.lab, 1, 1, &["--restore"])?;
         lab.probe_security().await?;
+        // Last: site 1's kernel keeps a learnt path MTU for 10 minutes, past the restore.
+        let mut metrics = lab
+            .subscribe(patronus_proto::subjects::metrics_subject(tenant, sites[0]))
+            .await?;
+        lab.mtu(&mut metrics).await?;
         println!("lab_monitor ran in {:?}", test_started.elapsed());
         drop(lab);
         drop(reader);

@@ -38,6 +38,7 @@ fn policies() -> Vec<RoutingPolicy> {
             path_preference: PathPreference::LowestLatency,
             load_balancing: LoadBalancing::FlowHash,
             sla: Sla::default(),
+            probe_interval_ms: None,
         })
         .collect()
 }

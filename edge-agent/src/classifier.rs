@@ -421,6 +421,7 @@ mod tests {
             path_preference: PathPreference::LowestLatency,
             load_balancing: LoadBalancing::FlowHash,
             sla: Sla::default(),
+            probe_interval_ms: None,
         }
     }
 

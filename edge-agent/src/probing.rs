@@ -32,6 +32,7 @@ use patronus_proto::probe::{self, ProbeKind, ProbePacket};
 use patronus_proto::{PathId, ProbeKey, SiteId, SiteIntent};
 
 use crate::classifier::Compiled;
+use crate::monitor::pmtu::{self, PmtuState};
 use crate::monitor::{
     health_score, Health, HealthConfig, Liveness, PathHealth, PathProber, ProberConfig,
     ReplayWindow, ReplyOutcome, SlaGate,
@@ -44,7 +45,12 @@ pub const PROBE_PORT: u16 = 51999;
 /// Largest datagram read (probes are 88 bytes; MTU probes up to the interface MTU).
 const RECV_BUFFER: usize = 9216;
 
-/// How often per-path samples go to the run loop for the metrics batch.
+/// Path tag of the full-size probes that make the kernel learn the path MTU (even: an
+/// agent's tag; operators' runs use odd ones).
+pub const MTU_PROBE_TAG: u32 = 2;
+
+/// How often per-path samples go to the run loop for the metrics batch (and how often the
+/// path MTU is read and full-size probes are sent).
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
 /// How often views are re-sent even without a state change, so ranking by measured latency
@@ -60,6 +66,14 @@ pub struct Target {
     pub peer_overlay: IpAddr,
     pub key: ProbeKey,
     pub interface: String,
+    /// The peer's WireGuard endpoint on the remote uplink (outer destination), for reading
+    /// the path MTU the kernel learnt toward it.
+    pub endpoint: Option<SocketAddr>,
+    /// The firewall mark of the tunnel's encrypted packets (selects the local uplink).
+    pub uplink_mark: u32,
+    /// How often this path is probed: the site's interval, or less where a routing policy
+    /// whose traffic can take the path asks for less ([`probe_interval_ms`]).
+    pub interval_ms: u32,
 }
 
 /// What the thread probes, from the applied intent.
@@ -75,6 +89,8 @@ pub struct ProbePlan {
     /// Local uplinks: interface and capacity (Mbit/s, from the intent), for the passive
     /// available-bandwidth estimate.
     pub uplinks: BTreeMap<u8, (String, Option<u32>)>,
+    /// The tunnels' MTU (full-size MTU probes are this large inside the tunnel).
+    pub tunnel_mtu: u16,
 }
 
 /// What the run loop learns from the thread.
@@ -150,6 +166,33 @@ pub fn report(
     }
 }
 
+/// How often the paths toward `peer` are probed (pure): the site's `probe.interval_ms`, or
+/// the smallest `probe_interval_ms` of the enabled routing policies whose traffic can go to
+/// that peer (no destination prefixes, or one overlapping the peer's overlay address, LANs or
+/// transit prefixes).
+pub fn probe_interval_ms(intent: &SiteIntent, peer: &patronus_proto::intent::Peer) -> u32 {
+    let overlaps = |a: &ipnet::IpNet, b: &ipnet::IpNet| a.contains(b) || b.contains(a);
+    let reaches = |policy: &patronus_proto::policy::RoutingPolicy| {
+        let dst = &policy.match_rules.dst_prefixes;
+        dst.is_empty()
+            || dst.iter().any(|d| {
+                d.contains(&peer.overlay_address)
+                    || peer
+                        .lan_prefixes
+                        .iter()
+                        .chain(&peer.transit_prefixes)
+                        .any(|p| overlaps(d, p))
+            })
+    };
+    intent
+        .policies
+        .routing
+        .iter()
+        .filter(|p| p.enabled && reaches(p))
+        .filter_map(|p| p.probe_interval_ms)
+        .fold(intent.probe.interval_ms, u32::min)
+}
+
 /// The probe plan of an intent (pure); `uplinks` as found on the system.
 pub fn plan(
     intent: &SiteIntent,
@@ -161,6 +204,17 @@ pub fn plan(
         let Some(peer) = intent.peers.iter().find(|p| p.site == path.remote_site) else {
             continue;
         };
+        let endpoint = peer
+            .endpoints
+            .iter()
+            .find(|e| e.uplink_index == path.remote_uplink)
+            .zip(patronus_proto::intent::tunnel_port(
+                peer.listen_port_base,
+                path.remote_uplink,
+                path.local_uplink,
+            ))
+            .map(|(e, port)| SocketAddr::new(e.ip, port));
+        let interval_ms = probe_interval_ms(intent, peer);
         targets.push(Target {
             path: path.id,
             local_uplink: path.local_uplink,
@@ -172,6 +226,9 @@ pub fn plan(
                 path.local_uplink,
                 path.remote_uplink,
             ),
+            endpoint,
+            uplink_mark: crate::desired::UPLINK_BASE + u32::from(path.local_uplink),
+            interval_ms,
         });
     }
     let mut class_slas = BTreeMap::new();
@@ -203,6 +260,7 @@ pub fn plan(
                 (u.index, (u.dev.clone(), capacity))
             })
             .collect(),
+        tunnel_mtu: intent.wireguard.mtu,
     }
 }
 
@@ -377,13 +435,16 @@ fn bind(fd: libc::c_int, address: SocketAddr) -> std::io::Result<()> {
 struct Reply {
     interface: String,
     from: IpAddr,
+    /// 0 for the liveness probes; [`MTU_PROBE_TAG`] for the full-size ones.
+    path_tag: u32,
     sequence: u64,
     hold: Duration,
     at: Duration,
 }
 
 /// The reflector's replay windows, one per (sender, path tag). The agent's own probes carry
-/// tag 0; `patronus-edge probe` picks a random tag per run, so an operator's probes (whose
+/// even tags (0 for liveness, [`MTU_PROBE_TAG`] for full-size probes); `patronus-edge probe`
+/// picks a random odd tag per run, so an operator's probes (whose
 /// sequences come from another clock) neither shift the agent's window (which would make the
 /// agent's next probes "too old" and its path look dead) nor are refused by it. The tag is
 /// covered by the signature, so a replayed probe always lands in its original's window.
@@ -395,19 +456,20 @@ struct ReplayWindows {
 
 impl ReplayWindows {
     /// Windows of operator runs kept per socket; past that the least recently used one
-    /// (never an agent's, tag 0) is forgotten.
+    /// (never an agent's: even tags) is forgotten.
     const MAX_TAGGED: usize = 64;
 
     fn window(&mut self, from: IpAddr, tag: u32) -> &mut ReplayWindow {
         self.uses += 1;
         let key = (from, tag);
-        if !self.windows.contains_key(&key) && tag != 0 {
-            let tagged = self.windows.keys().filter(|(_, t)| *t != 0).count();
+        let operator = |tag: u32| tag & 1 == 1;
+        if !self.windows.contains_key(&key) && operator(tag) {
+            let tagged = self.windows.keys().filter(|(_, t)| operator(*t)).count();
             if tagged >= Self::MAX_TAGGED {
                 let oldest = self
                     .windows
                     .iter()
-                    .filter(|((_, t), _)| *t != 0)
+                    .filter(|((_, t), _)| operator(*t))
                     .min_by_key(|(_, (_, used))| *used)
                     .map(|(k, _)| *k);
                 if let Some(oldest) = oldest {
@@ -483,6 +545,7 @@ async fn receive(
                 let _ = replies.send(Reply {
                     interface: interface.clone(),
                     from: from.ip(),
+                    path_tag: packet.path_tag,
                     sequence: packet.sequence,
                     hold: Duration::from_nanos(u64::from(packet.reflector_hold_ns)),
                     at: received,
@@ -501,6 +564,9 @@ struct Probed {
     view: PathView,
     /// Totals at the last sample (samples carry the window's difference).
     sampled: (u64, u64),
+    pmtu: PmtuState,
+    /// Full-size probes sent (their own sequence space, under [`MTU_PROBE_TAG`]).
+    mtu_probes: u64,
 }
 
 /// Sequence numbers start from the wall clock in microseconds, so a restarted agent's
@@ -539,7 +605,7 @@ struct State {
 impl State {
     fn configure(&mut self, plan: ProbePlan) {
         let now = self.epoch.elapsed();
-        let prober_config = ProberConfig::from(&plan.settings);
+        let site_config = ProberConfig::from(&plan.settings);
         let health_config = HealthConfig::from(&plan.failover);
         if let Ok(mut keys) = self.keys.write() {
             *keys = plan
@@ -551,6 +617,11 @@ impl State {
         let wanted: BTreeSet<PathId> = plan.targets.iter().map(|t| t.path).collect();
         self.paths.retain(|id, _| wanted.contains(id));
         for target in &plan.targets {
+            let prober_config = ProberConfig {
+                interval: Duration::from_millis(u64::from(target.interval_ms)),
+                loss_window: ProberConfig::loss_window_for(target.interval_ms),
+                ..site_config
+            };
             match self.paths.get_mut(&target.path) {
                 Some(p) => {
                     p.target = target.clone();
@@ -567,6 +638,8 @@ impl State {
                             gates: BTreeMap::new(),
                             view: PathView::default(),
                             sampled: (0, 0),
+                            pmtu: PmtuState::default(),
+                            mtu_probes: 0,
                         },
                     );
                 }
@@ -668,6 +741,11 @@ impl State {
     }
 
     fn on_reply(&mut self, reply: Reply) {
+        if reply.path_tag != 0 {
+            // A full-size probe came back: it only exists to make the kernel learn the path
+            // MTU (the MTU is read from the kernel), and its timing is not a liveness sample.
+            return;
+        }
         let Some(id) = self
             .paths
             .iter()
@@ -809,6 +887,7 @@ impl State {
             let mut metrics = metrics_of(&stats, score);
             metrics.measured_at_unix_ms = now_ms;
             metrics.bandwidth_mbps = available.get(&p.target.local_uplink).copied();
+            metrics.mtu = p.pmtu.current();
             samples.push(PathSample {
                 path: *id,
                 status: p.health.health().as_status(),
@@ -819,6 +898,139 @@ impl State {
         }
         samples
     }
+}
+
+impl State {
+    /// Read each path's MTU from the kernel (what the last full-size probes taught it) and
+    /// log changes.
+    fn read_path_mtus(&mut self) {
+        let Some(plan) = &self.plan else {
+            return;
+        };
+        if !plan.settings.mtu_discovery {
+            return;
+        }
+        let tunnel_mtu = plan.tunnel_mtu;
+        for (id, p) in &mut self.paths {
+            let Some(endpoint) = p.target.endpoint else {
+                continue;
+            };
+            let reading = match outer_path_mtu(endpoint, p.target.uplink_mark) {
+                Ok(outer) => pmtu::inner_mtu(outer, endpoint.is_ipv6(), tunnel_mtu),
+                Err(e) => {
+                    count(&self.drops, "pmtu_read_failed");
+                    if p.pmtu.current().is_some() {
+                        eprintln!(
+                            "probe: path {id}: cannot read the path MTU toward {endpoint}: {e}"
+                        );
+                    }
+                    None
+                }
+            };
+            if let Some(previous) = p.pmtu.observe(reading) {
+                eprintln!(
+                    "probe: path {id} via {} MTU {} (was {}; outer path toward {endpoint})",
+                    p.target.interface,
+                    reading.map_or("unknown".into(), |m| m.to_string()),
+                    previous.map_or("unknown".into(), |m| m.to_string()),
+                );
+            }
+        }
+    }
+
+    /// Send one probe per path padded to the tunnel MTU, with the agent's MTU tag.
+    async fn send_mtu_probes(&mut self) {
+        let Some(plan) = &self.plan else {
+            return;
+        };
+        if !plan.settings.mtu_discovery {
+            return;
+        }
+        let (tunnel_mtu, overlay_v6) = (plan.tunnel_mtu, plan.overlay.is_ipv6());
+        let now = self.epoch.elapsed();
+        for p in self.paths.values_mut() {
+            let Some((socket, _)) = self.sockets.get(&p.target.interface) else {
+                continue;
+            };
+            p.mtu_probes += 1;
+            let mut request = ProbePacket {
+                kind: ProbeKind::Request,
+                mtu_probe: true,
+                path_tag: MTU_PROBE_TAG,
+                sequence: self.base.wrapping_add(p.mtu_probes),
+                sent_ns: now.as_nanos() as u64,
+                echo_sent_ns: 0,
+                reflector_hold_ns: 0,
+                nonce: rand::random(),
+                pad_len: 0,
+            };
+            let unpadded = probe::V1_HEADER_LEN + probe::MAC_LEN;
+            request.pad_len =
+                u16::try_from(pmtu::probe_padding(tunnel_mtu, overlay_v6, unpadded)).unwrap_or(0);
+            if request
+                .encode_into(Some(&p.target.key), &mut self.out)
+                .is_ok()
+            {
+                // Lost or refused (EMSGSIZE) full-size probes are expected: the kernel learns
+                // from the ICMP answer, not from the reply.
+                let _ = socket
+                    .send_to(
+                        &self.out,
+                        SocketAddr::new(p.target.peer_overlay, PROBE_PORT),
+                    )
+                    .await;
+            }
+        }
+    }
+}
+
+/// The path MTU the kernel holds toward `endpoint` for packets with firewall mark `mark`
+/// (the route WireGuard's encrypted packets take): the outgoing device's MTU, lowered by
+/// what "fragmentation needed" answers taught it (`IP_MTU` / `IPV6_MTU` on a connected
+/// socket; nothing is sent).
+fn outer_path_mtu(endpoint: SocketAddr, mark: u32) -> std::io::Result<u32> {
+    let (family, level, option) = if endpoint.is_ipv4() {
+        (libc::AF_INET, libc::IPPROTO_IP, libc::IP_MTU)
+    } else {
+        (libc::AF_INET6, libc::IPPROTO_IPV6, libc::IPV6_MTU)
+    };
+    // SAFETY: plain socket(2); the descriptor is owned by the UdpSocket right after.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own; the UdpSocket closes it on every path.
+    let socket = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
+    // SAFETY: the value points at a c_uint for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.connect(endpoint)?;
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `mtu`, a c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            option,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    u32::try_from(mtu).map_err(|_| std::io::Error::other(format!("kernel reported MTU {mtu}")))
 }
 
 fn metrics_of(stats: &crate::monitor::ProbeStats, score: u8) -> PathMetrics {
@@ -870,10 +1082,12 @@ async fn run(
             Some(reply) = replies.recv() => state.on_reply(reply),
             _ = tokio::time::sleep_until(deadline) => state.tick().await,
             _ = sample.tick() => {
+                state.read_path_mtus();
                 let samples = state.samples();
                 if !samples.is_empty() {
                     let _ = state.updates.send(Update::Samples(samples));
                 }
+                state.send_mtu_probes().await;
             }
             _ = refresh.tick() => state.views_dirty = true,
             _ = sockets_retry.tick() => state.open_missing_sockets(),
@@ -1170,6 +1384,74 @@ mod tests {
             crate::desired::interface_name(intent.site, 0, 1)
         );
         assert_eq!(t.key.0, [2; 32]);
+        // The outer destination and mark the path MTU is read with: the peer's uplink 1 at
+        // its tunnel port toward our uplink 0, and our uplink 0's mark.
+        assert_eq!(
+            t.endpoint,
+            Some(SocketAddr::new(
+                "198.18.0.9".parse().unwrap(),
+                patronus_proto::intent::tunnel_port(51820, 1, 0).unwrap()
+            ))
+        );
+        assert_eq!(t.uplink_mark, crate::desired::UPLINK_BASE);
+        assert_eq!((t.interval_ms, plan.tunnel_mtu), (1000, 1420));
+    }
+
+    #[test]
+    fn a_policy_probes_the_paths_its_traffic_can_take_faster() {
+        let peer = |n: u128, lan: &str| {
+            serde_json::json!({"site": uuid::Uuid::from_u128(n), "name": format!("p{n}"),
+                "public_key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+                "overlay_address": format!("100.64.0.{n}"), "lan_prefixes": [lan], "endpoints": [],
+                "listen_port_base": 51820, "probe_key": "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI="})
+        };
+        let policy = |n: u128, dst: &[&str], interval: Option<u32>, enabled: bool| {
+            serde_json::json!({"id": uuid::Uuid::from_u128(n), "name": format!("p{n}"), "priority": 10,
+                "enabled": enabled, "match": {"dst_prefixes": dst}, "app_class": "voip",
+                "path_preference": {"kind": "lowest_latency"}, "probe_interval_ms": interval})
+        };
+        let intent = |routing: Vec<serde_json::Value>| -> SiteIntent {
+            serde_json::from_value(serde_json::json!({
+                "schema_version": "1.0", "tenant": uuid::Uuid::nil(), "site": uuid::Uuid::from_u128(1),
+                "site_name": "a", "revision": 1, "generated_at_unix_ms": 0,
+                "overlay": {"address": "100.64.0.1", "network": "100.64.0.0/16", "lan_prefixes": []},
+                "uplinks": [],
+                "wireguard": {"public_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "listen_port_base": 51820, "mtu": 1420, "persistent_keepalive_s": 25},
+                "peers": [peer(2, "10.2.0.0/24"), peer(3, "10.3.0.0/24")],
+                "paths": [],
+                "policies": {"routing": routing}
+            }))
+            .expect("an intent")
+        };
+        let intervals = |i: &SiteIntent| -> Vec<u32> {
+            i.peers.iter().map(|p| probe_interval_ms(i, p)).collect()
+        };
+        assert_eq!(intervals(&intent(vec![])), [1000, 1000]);
+        // No destination prefixes: every peer.
+        assert_eq!(
+            intervals(&intent(vec![policy(1, &[], Some(20), true)])),
+            [20, 20]
+        );
+        // Only the peer whose LAN the policy's destination covers (or lies inside).
+        assert_eq!(
+            intervals(&intent(vec![policy(1, &["10.2.0.0/16"], Some(20), true)])),
+            [20, 1000]
+        );
+        assert_eq!(
+            intervals(&intent(vec![policy(1, &["10.3.0.128/25"], Some(50), true)])),
+            [1000, 50]
+        );
+        // The smallest wins; a disabled policy and one without an interval do not count;
+        // a policy never slows the site's own interval down.
+        assert_eq!(
+            intervals(&intent(vec![
+                policy(1, &[], Some(100), true),
+                policy(2, &["10.2.0.0/24"], Some(10), false),
+                policy(3, &["10.3.0.0/24"], None, true),
+                policy(4, &["10.3.0.0/24"], Some(5000), true),
+            ])),
+            [100, 100]
+        );
     }
 
     #[test]
@@ -1214,14 +1496,21 @@ mod tests {
         let peer: IpAddr = "100.64.0.2".parse().unwrap();
         let mut windows = ReplayWindows::default();
         assert!(windows.window(peer, 0).check_and_set(5).is_ok());
-        for tag in 1..=(ReplayWindows::MAX_TAGGED as u32 * 3) {
-            assert!(windows.window(peer, tag).check_and_set(1).is_ok());
+        assert!(windows.window(peer, MTU_PROBE_TAG).check_and_set(7).is_ok());
+        // Operators' runs use odd tags.
+        for run in 0..(ReplayWindows::MAX_TAGGED as u32 * 3) {
+            assert!(windows.window(peer, 2 * run + 1).check_and_set(1).is_ok());
         }
-        assert_eq!(windows.windows.len(), ReplayWindows::MAX_TAGGED + 1);
+        assert_eq!(windows.windows.len(), ReplayWindows::MAX_TAGGED + 2);
         assert_eq!(
             windows.window(peer, 0).check_and_set(5),
             Err(crate::monitor::ReplayError::Replayed),
             "the agent's window was forgotten"
+        );
+        assert_eq!(
+            windows.window(peer, MTU_PROBE_TAG).check_and_set(7),
+            Err(crate::monitor::ReplayError::Replayed),
+            "the agent's full-size probe window was forgotten"
         );
     }
 }

@@ -545,6 +545,7 @@ mod tests {
             path_preference: preference,
             load_balancing: lb,
             sla: Sla::default(),
+            probe_interval_ms: None,
         }
     }
 

@@ -516,6 +516,7 @@ pub fn steering(seconds: u32, json: bool, keep_logs: Option<&Path>) -> anyhow::R
             path_preference: patronus_proto::policy::PathPreference::LowestLatency,
             load_balancing: patronus_proto::policy::LoadBalancing::ActiveBackup,
             sla: Default::default(),
+            probe_interval_ms: None,
         }];
         runtime.block_on(controller.put_intent(&intent))?;
         let log = bench.state.join("site1.log");
@@ -998,6 +999,7 @@ fn failover_run(
             max_latency_ms: Some(SLA_MAX_LATENCY_MS),
             ..Default::default()
         },
+        probe_interval_ms: None,
     }];
     eprintln!(
         "bench: probes every {interval} ms (timeout {timeout} ms, down after 3 lost, hold-down \

@@ -103,6 +103,12 @@ enum Command {
         /// Drop everything on the uplink.
         #[arg(long, conflicts_with = "restore")]
         cut: bool,
+        /// Lower (or raise) the uplink's MTU, in bytes (576-9000): both ends of its link, so
+        /// the site's kernel knows it from its device and other sites learn it from the
+        /// internet's "fragmentation needed" replies to DF packets (classic path MTU
+        /// discovery). `--restore` puts it back to 1500.
+        #[arg(long, conflicts_with = "restore", value_parser = clap::value_parser!(u16).range(576..=9000))]
+        mtu: Option<u16>,
         /// Remove every impairment.
         #[arg(long)]
         restore: bool,
@@ -333,8 +339,10 @@ fn impair(
     loss: f64,
     rate: Option<f64>,
     cut: bool,
+    mtu: Option<u16>,
     restore: bool,
 ) -> anyhow::Result<()> {
+    let mtu = if restore { Some(LAB_MTU) } else { mtu };
     let impairment = if restore {
         wan::Impairment::default()
     } else {
@@ -351,6 +359,60 @@ fn impair(
         "lab: site{site} {name} ({address}) now: {}",
         serde_json::to_string(&now)?
     );
+    if let Some(mtu) = mtu {
+        set_uplink_mtu(site, uplink, mtu)?;
+        eprintln!("lab: site{site} {name} ({address}) MTU now {mtu} (both ends of its link)");
+    }
+    Ok(())
+}
+
+/// The MTU of every lab link.
+pub const LAB_MTU: u16 = 1500;
+
+/// The uplink `uplink` of site `site` as planned for the running lab.
+fn running_uplink(site: u16, uplink: u8) -> anyhow::Result<(plan::SitePlan, plan::UplinkPlan)> {
+    let state: LabState = std::fs::read(STATE_FILE)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .context("no lab is up; run `patronus-lab up` first")?;
+    let lab = plan::plan(state.sites, state.uplinks)?;
+    let site_plan = lab
+        .sites
+        .iter()
+        .find(|s| s.index == site)
+        .with_context(|| format!("--site {site}: the lab has sites 1-{}", state.sites))?
+        .clone();
+    let target = site_plan
+        .uplinks
+        .iter()
+        .find(|u| u.index == uplink)
+        .with_context(|| {
+            format!(
+                "--uplink {uplink}: sites have uplinks 0-{}",
+                state.uplinks - 1
+            )
+        })?
+        .clone();
+    Ok((site_plan, target))
+}
+
+/// Set the MTU of both ends of an uplink's link (the site's router side and the internet's).
+pub(crate) fn set_uplink_mtu(site: u16, uplink: u8, mtu: u16) -> anyhow::Result<()> {
+    let (site_plan, target) = running_uplink(site, uplink)?;
+    for (ns, dev) in [
+        (site_plan.router_ns.as_str(), target.router_if.as_str()),
+        (plan::INTERNET_NS, target.internet_if.as_str()),
+    ] {
+        netns::ip(&[
+            "-n".into(),
+            ns.into(),
+            "link".into(),
+            "set".into(),
+            dev.into(),
+            "mtu".into(),
+            mtu.to_string(),
+        ])?;
+    }
     Ok(())
 }
 
@@ -361,25 +423,7 @@ pub(crate) fn set_impairment(
     uplink: u8,
     impairment: wan::Impairment,
 ) -> anyhow::Result<(String, std::net::Ipv4Addr, wan::Impairment)> {
-    let state: LabState = std::fs::read(STATE_FILE)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .context("no lab is up; run `patronus-lab up` first")?;
-    let lab = plan::plan(state.sites, state.uplinks)?;
-    let target = lab
-        .sites
-        .iter()
-        .find(|s| s.index == site)
-        .with_context(|| format!("--site {site}: the lab has sites 1-{}", state.sites))?
-        .uplinks
-        .iter()
-        .find(|u| u.index == uplink)
-        .with_context(|| {
-            format!(
-                "--uplink {uplink}: sites have uplinks 0-{}",
-                state.uplinks - 1
-            )
-        })?;
+    let (_, target) = running_uplink(site, uplink)?;
     impairment.validate()?;
     let reply = daemon::control(
         std::path::Path::new(WAN_SOCKET),
@@ -524,8 +568,9 @@ fn main() -> ExitCode {
             loss,
             rate,
             cut,
+            mtu,
             restore,
-        } => impair(site, uplink, delay, jitter, loss, rate, cut, restore),
+        } => impair(site, uplink, delay, jitter, loss, rate, cut, mtu, restore),
         Command::WanDaemon {
             sites,
             uplinks,

@@ -322,7 +322,15 @@ pub struct RoutingPolicy {
     pub load_balancing: LoadBalancing,
     #[serde(default)]
     pub sla: Sla,
+    /// Probe the paths this policy's traffic can take at least this often (10-60,000 ms):
+    /// fast failover for one class without probing every path of the site that fast. The
+    /// site's `probe.interval_ms` applies where no policy asks for less.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_interval_ms: Option<u32>,
 }
+
+/// Bounds of a policy's `probe_interval_ms`.
+pub const PROBE_INTERVAL_MS: std::ops::RangeInclusive<u32> = 10..=60_000;
 
 /// Traffic priority and requirements of classes (seed: `QosPolicy`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -457,6 +465,18 @@ impl RoutingPolicy {
         self.match_rules.validate(&format!("{field}.match"))?;
         self.app_class.validate(&format!("{field}.app_class"))?;
         self.sla.validate(&format!("{field}.sla"))?;
+        if let Some(ms) = self.probe_interval_ms {
+            if !PROBE_INTERVAL_MS.contains(&ms) {
+                return Err(ValidationError::new(
+                    format!("{field}.probe_interval_ms"),
+                    format!(
+                        "{ms} ms is outside {}-{} ms",
+                        PROBE_INTERVAL_MS.start(),
+                        PROBE_INTERVAL_MS.end()
+                    ),
+                ));
+            }
+        }
         match &self.path_preference {
             PathPreference::Weighted { weights } => {
                 weights.validate(&format!("{field}.path_preference.weights"))
@@ -601,6 +621,25 @@ mod tests {
             ..Default::default()
         };
         assert!(rules.validate("m").is_err());
+    }
+
+    #[test]
+    fn a_policys_probe_interval_is_bounded() {
+        let mut policy: RoutingPolicy = serde_json::from_value(serde_json::json!({
+            "id": uuid::Uuid::nil(), "name": "voip", "priority": 1, "app_class": "voip",
+            "path_preference": { "kind": "lowest_latency" }
+        }))
+        .unwrap();
+        assert_eq!(policy.probe_interval_ms, None);
+        assert!(policy.validate("p").is_ok());
+        for (ms, ok) in [(10, true), (60_000, true), (9, false), (60_001, false)] {
+            policy.probe_interval_ms = Some(ms);
+            let result = policy.validate("p");
+            assert_eq!(result.is_ok(), ok, "{ms}: {result:?}");
+            if let Err(e) = result {
+                assert!(e.to_string().contains("probe_interval_ms"), "{e}");
+            }
+        }
     }
 
     #[test]

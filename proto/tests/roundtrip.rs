@@ -301,6 +301,7 @@ fn intent() -> impl Strategy<Value = SiteIntent> {
                     max_jitter_ms: Some(30.0),
                     max_loss_pct: Some(1.0),
                 },
+                probe_interval_ms: Some(20),
             }];
             SiteIntent {
                 schema_version: SCHEMA_VERSION,

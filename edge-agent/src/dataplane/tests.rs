@@ -478,6 +478,7 @@ fn catalog_policies_compiled_by_the_agent_class_sip_rtp_and_dns_in_the_kernel() 
         path_preference: PathPreference::LowestLatency,
         load_balancing: LoadBalancing::ActiveBackup,
         sla: Sla::default(),
+        probe_interval_ms: None,
     };
     // Only the class is named: the catalog supplies the protocols and ports.
     let compiled =

@@ -14,6 +14,8 @@
 //! - [`health`]: Up / Degraded / Down with hysteresis and failback hold-down, and the same
 //!   hold-down per (path, class SLA).
 //! - [`replay`]: the receiver-side anti-replay window for authenticated probes.
+//! - [`pmtu`]: the usable path MTU from the kernel's outer path MTU, and the padding of the
+//!   full-size probes that let the kernel learn it.
 //!
 //! How the I/O side drives it, per path (one [`PathProber`] + one [`PathHealth`]):
 //!
@@ -40,6 +42,7 @@
 
 pub mod estimate;
 pub mod health;
+pub mod pmtu;
 pub mod prober;
 pub mod replay;
 pub mod score;

@@ -405,6 +405,271 @@ fn lan(n: u16) -> anyhow::Result<String> {
         .context("plan of site")
 }
 
+/// What `bench brownout` is asked to do.
+#[derive(Debug, Clone, Copy)]
+pub struct BrownoutSpec {
+    pub sites: u16,
+    pub ramps: u32,
+    pub interval_ms: u32,
+    pub max_loss_pct: u32,
+    pub ramp_seconds: u32,
+}
+
+/// One ramp of `bench brownout --json`.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct BrownoutRun {
+    pub uplink: u8,
+    /// The loss the uplink had when the stream left it; `None`: it never left.
+    pub loss_at_move_pct: Option<u32>,
+    pub moved_after_ms: Option<f64>,
+    /// Packets of the stream lost from the ramp's start until it moved (and settled).
+    pub lost: u64,
+    /// The longest gap between two packets received over the ramp.
+    pub longest_gap_ms: f64,
+}
+
+/// What `bench brownout --json` prints.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct BrownoutFigures {
+    pub sites: u16,
+    /// Paths site 1 monitors (to every other site, 2 × 2 uplinks each).
+    pub paths: usize,
+    pub interval_ms: u32,
+    pub max_loss_pct: u32,
+    pub ramp_seconds: u32,
+    pub sla_max_loss_pct: f64,
+    pub runs: Vec<BrownoutRun>,
+    pub moved: usize,
+    pub lost_p50: f64,
+    pub lost_p99: f64,
+    /// The baseline, computed: what the stream loses over one whole ramp on a path that
+    /// never fails over (the emulator's loss per step × packets sent per step; its loss
+    /// figures are checked in `lab/tests/lab_netns.rs`).
+    pub lost_without_failover: f64,
+    pub loss_at_move_p50_pct: Option<f64>,
+    pub loss_at_move_max_pct: Option<f64>,
+    pub longest_gap_p99_ms: f64,
+}
+
+/// The VoIP class's loss SLA in the brown-out bench.
+const BROWNOUT_SLA_LOSS_PCT: f64 = 1.0;
+
+/// Packets a stream of `rate` packets/s loses over a ramp of 1 % per `step` up to `loss`
+/// percent (pure): the baseline of staying on a browning-out path.
+pub fn ramp_loss(rate: u32, step: Duration, steps: u32) -> f64 {
+    (1..=steps)
+        .map(|pct| f64::from(rate) * step.as_secs_f64() * f64::from(pct) / 100.0)
+        .sum()
+}
+
+pub fn brownout(spec: &BrownoutSpec, json: bool, keep_logs: Option<&Path>) -> anyhow::Result<()> {
+    let figures = with_lab("brownout", keep_logs, |bench, runtime, controller| {
+        bench.stamp_logs = true;
+        lab_up(bench, controller, spec.sites)?;
+        for n in 1..=spec.sites {
+            let token = runtime.block_on(controller.token(&format!("site{n}"), &lan(n)?))?;
+            let others: Vec<u16> = (1..n).collect();
+            let took = bench.join(n, &token, &others)?;
+            eprintln!(
+                "bench: site{n} joined and reached {} sites in {:.1} s",
+                others.len(),
+                took.as_secs_f64()
+            );
+        }
+        let paths = 4 * usize::from(spec.sites - 1);
+        let identity: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(bench.state.join("site1").join("identity.json"))
+                .context("site1's identity")?,
+        )?;
+        let site_id = identity["site_id"]
+            .as_str()
+            .context("site1's identity has no site_id")?
+            .replace('-', "");
+        let prefix = format!("pw{}", site_id.get(..8).context("site id")?);
+        wait_all_paths_ready(bench, paths, Duration::from_secs(60))?;
+
+        // VoIP toward site 2's LAN only: its paths are probed every `interval_ms`, the 32
+        // others at the site's 1 s.
+        let stored_path = bench.state.join("site1").join("intent.json");
+        let stored = std::fs::read(&stored_path)
+            .with_context(|| format!("reading {}", stored_path.display()))?;
+        let mut intent: patronus_proto::SiteIntent = patronus_proto::codec::decode(&stored)?;
+        intent.revision += 1;
+        intent.probe.timeout_ms = spec.interval_ms.max(100);
+        intent.failover.failback_hold_down_ms = BENCH_HOLD_DOWN_MS;
+        intent.policies.routing = vec![patronus_proto::policy::RoutingPolicy {
+            id: patronus_proto::PolicyId(uuid_from(1)),
+            name: "voip".into(),
+            priority: 100,
+            enabled: true,
+            match_rules: patronus_proto::policy::MatchRules {
+                dst_prefixes: vec![lan(2)?.parse().context("site 2's LAN")?],
+                protocol: Some(patronus_proto::policy::Protocol::Udp),
+                dst_ports: vec![patronus_proto::policy::PortRange::single(STREAM_PORT)],
+                ..Default::default()
+            },
+            app_class: patronus_proto::policy::AppClass::new("voip"),
+            path_preference: patronus_proto::policy::PathPreference::LowestLatency,
+            load_balancing: patronus_proto::policy::LoadBalancing::ActiveBackup,
+            sla: patronus_proto::policy::Sla {
+                max_latency_ms: Some(SLA_MAX_LATENCY_MS),
+                max_loss_pct: Some(BROWNOUT_SLA_LOSS_PCT),
+                ..Default::default()
+            },
+            probe_interval_ms: Some(spec.interval_ms),
+        }];
+        runtime.block_on(controller.put_intent(&intent))?;
+        wait_log(
+            bench,
+            &format!("applied intent revision {} ", intent.revision),
+            Duration::from_secs(15),
+        )?;
+        wait_log(bench, "dataplane: 1 policies", Duration::from_secs(60))?;
+        eprintln!("bench: starting the stream ({STREAM_RATE} packets/s, UDP {STREAM_PORT})");
+        let streams = Streams::start(bench)?;
+        wait_for(
+            "no packet of the stream arrived",
+            Duration::from_secs(10),
+            || streams.first_sent_after(0).is_some(),
+        )?;
+        let step =
+            Duration::from_secs_f64(f64::from(spec.ramp_seconds) / f64::from(spec.max_loss_pct));
+        let mut runs = Vec::new();
+        for ramp in 1..=spec.ramps {
+            wait_all_paths_ready(bench, paths, Duration::from_secs(90))?;
+            std::thread::sleep(Duration::from_millis(300));
+            let uplink = carrying_uplink(&prefix)?;
+            let run = brownout_ramp(&streams, &prefix, uplink, spec, step)?;
+            crate::set_impairment(1, uplink, crate::wan::Impairment::default())?;
+            eprintln!(
+                "bench: brown-out {ramp}/{} of uplink {uplink}: {}; lost {} packets, longest \
+                 gap {:.1} ms",
+                spec.ramps,
+                match (run.loss_at_move_pct, run.moved_after_ms) {
+                    (Some(pct), Some(ms)) => format!("moved at {pct} % loss, {ms:.0} ms in"),
+                    _ => "never moved".to_owned(),
+                },
+                run.lost,
+                run.longest_gap_ms
+            );
+            runs.push(run);
+        }
+        drop(streams);
+        let round = |v: f64| (v * 10.0).round() / 10.0;
+        let lost: Vec<f64> = runs.iter().map(|r| r.lost as f64).collect();
+        let at_move: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.loss_at_move_pct.map(f64::from))
+            .collect();
+        let gaps: Vec<f64> = runs.iter().map(|r| r.longest_gap_ms).collect();
+        Ok(BrownoutFigures {
+            sites: spec.sites,
+            paths,
+            interval_ms: spec.interval_ms,
+            max_loss_pct: spec.max_loss_pct,
+            ramp_seconds: spec.ramp_seconds,
+            sla_max_loss_pct: BROWNOUT_SLA_LOSS_PCT,
+            moved: at_move.len(),
+            lost_p50: percentile(&lost, 50.0).unwrap_or(0.0),
+            lost_p99: percentile(&lost, 99.0).unwrap_or(0.0),
+            lost_without_failover: round(ramp_loss(STREAM_RATE, step, spec.max_loss_pct)),
+            loss_at_move_p50_pct: percentile(&at_move, 50.0),
+            loss_at_move_max_pct: percentile(&at_move, 100.0),
+            longest_gap_p99_ms: percentile(&gaps, 99.0).map(round).unwrap_or(0.0),
+            runs,
+        })
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&figures)?);
+    } else {
+        println!(
+            "{} sites ({} paths at site 1), VoIP probes every {} ms, SLA {} % loss, loss ramped \
+             0-{} % over {} s: moved in {}/{} brown-outs, at {} % loss (p50; max {}), lost \
+             p50 {} / p99 {} packets (a path that never fails over: {}), longest gap p99 {} ms",
+            figures.sites,
+            figures.paths,
+            figures.interval_ms,
+            figures.sla_max_loss_pct,
+            figures.max_loss_pct,
+            figures.ramp_seconds,
+            figures.moved,
+            figures.runs.len(),
+            figures
+                .loss_at_move_p50_pct
+                .map_or("-".to_owned(), |v| v.to_string()),
+            figures
+                .loss_at_move_max_pct
+                .map_or("-".to_owned(), |v| v.to_string()),
+            figures.lost_p50,
+            figures.lost_p99,
+            figures.lost_without_failover,
+            figures.longest_gap_p99_ms
+        );
+    }
+    Ok(())
+}
+
+/// One brown-out: raise the loss of site 1's `uplink` 1 % per `step` until the stream has
+/// left it (or the ramp ends and 10 s more pass), then measure.
+fn brownout_ramp(
+    streams: &Streams,
+    prefix: &str,
+    uplink: u8,
+    spec: &BrownoutSpec,
+    step: Duration,
+) -> anyhow::Result<BrownoutRun> {
+    let start_ns = crate::stream::monotonic_ns();
+    let started = Instant::now();
+    let mut moved: Option<(u32, Duration)> = None;
+    'ramp: for pct in 1..=spec.max_loss_pct {
+        crate::set_impairment(
+            1,
+            uplink,
+            crate::wan::Impairment {
+                loss_pct: f64::from(pct),
+                ..Default::default()
+            },
+        )?;
+        let step_ends = Instant::now() + step;
+        while Instant::now() < step_ends {
+            // `carrying_uplink` itself watches for 300 ms.
+            if carrying_uplink(prefix)? != uplink {
+                moved = Some((pct, started.elapsed()));
+                break 'ramp;
+            }
+        }
+    }
+    if moved.is_none() {
+        let hold = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < hold {
+            if carrying_uplink(prefix)? != uplink {
+                moved = Some((spec.max_loss_pct, started.elapsed()));
+                break;
+            }
+        }
+    }
+    // The moved flow settles; late packets arrive.
+    std::thread::sleep(Duration::from_millis(500));
+    let end_ns = crate::stream::monotonic_ns();
+    std::thread::sleep(Duration::from_millis(300));
+    let arrivals = streams.snapshot();
+    let lost = lost_between(&arrivals, start_ns, end_ns)
+        .context("the stream's arrivals do not cover the brown-out")?;
+    let gap = arrivals
+        .windows(2)
+        .filter(|w| w[1].received_ns >= start_ns && w[1].received_ns <= end_ns)
+        .map(|w| w[1].received_ns.saturating_sub(w[0].received_ns))
+        .max()
+        .unwrap_or(0);
+    Ok(BrownoutRun {
+        uplink,
+        loss_at_move_pct: moved.map(|(pct, _)| pct),
+        moved_after_ms: moved.map(|(_, at)| (at.as_secs_f64() * 10_000.0).round() / 10.0),
+        lost,
+        longest_gap_ms: (gap as f64 / 1e5).round() / 10.0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -834,12 +1099,17 @@ fn monitor(bench: &Bench) -> Option<serde_json::Value> {
 /// Wait until site 1's monitor says every one of its 4 paths is up, past its hold-down and
 /// within every SLA (a restored uplink is usable again).
 fn wait_paths_ready(bench: &Bench, limit: Duration) -> anyhow::Result<()> {
+    wait_all_paths_ready(bench, 4, limit)
+}
+
+/// The same for a site 1 with `count` paths.
+fn wait_all_paths_ready(bench: &Bench, count: usize, limit: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     loop {
         let report = monitor(bench);
         let ready = report.as_ref().is_some_and(|m| {
             m["paths"].as_array().is_some_and(|paths| {
-                paths.len() == 4
+                paths.len() == count
                     && paths.iter().all(|p| {
                         p["status"] == "up"
                             && p["preferred"] == true
@@ -852,7 +1122,7 @@ fn wait_paths_ready(bench: &Bench, limit: Duration) -> anyhow::Result<()> {
         }
         ensure!(
             Instant::now() < deadline,
-            "site1's paths were not all up and usable within {limit:?}: {}",
+            "site1's {count} paths were not all up and usable within {limit:?}: {}",
             report.map_or_else(|| "no monitor.json".to_owned(), |m| m.to_string())
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -1159,6 +1429,13 @@ mod failover_tests {
             sent_ns: sent_ms * 1_000_000,
             received_ns: received_ms * 1_000_000,
         }
+    }
+
+    #[test]
+    fn staying_on_a_browning_out_path_loses_the_ramps_integral() {
+        // 100 packets/s, 1 %, 2 %, 3 % for a second each: 1 + 2 + 3 packets.
+        assert!((ramp_loss(100, Duration::from_secs(1), 3) - 6.0).abs() < 1e-9);
+        assert_eq!(ramp_loss(100, Duration::from_secs(1), 0), 0.0);
     }
 
     #[test]

@@ -194,6 +194,32 @@ enum BenchCommand {
         #[arg(long)]
         keep_logs: Option<PathBuf>,
     },
+    /// A brown-out among many sites: with `--sites` sites in a full mesh, the loss on the
+    /// uplink carrying a 100 packets/s VoIP stream (SLA: 1 % loss) ramps from 0 to
+    /// `--max-loss` %, `--ramps` times; per ramp the loss when the stream moved and the
+    /// packets it lost, against what staying on the path would have lost.
+    Brownout {
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(3..=20))]
+        sites: u16,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+        ramps: u32,
+        /// The VoIP policy's probe interval toward the stream's destination, in ms.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(10..=60000))]
+        interval: u32,
+        /// Loss at the end of the ramp, in percent (1 % more per step).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(2..=100))]
+        max_loss: u32,
+        /// Seconds from 0 to `--max-loss`.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(2..=600))]
+        ramp_seconds: u32,
+        /// One JSON object: {sites, interval_ms, runs: [{loss_at_move_pct, moved_after_ms,
+        /// lost, lost_if_stayed, longest_gap_ms}], lost_p50, lost_p99, ...}.
+        #[arg(long)]
+        json: bool,
+        /// Keep the agents' logs in this directory.
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
+    },
     /// LAN-to-LAN TCP throughput through a path the eBPF programs steer, against the same
     /// path with the programs detached, in one run.
     Steering {
@@ -548,6 +574,30 @@ fn main() -> ExitCode {
                 },
         } => require_root()
             .and_then(|()| bench::failover(cuts, &intervals, json, keep_logs.as_deref())),
+        Command::Bench {
+            which:
+                BenchCommand::Brownout {
+                    sites,
+                    ramps,
+                    interval,
+                    max_loss,
+                    ramp_seconds,
+                    json,
+                    keep_logs,
+                },
+        } => require_root().and_then(|()| {
+            bench::brownout(
+                &bench::BrownoutSpec {
+                    sites,
+                    ramps,
+                    interval_ms: interval,
+                    max_loss_pct: max_loss,
+                    ramp_seconds,
+                },
+                json,
+                keep_logs.as_deref(),
+            )
+        }),
         Command::UdpStream {
             mode:
                 UdpStreamMode::Send {

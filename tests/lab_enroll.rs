@@ -158,18 +158,8 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
     let lab_controller = LabController::start(&env).await?;
     let tenant = lab_controller.tenant;
     // An API token of the tenant's admin, for the revocation below.
-    let (api_token, api_token_hash) = patronus_controller::auth::new_secret("pat_");
-    let hash_hex: String = api_token_hash.iter().map(|b| format!("{b:02x}")).collect();
+    let api_token = lab_controller.api_token().await?;
     let owner_url = lab_controller.database.owner_url.clone();
-    let mut owner = AsyncPgConnection::establish(&owner_url).await?;
-    owner
-        .batch_execute(&format!(
-            "INSERT INTO api_tokens (tenant_id, name, token_hash, role)
-             VALUES ('{}', 'lab', '\\x{hash_hex}'::bytea, 'tenant_admin')",
-            tenant.0
-        ))
-        .await?;
-    drop(owner);
     let mut tokens = Vec::new();
     for n in 1..=3 {
         tokens.push(

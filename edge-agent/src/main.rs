@@ -66,7 +66,7 @@ enum Command {
         /// does not show in the process list).
         #[arg(long, env = "PATRONUS_ENROLL_TOKEN", hide_env_values = true)]
         token: Option<String>,
-        /// Read the token from this file.
+        /// Read the token from this file (`-`: from standard input).
         #[arg(long, conflicts_with = "token")]
         token_file: Option<PathBuf>,
         /// A WAN uplink: name=wan0,address=<public IP>[,type=fiber][,bandwidth=<Mbit/s>][,cost=<per GB>][,metered=true]
@@ -253,17 +253,35 @@ fn check_intent(
     Ok(())
 }
 
-fn read_token(token: &Option<String>, token_file: &Option<PathBuf>) -> anyhow::Result<String> {
-    match (token, token_file) {
-        (Some(token), _) => Ok(token.trim().to_owned()),
-        (None, Some(file)) => Ok(std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read the token file {}", file.display()))?
-            .trim()
-            .to_owned()),
+/// The enrollment token from `--token`, or from `--token-file` (`-`: standard input, which
+/// keeps it out of the process list and the environment, as the ansible role passes it).
+fn read_token(
+    token: &Option<String>,
+    token_file: &Option<PathBuf>,
+    stdin: impl Read,
+) -> anyhow::Result<String> {
+    let text = match (token, token_file) {
+        (Some(token), _) => token.clone(),
+        (None, Some(file)) if file.as_os_str() == "-" => {
+            let mut text = String::new();
+            // A token is a few hundred bytes; a bound keeps a wrong pipe from filling memory.
+            stdin
+                .take(64 * 1024)
+                .read_to_string(&mut text)
+                .context("cannot read the token from standard input")?;
+            text
+        }
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the token file {}", file.display()))?,
         (None, None) => anyhow::bail!(
             "no token: pass --token, --token-file or PATRONUS_ENROLL_TOKEN (create one in the portal or with `patronus-controller token create`)"
         ),
+    };
+    let token = text.trim();
+    if token.is_empty() {
+        anyhow::bail!("the enrollment token is empty");
     }
+    Ok(token.to_owned())
 }
 
 fn status(state: &state::StateDir, json: bool, remote: bool) -> anyhow::Result<()> {
@@ -575,7 +593,7 @@ fn main() -> ExitCode {
             uplinks,
             state_dir,
             force,
-        } => read_token(token, token_file).and_then(|token| {
+        } => read_token(token, token_file, std::io::stdin().lock()).and_then(|token| {
             enroll::enroll(controller, &token, uplinks.clone(), &dir(state_dir), *force).map(|_| ())
         }),
         Command::Status {
@@ -632,6 +650,44 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("patronus-edge: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_comes_from_the_flag_a_file_or_standard_input() {
+        let none = std::io::empty();
+        assert_eq!(
+            read_token(&Some(" flag.token \n".into()), &None, none).unwrap(),
+            "flag.token"
+        );
+        let stdin = "  piped.token\n".as_bytes();
+        assert_eq!(
+            read_token(&None, &Some(PathBuf::from("-")), stdin).unwrap(),
+            "piped.token"
+        );
+        let file = std::env::temp_dir().join(format!("patronus-edge-token-{}", std::process::id()));
+        std::fs::write(&file, "file.token\n").unwrap();
+        assert_eq!(
+            read_token(&None, &Some(file.clone()), std::io::empty()).unwrap(),
+            "file.token"
+        );
+        std::fs::remove_file(&file).unwrap();
+        for (token, file, says) in [
+            (None, Some(PathBuf::from("-")), "empty"),
+            (Some("  ".to_owned()), None, "empty"),
+            (None, None, "no token"),
+            (None, Some(file), "cannot read the token file"),
+        ] {
+            let err = format!(
+                "{:#}",
+                read_token(&token, &file, std::io::empty()).unwrap_err()
+            );
+            assert!(err.contains(says), "{token:?} {file:?}: {err}");
         }
     }
 }

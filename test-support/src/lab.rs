@@ -129,6 +129,23 @@ impl LabController {
         Ok(token)
     }
 
+    /// An API token of the tenant's admin (`Authorization: Bearer <token>`), for tests that
+    /// drive the REST API: enrollment tokens, sites, paths, revocation.
+    pub async fn api_token(&self) -> anyhow::Result<String> {
+        let (token, hash) = patronus_controller::auth::new_secret("pat_");
+        let hash_hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+        let mut owner = AsyncPgConnection::establish(&self.database.owner_url).await?;
+        owner
+            .batch_execute(&format!(
+                "INSERT INTO api_tokens (tenant_id, name, token_hash, role)
+                 VALUES ('{}', 'lab', '\\x{hash_hex}'::bytea, 'tenant_admin')",
+                self.tenant.0
+            ))
+            .await
+            .context("creating the lab tenant's API token")?;
+        Ok(token)
+    }
+
     /// Publish `intent` as its site's current intent, as the controller would (tests and
     /// benchmarks that need an intent the database does not produce, e.g. with policies).
     pub async fn put_intent(&self, intent: &patronus_proto::SiteIntent) -> anyhow::Result<()> {

@@ -6,7 +6,8 @@
 //! where it is, and drop probes that are badly signed, unsigned or replayed (sent by
 //! `patronus-edge probe`, the operator's ping over a path), counting each by reason; and find
 //! an MTU lowered on one uplink (both ends: one from its device, the other from the
-//! internet's "fragmentation needed" answers to its full-size probes).
+//! internet's "fragmentation needed" answers to its full-size probes); and measure a path's
+//! bandwidth on demand through `POST /api/v1/paths/{id}/test`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -220,6 +221,9 @@ struct Lab {
     site1: SiteId,
     /// Each site's current intent, as last put.
     intents: BTreeMap<u8, SiteIntent>,
+    /// The controller's API (loopback) and an API token of the tenant's admin.
+    api_url: String,
+    api_token: String,
 }
 
 impl Lab {
@@ -394,6 +398,65 @@ impl Lab {
             .await
             .context("site 2 should find its own uplink's lower MTU")?;
         impair(&self.lab, 2, 0, &["--restore"])?;
+        Ok(())
+    }
+
+    /// `POST /api/v1/paths/{id}/test` for `path` (`seconds` of active test): the bandwidth
+    /// the edge measured, in Mbit/s.
+    async fn api_path_test(&self, path: PathId, seconds: u32) -> anyhow::Result<f64> {
+        let url = format!("{}/api/v1/paths/{}/test", self.api_url, path.0);
+        let token = self.api_token.clone();
+        let body: serde_json::Value = tokio::task::spawn_blocking(move || {
+            match ureq::post(&url)
+                .set("Authorization", &format!("Bearer {token}"))
+                .send_json(serde_json::json!({ "duration_s": seconds }))
+            {
+                Ok(response) => response
+                    .into_json::<serde_json::Value>()
+                    .context("the path test's answer"),
+                Err(ureq::Error::Status(code, response)) => Err(anyhow::anyhow!(
+                    "POST {url}: {code} {}",
+                    response.into_string().unwrap_or_default()
+                )),
+                Err(e) => Err(anyhow::anyhow!("POST {url}: {e}")),
+            }
+        })
+        .await??;
+        body["metrics"]["bandwidth_mbps"]
+            .as_f64()
+            .with_context(|| format!("no bandwidth in the path test's answer: {body}"))
+    }
+
+    /// Step 7: the operator's on-demand test through the API, end to end (controller → NATS
+    /// → site 1's agent → a TCP stream through the path's tunnel into site 2's sink): a path
+    /// of uplink 1 limited to 20 Mbit/s measures about that, a path of the unlimited uplink 0
+    /// measures far more.
+    async fn path_test(&self) -> anyhow::Result<()> {
+        let on = |uplink: u8| {
+            self.paths1()
+                .iter()
+                .find(|p| p.local_uplink == uplink)
+                .map(|p| p.id)
+                .with_context(|| format!("site 1 has no path on uplink {uplink}"))
+        };
+        impair(&self.lab, 1, 1, &["--rate", "20"])?;
+        let limited = self.api_path_test(on(1)?, 3).await;
+        impair(&self.lab, 1, 1, &["--restore"])?;
+        let limited = limited?;
+        let open = self.api_path_test(on(0)?, 3).await?;
+        println!(
+            "path test through the API: uplink 1 limited to 20 Mbit/s → {limited:.1} Mbit/s; \
+             unlimited uplink 0 → {open:.1} Mbit/s"
+        );
+        ensure!(
+            (12.0..=21.0).contains(&limited),
+            "a path limited to 20 Mbit/s measured {limited:.1} Mbit/s"
+        );
+        ensure!(
+            open > 2.0 * limited,
+            "the unlimited path measured {open:.1} Mbit/s, not clearly above the limited \
+             {limited:.1}"
+        );
         Ok(())
     }
 
@@ -1033,6 +1096,8 @@ async fn agents_probe_their_paths_fail_over_a_cut_uplink_and_drop_forged_probes(
             link,
             site1: sites[0],
             intents,
+            api_url: lab_controller.controller.url.clone(),
+            api_token: lab_controller.api_token().await?,
         };
         let put_at = Instant::now();
         for n in 1..=2 {
@@ -1065,6 +1130,7 @@ async fn agents_probe_their_paths_fail_over_a_cut_uplink_and_drop_forged_probes(
             .subscribe(patronus_proto::subjects::metrics_subject(tenant, sites[0]))
             .await?;
         lab.mtu(&mut metrics).await?;
+        lab.path_test().await?;
         println!("lab_monitor ran in {:?}", test_started.elapsed());
         drop(lab);
         drop(reader);

@@ -68,14 +68,30 @@ pub fn reply(request_id: &str, result: CommandResult) -> CommandReply {
     }
 }
 
-/// What a path test needs from the intent: the tunnel and the peer's overlay address.
-pub fn path_target(intent: &SiteIntent, path: PathId) -> Option<(String, IpAddr)> {
+/// What a path test needs from the intent: the tunnel, its mark and the peer's overlay
+/// address.
+pub fn path_target(intent: &SiteIntent, path: PathId) -> Option<PathTarget> {
     let spec = intent.paths.iter().find(|p| p.id == path)?;
     let peer = intent.peers.iter().find(|p| p.site == spec.remote_site)?;
-    Some((
-        crate::desired::interface_name(intent.site, spec.local_uplink, spec.remote_uplink),
-        peer.overlay_address,
-    ))
+    Some(PathTarget {
+        interface: crate::desired::interface_name(
+            intent.site,
+            spec.local_uplink,
+            spec.remote_uplink,
+        ),
+        mark: crate::desired::table_of(spec.local_uplink, spec.remote_uplink),
+        peer: peer.overlay_address,
+    })
+}
+
+/// Where a path test goes: the peer's overlay address through the path's tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathTarget {
+    /// The tunnel (for messages).
+    pub interface: String,
+    /// The firewall mark whose rule sends packets to the tunnel's table.
+    pub mark: u32,
+    pub peer: IpAddr,
 }
 
 fn sockaddr(address: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
@@ -104,11 +120,12 @@ fn sockaddr(address: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 }
 
 /// A TCP connection to `to` leaving through `interface` only.
-fn connect_through(
-    interface: &str,
-    to: SocketAddr,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
+/// A TCP connection to `to` whose packets carry `mark`, so they leave by the path's tunnel.
+/// Not `SO_BINDTODEVICE`: the peer answers by its own routing, which may bring the SYN-ACK
+/// and ACKs back through another tunnel, and a socket bound to a device ignores packets that
+/// arrive on any other (the connect would time out). The test measures the path's forward
+/// direction, which is the data's.
+fn connect_through(mark: u32, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
     let family = if to.is_ipv4() {
         libc::AF_INET
     } else {
@@ -121,26 +138,34 @@ fn connect_through(
     }
     // SAFETY: fd is a fresh socket this function owns.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    // SAFETY: the name points at `interface.len()` readable bytes during the call.
+    // SAFETY: the value points at a u32 for the duration of the call.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            interface.as_ptr().cast(),
-            interface.len() as libc::socklen_t,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
         )
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // connect(2) blocks; bound it with the send timeout, which Linux applies to connect.
+    // connect(2) blocks; bound it with the send timeout, which Linux applies to connect (it
+    // then fails with EINPROGRESS, said as a timeout below).
     stream.set_write_timeout(Some(timeout))?;
     let (address, len) = sockaddr(to);
     // SAFETY: address/len describe a valid sockaddr for the socket's family.
     let rc = unsafe { libc::connect(fd, (&address as *const libc::sockaddr_storage).cast(), len) };
     if rc < 0 {
-        return Err(std::io::Error::last_os_error());
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::EINPROGRESS) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {timeout:?}"),
+            ));
+        }
+        return Err(error);
     }
     Ok(stream)
 }
@@ -158,11 +183,12 @@ fn unacknowledged(stream: &TcpStream) -> u64 {
 }
 
 /// Run a bandwidth test of `seconds` through `interface` to `peer`'s sink; Mbit/s.
-pub fn path_test(interface: &str, peer: IpAddr, seconds: u32) -> Result<f64, String> {
+pub fn path_test(target: &PathTarget, seconds: u32) -> Result<f64, String> {
     let seconds = seconds.clamp(1, MAX_PATH_TEST_SECONDS);
+    let interface = &target.interface;
     let mut stream = connect_through(
-        interface,
-        SocketAddr::new(peer, PATH_TEST_PORT),
+        target.mark,
+        SocketAddr::new(target.peer, PATH_TEST_PORT),
         Duration::from_secs(3),
     )
     .map_err(|e| format!("cannot reach the peer's test sink through {interface}: {e}"))?;

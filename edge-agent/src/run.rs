@@ -403,9 +403,9 @@ impl Agent {
                 None => patronus_proto::command::CommandResult::Failed {
                     error: "this site has no such path in its applied intent".into(),
                 },
-                Some((interface, peer)) => {
+                Some(target) => {
                     let measured = tokio::task::spawn_blocking(move || {
-                        crate::commands::path_test(&interface, peer, duration_s)
+                        crate::commands::path_test(&target, duration_s)
                     })
                     .await
                     .unwrap_or_else(|e| Err(format!("the test stopped: {e}")));

@@ -1732,3 +1732,405 @@ async fn the_openapi_document_describes_exactly_what_is_served() -> anyhow::Resu
     drop(app);
     h.finish().await
 }
+
+/// A portal request with `cookies`; returns status, headers and the body as text.
+macro_rules! page {
+    ($app:expr, $h:expr, $method:expr, $path:expr, $cookies:expr, $form:expr) => {{
+        let mut req = test::TestRequest::default()
+            .method($method)
+            .uri($path)
+            .peer_addr($h.peer);
+        for (name, value) in $cookies {
+            req = req.cookie(actix_web::cookie::Cookie::new(
+                name.to_string(),
+                value.to_string(),
+            ));
+        }
+        let form: Option<Vec<(&str, String)>> = $form;
+        if let Some(form) = form {
+            req = req.set_form(form);
+        }
+        let resp: ServiceResponse = test::call_service(&$app, req.to_request()).await;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = test::read_body(resp).await;
+        (
+            status,
+            headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }};
+}
+
+/// The first CSRF token of a page's forms.
+fn csrf_of(html: &str) -> String {
+    let start = html
+        .find(r#"name="csrf" value=""#)
+        .expect("a form with a CSRF token")
+        + 19;
+    html[start..start + html[start..].find('"').expect("end of the token")].to_owned()
+}
+
+fn set_cookie<'a>(headers: &'a actix_web::http::header::HeaderMap, name: &str) -> &'a str {
+    headers
+        .get_all(actix_web::http::header::SET_COOKIE)
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name} cookie set"))
+}
+
+#[actix_web::test]
+async fn the_portal_signs_in_scopes_by_tenant_checks_forms_and_escapes() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let app = app!(h);
+    let w = world(&app, &h).await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let email = format!("portal-{tag}@example.com");
+    let (status, body) = call!(
+        app,
+        h,
+        Method::POST,
+        &format!("/api/v1/tenants/{}/operators", w.tenant_a),
+        Some(&w.msp_admin),
+        Some(json!({ "email": email, "password": PASSWORD, "role": "tenant_admin" }))
+    );
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = call!(
+        app,
+        h,
+        Method::POST,
+        "/api/v1/sites",
+        Some(&w.admin_a),
+        Some(site_body("<script>alert(1)</script>", "10.77.0.0/24"))
+    );
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let none: [(&str, &str); 0] = [];
+
+    // Signed out: every page sends to the sign-in form.
+    let (status, headers, _) = page!(
+        app,
+        h,
+        Method::GET,
+        &format!("/portal/t/{}/", w.tenant_a),
+        none,
+        None
+    );
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(headers.get("location").unwrap(), "/portal/login");
+
+    // Sign-in: a form token bound to a cookie, a wrong password said plainly, then a session
+    // cookie that scripts cannot read and other sites cannot send.
+    let (status, headers, html) = page!(app, h, Method::GET, "/portal/login", none, None);
+    assert_eq!(status, StatusCode::OK);
+    let login_cookie = set_cookie(&headers, "patronus_login");
+    let login_secret = login_cookie["patronus_login=".len()..]
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let csrf = csrf_of(&html);
+    let form = |password: &str, csrf: &str| {
+        Some(vec![
+            ("csrf", csrf.to_owned()),
+            ("email", email.clone()),
+            ("password", password.to_owned()),
+        ])
+    };
+    let login_cookies = [("patronus_login", login_secret.as_str())];
+    let (status, _, html) = page!(
+        app,
+        h,
+        Method::POST,
+        "/portal/login",
+        login_cookies,
+        form("wrong password!", &csrf)
+    );
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        html.contains("form-error") && html.contains("wrong e-mail or password"),
+        "{html}"
+    );
+    let (status, _, _) = page!(
+        app,
+        h,
+        Method::POST,
+        "/portal/login",
+        login_cookies,
+        form(PASSWORD, "forged")
+    );
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "a sign-in form from elsewhere"
+    );
+    let (status, headers, _) = page!(
+        app,
+        h,
+        Method::POST,
+        "/portal/login",
+        login_cookies,
+        form(PASSWORD, &csrf)
+    );
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let session = set_cookie(&headers, "patronus_session");
+    for flag in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(
+            session.contains(flag),
+            "session cookie without {flag}: {session}"
+        );
+    }
+    let token = session["patronus_session=".len()..]
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let me = [("patronus_session", token.as_str())];
+
+    let (status, headers, _) = page!(app, h, Method::GET, "/portal/", me, None);
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let overview_url = format!("/portal/t/{}/", w.tenant_a);
+    assert_eq!(headers.get("location").unwrap(), overview_url.as_str());
+    let (status, headers, html) = page!(app, h, Method::GET, &overview_url, me, None);
+    assert_eq!(status, StatusCode::OK, "{html}");
+    let csp = headers.get("content-security-policy").unwrap().to_str()?;
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    assert_eq!(headers.get("x-frame-options").unwrap(), "DENY");
+    assert!(html.contains(r#"<table id="sites">"#));
+    assert!(
+        html.contains("&#60;script&#62;alert(1)") && !html.contains("<script>alert(1)"),
+        "a site's name must show as text: {html}"
+    );
+    for nav in ["overview", "topology", "policies", "onboarding", "events"] {
+        let (status, _, body) = page!(
+            app,
+            h,
+            Method::GET,
+            &format!(
+                "/portal/t/{}/{}",
+                w.tenant_a,
+                if nav == "overview" { "" } else { nav }
+            ),
+            me,
+            None
+        );
+        assert_eq!(status, StatusCode::OK, "{nav}: {body}");
+        assert!(body.contains(&format!(r#"data-nav="{nav}""#)));
+    }
+
+    // Another tenant's pages do not exist for this operator.
+    let (status, _, html) = page!(
+        app,
+        h,
+        Method::GET,
+        &format!("/portal/t/{}/", w.tenant_b),
+        me,
+        None
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(html.contains(r#"id="not-found""#));
+
+    // Onboarding: a forged form is refused; the real one shows the command once.
+    let onboarding = format!("/portal/t/{}/onboarding", w.tenant_a);
+    let (_, _, html) = page!(app, h, Method::GET, &onboarding, me, None);
+    assert!(html.contains("data-edit"));
+    let csrf = csrf_of(&html);
+    let token_form = |csrf: &str| {
+        Some(vec![
+            ("csrf", csrf.to_owned()),
+            ("site_name", "branch-42".to_owned()),
+            ("lan_prefixes", "10.42.0.0/24".to_owned()),
+            ("expires_in_hours", "2".to_owned()),
+        ])
+    };
+    let (status, _, html) = page!(app, h, Method::POST, &onboarding, me, token_form("forged"));
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(html.contains(r#"id="forbidden""#));
+    let (status, _, html) = page!(app, h, Method::POST, &onboarding, me, token_form(&csrf));
+    assert_eq!(status, StatusCode::CREATED, "{html}");
+    assert!(
+        html.contains(r#"<pre id="enroll-command">patronus-edge enroll --controller"#),
+        "{html}"
+    );
+    assert!(
+        html.contains("patronus_edge_enrollment_token:") && html.contains(r#"id="token-expiry""#)
+    );
+
+    // A viewer sees no edit controls, and its own valid form is refused anyway.
+    let viewer = [("patronus_session", w.viewer_a.as_str())];
+    let (status, _, html) = page!(app, h, Method::GET, &onboarding, viewer, None);
+    assert_eq!(status, StatusCode::OK);
+    assert!(!html.contains("data-edit"), "a viewer got edit controls");
+    let viewer_csrf = csrf_of(&html);
+    let (status, _, html) = page!(
+        app,
+        h,
+        Method::POST,
+        &onboarding,
+        viewer,
+        token_form(&viewer_csrf)
+    );
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(html.contains(r#"id="forbidden""#));
+
+    // Policies: a field the API refuses is named beside the field; a good form creates the
+    // policy; it can be disabled and moved up.
+    let policies_url = format!("/portal/t/{}/policies", w.tenant_a);
+    let (_, _, html) = page!(
+        app,
+        h,
+        Method::GET,
+        &format!("{policies_url}/new"),
+        me,
+        None
+    );
+    let csrf = csrf_of(&html);
+    let policy_form = |ports: &str, probe: &str, name: &str| {
+        Some(vec![
+            ("csrf", csrf.clone()),
+            ("name", name.to_owned()),
+            ("priority", "200".to_owned()),
+            ("enabled", "on".to_owned()),
+            ("app_class", "voip".to_owned()),
+            ("protocol", "udp".to_owned()),
+            ("dst_ports", ports.to_owned()),
+            ("path_preference", "lowest_latency".to_owned()),
+            ("load_balancing", "active_backup".to_owned()),
+            ("probe_interval_ms", probe.to_owned()),
+        ])
+    };
+    let (status, _, html) = page!(
+        app,
+        h,
+        Method::POST,
+        &policies_url,
+        me,
+        policy_form("9-1", "", "VoIP")
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        html.contains(r#"data-field="dst_ports""#) && html.contains("above end"),
+        "{html}"
+    );
+    let (status, _, html) = page!(
+        app,
+        h,
+        Method::POST,
+        &policies_url,
+        me,
+        policy_form("5060", "5", "VoIP")
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(html.contains(r#"data-field="probe_interval_ms""#), "{html}");
+    for (name, priority) in [("VoIP", "5060"), ("Video", "3478")] {
+        let (status, _, html) = page!(
+            app,
+            h,
+            Method::POST,
+            &policies_url,
+            me,
+            policy_form(priority, "20", name)
+        );
+        assert_eq!(status, StatusCode::SEE_OTHER, "{html}");
+    }
+    let (status, listed) = call!(
+        app,
+        h,
+        Method::GET,
+        "/api/v1/policies",
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(status, StatusCode::OK);
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{listed}");
+    let id_of = |name: &str| {
+        items
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["id"].as_str().unwrap().to_owned())
+            .unwrap()
+    };
+    let (voip, video) = (id_of("VoIP"), id_of("Video"));
+    assert_eq!(items[0]["spec"]["probe_interval_ms"], 20);
+    let (_, _, html) = page!(app, h, Method::GET, &policies_url, me, None);
+    let csrf = Some(vec![("csrf", csrf_of(&html))]);
+    let (status, _, _) = page!(
+        app,
+        h,
+        Method::POST,
+        &format!("{policies_url}/{voip}/toggle"),
+        me,
+        csrf.clone()
+    );
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    // Equal priorities: the one listed second (by name: VoIP after Video) steps above.
+    let (status, _, _) = page!(
+        app,
+        h,
+        Method::POST,
+        &format!("{policies_url}/{voip}/up"),
+        me,
+        csrf.clone()
+    );
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, voip_now) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/policies/{voip}"),
+        Some(&w.admin_a),
+        None
+    );
+    let (_, video_now) = call!(
+        app,
+        h,
+        Method::GET,
+        &format!("/api/v1/policies/{video}"),
+        Some(&w.admin_a),
+        None
+    );
+    assert_eq!(voip_now["enabled"], false, "{voip_now}");
+    assert_eq!(
+        (
+            voip_now["priority"].as_i64(),
+            video_now["priority"].as_i64()
+        ),
+        (Some(201), Some(200))
+    );
+    let (status, _, html) = page!(app, h, Method::GET, &policies_url, viewer, None);
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        html.contains("VoIP") && !html.contains("data-edit"),
+        "a viewer got policy controls"
+    );
+
+    // Static assets are cached; signing out revokes the session itself.
+    let (status, headers, _) = page!(app, h, Method::GET, "/portal/static/portal.js", none, None);
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers
+        .get("cache-control")
+        .unwrap()
+        .to_str()?
+        .contains("immutable"));
+    let (_, _, html) = page!(app, h, Method::GET, &overview_url, me, None);
+    let (status, _, _) = page!(
+        app,
+        h,
+        Method::POST,
+        "/portal/logout",
+        me,
+        Some(vec![("csrf", csrf_of(&html))])
+    );
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (status, _, _) = page!(app, h, Method::GET, &overview_url, me, None);
+    assert_eq!(
+        status,
+        StatusCode::SEE_OTHER,
+        "the revoked session still works"
+    );
+    drop(app);
+    h.finish().await
+}

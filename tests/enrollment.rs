@@ -12,6 +12,7 @@ use futures_util::StreamExt;
 use patronus_controller::enrollment::TokenKeys;
 use patronus_proto::enroll::{EnrollRequest, EnrollResponse, UplinkSpec};
 use patronus_proto::{SiteId, TenantId, WgPublicKey};
+use patronus_test_support::http::call;
 use patronus_test_support::{RunningController, TestDatabase, TestEnv};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -43,26 +44,6 @@ impl Write for LogSink {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-/// `(status, json body)` of one request.
-fn call(method: &str, url: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
-    let mut request = ureq::request(method, url).timeout(Duration::from_secs(30));
-    if let Some(token) = token {
-        request = request.set("Authorization", &format!("Bearer {token}"));
-    }
-    let response = match body {
-        Some(body) => request.send_json(body),
-        None => request.call(),
-    };
-    let response = match response {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{method} {url}: {e}"),
-    };
-    let status = response.status();
-    let text = response.into_string().unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 struct World {

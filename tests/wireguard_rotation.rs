@@ -23,31 +23,13 @@ use patronus_controller::db::{self, schema, Scope};
 use patronus_proto::enroll::{EnrollRequest, EnrollResponse, UplinkSpec};
 use patronus_proto::events::{DataplaneMode, EventEnvelope, SdwanEvent};
 use patronus_proto::{codec, SiteId, SiteIntent, TenantId, WgPublicKey, SCHEMA_VERSION};
+use patronus_test_support::http::call;
 use patronus_test_support::{RunningController, TestEnv};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 /// The commit timeout of this test's controller (a peer that never reports).
 const COMMIT_TIMEOUT_S: u64 = 20;
-
-/// `(status, json body)` of one request.
-fn call(method: &str, url: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
-    let mut request = ureq::request(method, url).timeout(Duration::from_secs(30));
-    if let Some(token) = token {
-        request = request.set("Authorization", &format!("Bearer {token}"));
-    }
-    let response = match body {
-        Some(body) => request.send_json(body),
-        None => request.call(),
-    };
-    let response = match response {
-        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{method} {url}: {e}"),
-    };
-    let status = response.status();
-    let text = response.into_string().unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
 
 fn random_key() -> WgPublicKey {
     let mut key = [0u8; 32];

@@ -1,4 +1,5 @@
-//! What edges report applying, recorded for the intent publisher.
+//! What edges report applying, recorded for the intent publisher; and every edge event kept
+//! in the tenant's recent history (`events::remember`) for the portal.
 //!
 //! Edges publish their events on `sdwan.<tenant>.<site>.events` (core NATS, inside the
 //! tenant's account). `/ws/sdwan` relays them to operators; this module keeps the one fact the
@@ -129,6 +130,12 @@ async fn follow(
                 continue;
             }
         };
+        // The portal's recent events: the edge's report as received, with the subject's
+        // tenant and site (never the body's).
+        let mut kept = envelope.clone();
+        kept.tenant = tenant;
+        kept.site = Some(site);
+        crate::events::remember(&state, &kept).await;
         let Some(revision) = applied_revision(&envelope.event) else {
             continue;
         };

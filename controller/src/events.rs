@@ -44,6 +44,70 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Events kept per tenant for the portal's "recent events" (newest first).
+pub const RECENT_EVENTS: isize = 500;
+
+fn recent_key(tenant: TenantId) -> String {
+    format!("patronus:events:{tenant}")
+}
+
+/// Whether an event is worth keeping in the tenant's recent history: everything an operator
+/// would look for, not the periodic heartbeats and metrics.
+pub fn worth_keeping(event: &SdwanEvent) -> bool {
+    !matches!(
+        event,
+        SdwanEvent::Heartbeat { .. } | SdwanEvent::PathMetrics { .. } | SdwanEvent::Unknown
+    )
+}
+
+/// Keep `envelope` in its tenant's recent events (a capped Redis list). Best effort: the live
+/// stream does not depend on it.
+pub async fn remember(state: &AppState, envelope: &EventEnvelope) {
+    if !worth_keeping(&envelope.event) {
+        return;
+    }
+    let Ok(json) = serde_json::to_string(envelope) else {
+        return;
+    };
+    let key = recent_key(envelope.tenant);
+    let stored = async {
+        let mut redis = state.redis().await?;
+        redis::pipe()
+            .lpush(&key, json)
+            .ltrim(&key, 0, RECENT_EVENTS - 1)
+            .query_async::<()>(&mut redis)
+            .await
+    }
+    .await;
+    if let Err(e) = stored {
+        tracing::debug!(tenant = %envelope.tenant, error = %e, "event not kept in the recent history");
+    }
+}
+
+/// The tenant's `limit` most recent events, newest first (undecodable entries skipped).
+pub async fn recent(
+    state: &AppState,
+    tenant: TenantId,
+    limit: usize,
+) -> Result<Vec<EventEnvelope>, redis::RedisError> {
+    let mut redis = state.redis().await?;
+    let stop = isize::try_from(limit)
+        .unwrap_or(RECENT_EVENTS)
+        .clamp(1, RECENT_EVENTS)
+        - 1;
+    let raw: Vec<String> = redis::cmd("LRANGE")
+        .arg(recent_key(tenant))
+        .arg(0)
+        .arg(stop)
+        .query_async(&mut redis)
+        .await?;
+    Ok(raw
+        .iter()
+        .filter_map(|json| serde_json::from_str::<EventEnvelope>(json).ok())
+        .filter(|e| e.tenant == tenant)
+        .collect())
+}
+
 impl AppState {
     /// Announce a controller event to every replica's WebSocket clients. Best effort.
     pub async fn emit(&self, tenant: TenantId, site: Option<SiteId>, event: SdwanEvent) {
@@ -54,6 +118,7 @@ impl AppState {
             at_unix_ms: now_ms(),
             event,
         };
+        remember(self, &envelope).await;
         if let Err(e) = self
             .nats
             .publish(controller_subject(tenant), codec::encode(&envelope).into())

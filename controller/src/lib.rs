@@ -23,6 +23,8 @@
 //!   consumer per tenant) into `path_metrics`, the paths' status, Redis and the event stream.
 //! - [`nats`]: NATS operator mode: account per tenant, JWTs, the controller's connections.
 //! - [`pki`]: tenant CAs, CSR checks and site certificates (pure).
+//! - [`portal`]: the operator web portal under `/portal` (askama templates from `templates/`,
+//!   session cookie, CSRF, strict CSP), built on the API's own functions.
 //! - [`server`]: the actix-web application and its lifecycle.
 //! - [`topology`]: the pure topology engine (who peers with whom, over which uplinks).
 
@@ -42,5 +44,6 @@ pub mod metrics;
 pub mod metrics_ingest;
 pub mod nats;
 pub mod pki;
+pub mod portal;
 pub mod server;
 pub mod topology;

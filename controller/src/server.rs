@@ -194,6 +194,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(health::readyz)
         .service(crate::metrics::metrics)
         .service(crate::events::stream)
+        .configure(crate::portal::configure)
         .configure(crate::api::configure);
 }
 

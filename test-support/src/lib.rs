@@ -5,6 +5,8 @@
 //! that needs a schema gets its own throwaway database, so tests run in parallel and never
 //! touch the demo's data.
 
+pub mod browser;
+pub mod http;
 pub mod lab;
 
 use std::collections::HashMap;

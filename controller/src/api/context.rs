@@ -105,7 +105,7 @@ pub(super) fn bearer(req: &HttpRequest) -> ApiResult<String> {
     Ok(token.to_owned())
 }
 
-async fn authenticate(state: &AppState, token: &str) -> ApiResult<Principal> {
+pub(crate) async fn authenticate(state: &AppState, token: &str) -> ApiResult<Principal> {
     if token.starts_with(API_TOKEN_PREFIX) {
         let hash = secret_hash(token);
         let mut conn = state.db.get().await.map_err(db::DbError::from)?;
@@ -154,7 +154,7 @@ async fn authenticate(state: &AppState, token: &str) -> ApiResult<Principal> {
     })
 }
 
-fn requested_tenant(req: &HttpRequest) -> ApiResult<Option<TenantId>> {
+pub(crate) fn requested_tenant(req: &HttpRequest) -> ApiResult<Option<TenantId>> {
     let text = match req.match_info().get("tenant") {
         Some(t) => Some(t.to_owned()),
         None => match req.headers().get(TENANT_HEADER) {
@@ -173,7 +173,7 @@ fn requested_tenant(req: &HttpRequest) -> ApiResult<Option<TenantId>> {
     .transpose()
 }
 
-async fn resolve_tenant(
+pub(crate) async fn resolve_tenant(
     state: &AppState,
     principal: &Principal,
     requested: Option<TenantId>,
@@ -221,7 +221,10 @@ impl FromRequest for Ctx {
                 .get::<RequestId>()
                 .map(|r| r.0.clone())
                 .unwrap_or_default();
-            let token = bearer(&req)?;
+            let token = match bearer(&req) {
+                Ok(token) => token,
+                Err(no_bearer) => crate::portal::websocket_session(&req).ok_or(no_bearer)?,
+            };
             let principal = authenticate(&state, &token).await?;
             let tenant = resolve_tenant(&state, &principal, requested_tenant(&req)?).await?;
             let source_ip = req.peer_addr().map(|a| a.ip());

@@ -304,9 +304,24 @@ async fn create(
     req: HttpRequest,
     body: web::Json<CreateEnrollmentToken>,
 ) -> ApiResult<HttpResponse> {
+    let controller_url = {
+        let info = req.connection_info();
+        format!("{}://{}", info.scheme(), info.host())
+    };
+    let created = create_token(&ctx, body.into_inner(), &controller_url).await?;
+    Ok(HttpResponse::Created().json(created))
+}
+
+/// Create a one-time enrollment token (and the pending site it names, if new), audited: the
+/// token and the command to run on the edge against `controller_url`. Shared by the API and
+/// the portal's onboarding page.
+pub(crate) async fn create_token(
+    ctx: &Ctx,
+    body: CreateEnrollmentToken,
+    controller_url: &str,
+) -> ApiResult<CreatedEnrollmentToken> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
-    let body = body.into_inner();
     let lifetime = token_lifetime(&ctx.state, body.ttl_s)?;
     let created_by = match ctx.principal.actor {
         Actor::Operator { id, .. } => Some(id),
@@ -348,11 +363,9 @@ async fn create(
         .enrollment_keys
         .mint(tenant.0, site_id, &site_name, token_id, now, expires_at)
         .map_err(ApiError::internal)?;
-    let info = req.connection_info();
-    let controller_url = format!("{}://{}", info.scheme(), info.host());
     tracing::info!(tenant = %tenant, site = %site_id, token = %token_id, "enrollment token created");
-    Ok(HttpResponse::Created().json(CreatedEnrollmentToken {
-        command: enroll_command(&controller_url, &secret),
+    Ok(CreatedEnrollmentToken {
+        command: enroll_command(controller_url, &secret),
         secret,
         token: EnrollmentToken {
             id: token_id,
@@ -365,7 +378,7 @@ async fn create(
             revoked_at: None,
             state: "pending",
         },
-    }))
+    })
 }
 
 #[utoipa::path(operation_id = "revoke_enrollment_tokens", tag = "enrollment", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 204, description = "revoked (or already revoked)"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]

@@ -90,7 +90,7 @@ fn view(row: PathTuple) -> PathView {
 
 /// Fill in each path's latest state from Redis. Best effort: without Redis the paths are
 /// still served, from PostgreSQL alone.
-async fn with_latest(ctx: &Ctx, views: &mut [PathView]) {
+pub(crate) async fn with_latest(ctx: &Ctx, views: &mut [PathView]) {
     let Ok(tenant) = ctx.tenant() else {
         return;
     };
@@ -188,7 +188,31 @@ async fn list(ctx: Ctx, query: web::Query<PathQuery>) -> ApiResult<HttpResponse>
     Ok(HttpResponse::Ok().json(page.finish(rows, |p| (p.created_at, p.id))))
 }
 
-async fn find(ctx: &Ctx, id: Uuid) -> ApiResult<PathView> {
+/// Most paths one portal page lists (500 sites with 2 uplinks in a hub-and-spoke mesh need
+/// ~4,000).
+pub(crate) const MAX_LISTED_PATHS: i64 = 20_000;
+
+/// Every path of the tenant (or those touching `site`), without their latest samples, for the
+/// portal (the API pages through `GET /paths` instead).
+pub(crate) async fn all_views(ctx: &Ctx, site: Option<Uuid>) -> ApiResult<Vec<PathView>> {
+    ctx.tenant_tx(move |conn| {
+        Box::pin(async move {
+            let mut q = path_rows!();
+            if let Some(site) = site {
+                q = q.filter(paths::src_site_id.eq(site).or(paths::dst_site_id.eq(site)));
+            }
+            let rows: Vec<PathTuple> = q
+                .order((paths::created_at, paths::id))
+                .limit(MAX_LISTED_PATHS)
+                .load(conn)
+                .await?;
+            Ok(rows.into_iter().map(view).collect::<Vec<_>>())
+        })
+    })
+    .await
+}
+
+pub(crate) async fn find(ctx: &Ctx, id: Uuid) -> ApiResult<PathView> {
     let row = ctx
         .tenant_tx(move |conn| {
             Box::pin(async move {
@@ -229,23 +253,23 @@ const MAX_RANGE_DAYS: i64 = 31;
 const MAX_POINTS: i64 = 10_000;
 
 #[derive(utoipa::ToSchema, QueryableByName, Serialize)]
-struct Point {
+pub(crate) struct Point {
     #[diesel(sql_type = Timestamptz)]
-    at: DateTime<Utc>,
+    pub at: DateTime<Utc>,
     #[diesel(sql_type = Double)]
-    latency_ms: f64,
+    pub latency_ms: f64,
     #[diesel(sql_type = Double)]
-    jitter_ms: f64,
+    pub jitter_ms: f64,
     #[diesel(sql_type = Double)]
-    packet_loss_pct: f64,
+    pub packet_loss_pct: f64,
     #[diesel(sql_type = Nullable<Double>)]
-    bandwidth_mbps: Option<f64>,
+    pub bandwidth_mbps: Option<f64>,
     #[diesel(sql_type = Nullable<Int4>)]
-    mtu: Option<i32>,
+    pub mtu: Option<i32>,
     #[diesel(sql_type = Double)]
-    score: f64,
+    pub score: f64,
     #[diesel(sql_type = BigInt)]
-    samples: i64,
+    pub samples: i64,
 }
 
 #[derive(utoipa::ToSchema, Serialize)]
@@ -291,16 +315,14 @@ const ROLLUP_HISTORY: &str = "
     ) AS u
     GROUP BY 1 ORDER BY 1";
 
-#[utoipa::path(operation_id = "metrics_history_paths", tag = "paths", params(("id" = Uuid, Path, description = "id of the resource"), MetricsQuery), security(("bearer" = [])), responses((status = 200, body = History), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
-#[get("/paths/{id}/metrics")]
-async fn metrics_history(
-    ctx: Ctx,
-    id: web::Path<super::context::IdPath>,
-    query: web::Query<MetricsQuery>,
-) -> ApiResult<HttpResponse> {
-    let id = id.into_inner().id;
-    find(&ctx, id).await?;
-    let query = query.into_inner();
+/// A path's metric history over `query`'s range (default: the last hour), raw or bucketed:
+/// `(from, to, step, points)`. Shared by the API and the portal's charts.
+pub(crate) async fn history(
+    ctx: &Ctx,
+    id: Uuid,
+    query: MetricsQuery,
+) -> ApiResult<(DateTime<Utc>, DateTime<Utc>, Option<i64>, Vec<Point>)> {
+    find(ctx, id).await?;
     let to = query.to.unwrap_or_else(Utc::now);
     let from = query.from.unwrap_or(to - chrono::Duration::hours(1));
     if from >= to {
@@ -379,6 +401,19 @@ async fn metrics_history(
             })
         })
         .await?;
+    Ok((from, to, step, points))
+}
+
+#[utoipa::path(operation_id = "metrics_history_paths", tag = "paths", params(("id" = Uuid, Path, description = "id of the resource"), MetricsQuery), security(("bearer" = [])), responses((status = 200, body = History), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
+#[get("/paths/{id}/metrics")]
+async fn metrics_history(
+    ctx: Ctx,
+    id: web::Path<super::context::IdPath>,
+    query: web::Query<MetricsQuery>,
+) -> ApiResult<HttpResponse> {
+    let id = id.into_inner().id;
+    let query = query.into_inner();
+    let (from, to, step, points) = history(&ctx, id, query).await?;
     Ok(HttpResponse::Ok().json(History {
         path_id: id,
         from,
@@ -402,10 +437,21 @@ async fn test(
     id: web::Path<super::context::IdPath>,
     body: Option<web::Json<TestBody>>,
 ) -> ApiResult<HttpResponse> {
+    let duration_s = body.and_then(|b| b.into_inner().duration_s).unwrap_or(5);
+    let (path, metrics) = run_test(&ctx, id.into_inner().id, duration_s).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "path_id": path, "metrics": metrics })))
+}
+
+/// Ask the path's source edge to test it now for `duration_s` seconds (audited; the caller
+/// must be allowed to write): the metrics it measured. Shared by the API and the portal.
+pub(crate) async fn run_test(
+    ctx: &Ctx,
+    id: Uuid,
+    duration_s: u32,
+) -> ApiResult<(Uuid, patronus_proto::metrics::PathMetrics)> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
-    let path = find(&ctx, id.into_inner().id).await?;
-    let duration_s = body.and_then(|b| b.into_inner().duration_s).unwrap_or(5);
+    let path = find(ctx, id).await?;
     if duration_s == 0 || duration_s > MAX_PATH_TEST_SECONDS {
         return Err(ApiError::unprocessable(
             "invalid_value",
@@ -464,10 +510,7 @@ async fn test(
         )
     })?;
     match reply.result {
-        CommandResult::PathTest { metrics, .. } => {
-            Ok(HttpResponse::Ok()
-                .json(serde_json::json!({ "path_id": path.id, "metrics": metrics })))
-        }
+        CommandResult::PathTest { metrics, .. } => Ok((path.id, metrics)),
         CommandResult::Failed { error } => Err(ApiError::new(
             actix_web::http::StatusCode::BAD_GATEWAY,
             "edge_failed",

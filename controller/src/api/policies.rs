@@ -72,7 +72,7 @@ impl PolicyKind {
     }
 }
 
-#[derive(utoipa::ToSchema, Deserialize)]
+#[derive(utoipa::ToSchema, Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyBody {
     pub name: String,
@@ -318,10 +318,16 @@ async fn list(ctx: Ctx, query: web::Query<PolicyQuery>) -> ApiResult<HttpRespons
 #[utoipa::path(operation_id = "create_policies", tag = "policies", request_body = PolicyBody, security(("bearer" = [])), responses((status = 201, body = PolicyRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[post("/policies")]
 async fn create(ctx: Ctx, body: web::Json<PolicyBody>) -> ApiResult<HttpResponse> {
+    let row = create_policy(&ctx, body.into_inner()).await?;
+    Ok(HttpResponse::Created().json(row))
+}
+
+/// Create a policy (writer role; compiled and validated exactly as the edge will), audited;
+/// the tenant's intents are recompiled. Shared by the API and the portal.
+pub(crate) async fn create_policy(ctx: &Ctx, body: PolicyBody) -> ApiResult<PolicyRow> {
     let tenant = ctx.tenant()?;
-    let body = body.into_inner();
     let id = Uuid::new_v4();
-    let audit = admit(&ctx, id, &body, "policy.create")?;
+    let audit = admit(ctx, id, &body, "policy.create")?;
     let row = ctx
         .tenant_tx(move |conn| {
             Box::pin(async move {
@@ -346,7 +352,7 @@ async fn create(ctx: Ctx, body: web::Json<PolicyBody>) -> ApiResult<HttpResponse
         })
         .await?;
     ctx.state.intents_changed(tenant).await;
-    Ok(HttpResponse::Created().json(row))
+    Ok(row)
 }
 
 #[utoipa::path(operation_id = "get_policies", tag = "policies", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 200, body = PolicyRow), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
@@ -376,10 +382,15 @@ async fn replace(
     id: web::Path<super::context::IdPath>,
     body: web::Json<PolicyBody>,
 ) -> ApiResult<HttpResponse> {
+    let row = replace_policy(&ctx, id.into_inner().id, body.into_inner()).await?;
+    Ok(HttpResponse::Ok().json(row))
+}
+
+/// Replace a policy (as [`create_policy`] checks it), audited. Shared by the API and the
+/// portal.
+pub(crate) async fn replace_policy(ctx: &Ctx, id: Uuid, body: PolicyBody) -> ApiResult<PolicyRow> {
     let tenant = ctx.tenant()?;
-    let id = id.into_inner().id;
-    let body = body.into_inner();
-    let audit = admit(&ctx, id, &body, "policy.update")?;
+    let audit = admit(ctx, id, &body, "policy.update")?;
     let row = ctx
         .tenant_tx(move |conn| {
             Box::pin(async move {
@@ -405,15 +416,20 @@ async fn replace(
         })
         .await?;
     ctx.state.intents_changed(tenant).await;
-    Ok(HttpResponse::Ok().json(row))
+    Ok(row)
 }
 
 #[utoipa::path(operation_id = "delete_policies", tag = "policies", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[delete("/policies/{id}")]
 async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
+    delete_policy(&ctx, id.into_inner().id).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Delete a policy, audited. Shared by the API and the portal.
+pub(crate) async fn delete_policy(ctx: &Ctx, id: Uuid) -> ApiResult<()> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
-    let id = id.into_inner().id;
     let audit = ctx.audit("policy.delete", "policy", id, serde_json::json!({}));
     let n = ctx
         .tenant_tx(move |conn| {
@@ -432,7 +448,7 @@ async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<Ht
         return Err(ApiError::not_found("policy"));
     }
     ctx.state.intents_changed(tenant).await;
-    Ok(HttpResponse::NoContent().finish())
+    Ok(())
 }
 
 #[derive(utoipa::ToSchema, Serialize, Debug)]

@@ -164,6 +164,19 @@ pub async fn login(
     body: web::Json<LoginRequest>,
 ) -> ApiResult<HttpResponse> {
     let LoginRequest { email, password } = body.into_inner();
+    let pair = password_login(&state, &req, email, password).await?;
+    Ok(HttpResponse::Ok().json(pair))
+}
+
+/// Check an operator's e-mail and password (rate-limited per source and per account, the
+/// same answer for an unknown account and a wrong password), record the login in the audit
+/// log and issue a session. Shared by the API and the portal's sign-in form.
+pub(crate) async fn password_login(
+    state: &AppState,
+    req: &HttpRequest,
+    email: String,
+    password: String,
+) -> ApiResult<TokenPair> {
     if email.is_empty() || email.len() > 254 || password.len() > auth::MAX_PASSWORD_LEN * 4 {
         return Err(ApiError::bad_request(
             "invalid_body",
@@ -172,14 +185,14 @@ pub async fn login(
     }
     let auth_config = &state.auth;
     rate_limit(
-        &state,
-        &format!("login:src:{}", source_key(&req)),
+        state,
+        &format!("login:src:{}", source_key(req)),
         auth_config.login_per_minute_per_source,
         60,
     )
     .await?;
     rate_limit(
-        &state,
+        state,
         &format!("login:acct:{}", key_hash(&email)),
         auth_config.login_per_minute_per_account,
         60,
@@ -249,8 +262,8 @@ pub async fn login(
     })
     .await?;
     tracing::info!(operator = %row.id, msp = %row.msp_id, "login");
-    let pair = issue_pair(
-        &state,
+    issue_pair(
+        state,
         RefreshRecord {
             operator: row.id,
             email: row.email.clone(),
@@ -259,8 +272,18 @@ pub async fn login(
             role,
         },
     )
-    .await?;
-    Ok(HttpResponse::Ok().json(pair))
+    .await
+}
+
+/// End the session of `token` (a session JWT) before it expires: later requests with it are
+/// refused. An invalid token is already no session.
+pub(crate) async fn revoke_session(state: &AppState, token: &str) -> ApiResult<()> {
+    if let Ok(claims) = state.session_keys.verify(token) {
+        let mut redis = state.redis().await?;
+        let remaining = claims.exp.saturating_sub(now_unix()).max(1);
+        let () = redis.set_ex(revoked_key(claims.jti), 1, remaining).await?;
+    }
+    Ok(())
 }
 
 #[utoipa::path(operation_id = "auth_refresh", tag = "auth", request_body = RefreshRequest, responses((status = 200, body = TokenPair), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
@@ -323,13 +346,10 @@ pub async fn logout(
     req: HttpRequest,
     body: Option<web::Json<LogoutRequest>>,
 ) -> ApiResult<HttpResponse> {
-    let mut redis = ctx.state.redis().await?;
     if let Ok(token) = super::context::bearer(&req) {
-        if let Ok(claims) = ctx.state.session_keys.verify(&token) {
-            let remaining = claims.exp.saturating_sub(now_unix()).max(1);
-            let () = redis.set_ex(revoked_key(claims.jti), 1, remaining).await?;
-        }
+        revoke_session(&ctx.state, &token).await?;
     }
+    let mut redis = ctx.state.redis().await?;
     if let Some(refresh_token) = body.and_then(|b| b.into_inner().refresh_token) {
         let _: u64 = redis.del(refresh_key(&refresh_token)).await?;
     }

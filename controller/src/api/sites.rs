@@ -244,7 +244,7 @@ async fn check_no_lan_conflict(
     Ok(())
 }
 
-async fn load_site(conn: &mut AsyncPgConnection, id: Uuid) -> ApiResult<Option<Site>> {
+pub(crate) async fn load_site(conn: &mut AsyncPgConnection, id: Uuid) -> ApiResult<Option<Site>> {
     let Some(site) = sites::table
         .find(id)
         .select(SiteRow::as_select())
@@ -581,9 +581,15 @@ async fn update(
 #[utoipa::path(operation_id = "delete_sites", tag = "sites", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[delete("/sites/{id}")]
 async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
+    delete_site(&ctx, id.into_inner().id).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Delete a site (credentials revoked first; peers recompiled without it), audited. Shared by
+/// the API and the portal.
+pub(crate) async fn delete_site(ctx: &Ctx, id: Uuid) -> ApiResult<()> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
-    let id = id.into_inner().id;
     let audit = ctx.audit("site.delete", "site", id, serde_json::json!({}));
     let deleted = ctx
         .tenant_tx(move |conn| {
@@ -616,15 +622,21 @@ async fn delete(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<Ht
         )
         .await;
     ctx.state.intents_changed(tenant).await;
-    Ok(HttpResponse::NoContent().finish())
+    Ok(())
 }
 
 #[utoipa::path(operation_id = "revoke_sites", tag = "sites", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 200, body = Site, description = "the revoked site"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[post("/sites/{id}/revoke")]
 async fn revoke(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
+    let site = revoke_site(&ctx, id.into_inner().id).await?;
+    Ok(HttpResponse::Ok().json(site))
+}
+
+/// Revoke a site (its certificates, NATS user and tokens stop working; peers drop it),
+/// audited. Shared by the API and the portal.
+pub(crate) async fn revoke_site(ctx: &Ctx, id: Uuid) -> ApiResult<Site> {
     ctx.require_write()?;
     let tenant = ctx.tenant()?;
-    let id = id.into_inner().id;
     let audit = ctx.audit("site.revoke", "site", id, serde_json::json!({}));
     let site = ctx
         .tenant_tx(move |conn| {
@@ -671,7 +683,7 @@ async fn revoke(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<Ht
         )
         .await;
     ctx.state.intents_changed(tenant).await;
-    Ok(HttpResponse::Ok().json(site))
+    Ok(site)
 }
 
 pub fn routes(cfg: &mut ServiceConfig) {

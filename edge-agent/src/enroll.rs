@@ -108,6 +108,73 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// The uplinks of a host that named none (pure): every interface with a default route in any
+/// routing table (`ip -j route show table all default`), in order of first appearance, with
+/// its first global address of the route's family (`ip -j addr show scope global`); named
+/// after the interface, kind `other`. Interfaces with a default route but no global address
+/// (a point-to-point link with a private peer address, say) are left out.
+pub fn detect_uplinks(routes_json: &str, addrs_json: &str) -> Result<Vec<UplinkSpec>, String> {
+    let routes: Vec<serde_json::Value> = serde_json::from_str(routes_json)
+        .map_err(|e| format!("unreadable `ip -j route` output: {e}"))?;
+    let links: Vec<serde_json::Value> = serde_json::from_str(addrs_json)
+        .map_err(|e| format!("unreadable `ip -j addr` output: {e}"))?;
+    let mut devices: Vec<&str> = Vec::new();
+    for route in &routes {
+        if let Some(dev) = route.get("dev").and_then(|d| d.as_str()) {
+            if !devices.contains(&dev) {
+                devices.push(dev);
+            }
+        }
+    }
+    let mut uplinks = Vec::new();
+    for dev in devices {
+        let address = links
+            .iter()
+            .filter(|l| l.get("ifname").and_then(|n| n.as_str()) == Some(dev))
+            .filter_map(|l| l.get("addr_info").and_then(|a| a.as_array()))
+            .flatten()
+            .filter(|a| a.get("scope").and_then(|s| s.as_str()) == Some("global"))
+            .find_map(|a| {
+                a.get("local")
+                    .and_then(|l| l.as_str())?
+                    .parse::<std::net::IpAddr>()
+                    .ok()
+            });
+        if let Some(address) = address {
+            uplinks.push(UplinkSpec {
+                name: dev.to_owned(),
+                address,
+                interface_type: LinkKind::Other,
+                bandwidth_mbps: None,
+                cost_per_gb: 0.0,
+                metered: false,
+            });
+        }
+    }
+    Ok(uplinks)
+}
+
+/// [`detect_uplinks`] on this host (iproute2).
+pub fn discover_uplinks() -> anyhow::Result<Vec<UplinkSpec>> {
+    let run = |args: &[&str]| -> anyhow::Result<String> {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .context("running `ip` (iproute2) to find this host's uplinks")?;
+        if !out.status.success() {
+            bail!(
+                "`ip {}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let routes = run(&["-j", "-4", "route", "show", "table", "all", "default"])?;
+    let addrs = run(&["-j", "-4", "addr", "show", "scope", "global"])?;
+    detect_uplinks(&routes, &addrs).map_err(anyhow::Error::msg)
+}
+
 /// Enroll and write the state directory. Prints one line per step.
 pub fn enroll(
     controller: &str,
@@ -126,9 +193,21 @@ pub fn enroll(
             identity.site_id
         );
     }
-    if uplinks.is_empty() {
-        bail!("name at least one WAN uplink: --uplink name=wan0,address=<public IP>");
-    }
+    let uplinks = if uplinks.is_empty() {
+        let found = discover_uplinks()?;
+        if found.is_empty() {
+            bail!("this host has no default route with a global address to use as an uplink; name them: --uplink name=wan0,address=<public IP>");
+        }
+        for u in &found {
+            eprintln!(
+                "enroll: uplink {} = {} (found from its default route; name uplinks with --uplink to set their type, bandwidth and cost)",
+                u.name, u.address
+            );
+        }
+        found
+    } else {
+        uplinks
+    };
     let claims = peek_claims(token)
         .context("the token is not an enrollment token; copy it again from the portal or `patronus-controller token create`")?;
     let (tenant, site) = (TenantId(claims.tenant), SiteId(claims.sub));
@@ -224,6 +303,32 @@ pub fn enroll(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uplinks_are_found_from_default_routes_in_every_table() {
+        let routes = r#"[{"dst":"default","gateway":"198.18.1.2","dev":"wan0","table":"1100"},
+            {"dst":"default","gateway":"198.18.1.6","dev":"wan1","table":"1101"},
+            {"dst":"default","gateway":"198.18.1.2","dev":"wan0"},
+            {"dst":"default","dev":"tun9"}]"#;
+        let addrs = r#"[{"ifname":"wan0","addr_info":[{"family":"inet","local":"198.18.1.1","prefixlen":30,"scope":"global"}]},
+            {"ifname":"wan1","addr_info":[{"family":"inet","local":"198.18.1.5","prefixlen":30,"scope":"global"}]},
+            {"ifname":"lan0","addr_info":[{"family":"inet","local":"10.1.0.1","prefixlen":24,"scope":"global"}]}]"#;
+        let found = detect_uplinks(routes, addrs).unwrap();
+        let named: Vec<(String, String)> = found
+            .iter()
+            .map(|u| (u.name.clone(), u.address.to_string()))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("wan0".to_owned(), "198.18.1.1".to_owned()),
+                ("wan1".to_owned(), "198.18.1.5".to_owned())
+            ],
+            "tun9 has no global address; lan0 no default route"
+        );
+        assert!(detect_uplinks("not json", "[]").is_err());
+        assert!(detect_uplinks("[]", "[]").unwrap().is_empty());
+    }
 
     #[test]
     fn uplinks_parse_with_defaults_and_errors_name_the_part() {

@@ -3,7 +3,7 @@
 //! The agent's job (enroll, watch the site's intent, apply it by diffing desired against actual
 //! state, probe paths, fail over locally, report) lands issue by issue. What it does today:
 //!
-//! - `enroll --controller URL --token T --uplink ...`: make this site's keys, enroll with the
+//! - `enroll --controller URL --token T [--uplink ...]`: make this site's keys, enroll with the
 //!   token, keep the answer in the state directory ([`enroll`], [`state`]).
 //! - `status [--remote]`: who this site is, from the state directory alone (or, signed with the
 //!   site certificate, what the controller knows of it: [`control`]).
@@ -69,8 +69,9 @@ enum Command {
         /// Read the token from this file (`-`: from standard input).
         #[arg(long, conflicts_with = "token")]
         token_file: Option<PathBuf>,
-        /// A WAN uplink: name=wan0,address=<public IP>[,type=fiber][,bandwidth=<Mbit/s>][,cost=<per GB>][,metered=true]
-        #[arg(long = "uplink", value_parser = enroll::parse_uplink, required = true)]
+        /// A WAN uplink: name=wan0,address=<public IP>[,type=fiber][,bandwidth=<Mbit/s>][,cost=<per GB>][,metered=true].
+        /// None: every interface with a default route (any table) and its global address.
+        #[arg(long = "uplink", value_parser = enroll::parse_uplink)]
         uplinks: Vec<patronus_proto::enroll::UplinkSpec>,
         /// The state directory (default: the configuration's `state_dir`).
         #[arg(long)]

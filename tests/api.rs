@@ -2107,6 +2107,84 @@ async fn the_portal_signs_in_scopes_by_tenant_checks_forms_and_escapes() -> anyh
         "a viewer got policy controls"
     );
 
+    // Admin: operators and API tokens. A weak password is refused with the API's reason; a
+    // new viewer is listed; an API token is shown once, works, and stops working when revoked.
+    let admin_url = format!("/portal/t/{}/admin", w.tenant_a);
+    let (status, _, html) = page!(app, h, Method::GET, &admin_url, viewer, None);
+    assert_eq!(status, StatusCode::FORBIDDEN, "a viewer on the admin page");
+    assert!(html.contains(r#"id="forbidden""#));
+    let (status, _, html) = page!(app, h, Method::GET, &admin_url, me, None);
+    assert_eq!(status, StatusCode::OK, "{html}");
+    let csrf = csrf_of(&html);
+    let operator = |password: &str| {
+        Some(vec![
+            ("csrf", csrf.clone()),
+            ("email", format!("new-{tag}@example.com")),
+            ("display_name", "New Viewer".to_owned()),
+            ("password", password.to_owned()),
+            ("role", "tenant_viewer".to_owned()),
+        ])
+    };
+    let (status, _, html) = page!(
+        app,
+        h,
+        Method::POST,
+        &format!("{admin_url}/operators"),
+        me,
+        operator("short")
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(html.contains("form-error"), "{html}");
+    let (status, _, _) = page!(
+        app,
+        h,
+        Method::POST,
+        &format!("{admin_url}/operators"),
+        me,
+        operator(PASSWORD)
+    );
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, _, html) = page!(app, h, Method::GET, &admin_url, me, None);
+    assert!(html.contains(&format!("new-{tag}@example.com")));
+    let (status, _, html) = page!(
+        app,
+        h,
+        Method::POST,
+        &format!("{admin_url}/api-tokens"),
+        me,
+        Some(vec![
+            ("csrf", csrf.clone()),
+            ("name", "ci".to_owned()),
+            ("role", "tenant_viewer".to_owned()),
+            ("expires_in_days", "30".to_owned()),
+        ])
+    );
+    assert_eq!(status, StatusCode::CREATED, "{html}");
+    let marker = r#"<pre id="api-token-secret">"#;
+    let start = html.find(marker).expect("the secret, once") + marker.len();
+    let secret = html[start..start + html[start..].find('<').unwrap()].to_owned();
+    let (status, _) = call!(app, h, Method::GET, "/api/v1/sites", Some(&secret), None);
+    assert_eq!(status, StatusCode::OK, "the new API token works");
+    let (_, _, html) = page!(app, h, Method::GET, &admin_url, me, None);
+    assert!(!html.contains(&secret), "the secret is shown only once");
+    let id_start = html.find(r#"data-token-id=""#).unwrap() + 15;
+    let token_id = &html[id_start..id_start + 36];
+    let (status, _, _) = page!(
+        app,
+        h,
+        Method::POST,
+        &format!("{admin_url}/api-tokens/{token_id}/revoke"),
+        me,
+        Some(vec![("csrf", csrf.clone())])
+    );
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (status, _) = call!(app, h, Method::GET, "/api/v1/sites", Some(&secret), None);
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the revoked API token still works"
+    );
+
     // Static assets are cached; signing out revokes the session itself.
     let (status, headers, _) = page!(app, h, Method::GET, "/portal/static/portal.js", none, None);
     assert_eq!(status, StatusCode::OK);

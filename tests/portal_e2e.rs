@@ -204,15 +204,7 @@ impl Portal {
 
     /// Sign in through the login form and wait for the page it lands on.
     async fn sign_in(&self, b: &Browser, email: &str) -> anyhow::Result<()> {
-        b.goto(&format!("{}/portal/login", self.url)).await?;
-        b.wait_for("form#login", WAIT).await?;
-        b.fill("email", email).await?;
-        b.fill("password", PASSWORD).await?;
-        b.click("form#login button[type=submit]").await?;
-        b.wait_for("form#logout", WAIT)
-            .await
-            .with_context(|| format!("signing in as {email}"))?;
-        Ok(())
+        b.sign_in(&self.url, email, PASSWORD, WAIT).await
     }
 
     async fn stop(self) -> anyhow::Result<()> {

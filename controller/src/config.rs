@@ -45,6 +45,11 @@ pub struct ProvisioningConfig {
     /// Least time between two rotations of one site's WireGuard key (counted from the last
     /// commit); a site asking sooner is answered 429.
     pub wireguard_rotation_min_interval_s: u64,
+    /// The controller's URL as edges reach it (`http(s)://host:port`), written into the
+    /// enrollment command the API and the portal show. Unset: the address the operator's
+    /// request came to (right behind a proxy with the public name; wrong when the operator
+    /// reaches the controller on another address than the edges do).
+    pub edge_url: Option<String>,
 }
 
 impl Default for ProvisioningConfig {
@@ -57,6 +62,7 @@ impl Default for ProvisioningConfig {
             ca_lifetime_days: 3650,
             wireguard_commit_timeout_s: 86_400,
             wireguard_rotation_min_interval_s: 3600,
+            edge_url: None,
         }
     }
 }
@@ -375,6 +381,9 @@ impl ControllerConfig {
         if let Some(v) = env("PATRONUS_NATS_EDGE_URL") {
             self.nats.edge_url = Some(v);
         }
+        if let Some(v) = env("PATRONUS_PROVISIONING_EDGE_URL") {
+            self.provisioning.edge_url = Some(v);
+        }
         if let Some(v) = env("PATRONUS_TOKEN_SIGNING_KEY") {
             self.provisioning.token_signing_key = Secret(v);
         }
@@ -438,6 +447,9 @@ impl ControllerConfig {
         check_scheme("nats.url", &self.nats.url, &["nats", "tls"])?;
         if let Some(edge_url) = &self.nats.edge_url {
             check_scheme("nats.edge_url", edge_url, &["nats", "tls"])?;
+        }
+        if let Some(edge_url) = &self.provisioning.edge_url {
+            check_scheme("provisioning.edge_url", edge_url, &["http", "https"])?;
         }
         if self.http.shutdown_grace_s > 300 {
             return Err(invalid(

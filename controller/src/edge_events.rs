@@ -1,5 +1,6 @@
-//! What edges report applying, recorded for the intent publisher; and every edge event kept
-//! in the tenant's recent history (`events::remember`) for the portal.
+//! What edges report applying, recorded for the intent publisher; when each site was last
+//! heard from (`sites.last_seen_at`, at most every [`LAST_SEEN_EVERY`]); and every edge
+//! event kept in the tenant's recent history (`events::remember`) for the portal.
 //!
 //! Edges publish their events on `sdwan.<tenant>.<site>.events` (core NATS, inside the
 //! tenant's account). `/ws/sdwan` relays them to operators; this module keeps the one fact the
@@ -108,6 +109,24 @@ pub async fn record(
     .await
 }
 
+/// How often a site's `last_seen_at` is written at most (each replica), from its events.
+pub const LAST_SEEN_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Note that `site` was heard from now (`sites.last_seen_at`, shown by the portal).
+async fn touch(state: &AppState, tenant: TenantId, site: SiteId) -> Result<(), db::DbError> {
+    let mut conn = state.db.get().await?;
+    db::in_scope(&mut conn, Scope::Tenant(tenant), move |conn| {
+        Box::pin(async move {
+            diesel::update(sites::table.filter(sites::id.eq(site.0)))
+                .set(sites::last_seen_at.eq(Some(Utc::now())))
+                .execute(conn)
+                .await?;
+            Ok::<_, db::DbError>(())
+        })
+    })
+    .await
+}
+
 /// Take one tenant's edge events until the subscription ends.
 async fn follow(
     state: AppState,
@@ -115,6 +134,7 @@ async fn follow(
     mut events: async_nats::Subscriber,
     recorded: Recorded,
 ) {
+    let mut seen: HashMap<SiteId, std::time::Instant> = HashMap::new();
     while let Some(message) = events.next().await {
         let Ok((subject_tenant, site, Channel::Events)) = parse_site_subject(&message.subject)
         else {
@@ -130,6 +150,15 @@ async fn follow(
                 continue;
             }
         };
+        if seen
+            .get(&site)
+            .is_none_or(|at| at.elapsed() >= LAST_SEEN_EVERY)
+        {
+            seen.insert(site, std::time::Instant::now());
+            if let Err(e) = touch(&state, tenant, site).await {
+                tracing::debug!(tenant = %tenant, site = %site, error = %e, "last seen not recorded");
+            }
+        }
         // The portal's recent events: the edge's report as received, with the subject's
         // tenant and site (never the body's).
         let mut kept = envelope.clone();

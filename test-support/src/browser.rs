@@ -374,6 +374,26 @@ impl Browser {
         }
     }
 
+    /// Sign in to the portal at `base_url` (`http://127.0.0.1:<port>`) through its form and
+    /// wait, at most `timeout`, for the page it lands on (signed in: the sign-out form).
+    pub async fn sign_in(
+        &self,
+        base_url: &str,
+        email: &str,
+        password: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        self.goto(&format!("{base_url}/portal/login")).await?;
+        self.wait_for("form#login", timeout).await?;
+        self.fill("email", email).await?;
+        self.fill("password", password).await?;
+        self.click("form#login button[type=submit]").await?;
+        self.wait_for("form#logout", timeout)
+            .await
+            .with_context(|| format!("signing in as {email}"))?;
+        Ok(())
+    }
+
     /// Type `value` into the form field named `name` (clearing it first).
     pub async fn fill(&self, name: &str, value: &str) -> anyhow::Result<()> {
         let field = self.expect(&format!("[name=\"{name}\"]")).await?;

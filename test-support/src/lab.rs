@@ -96,6 +96,10 @@ impl LabController {
         let mut config = env.controller_config(&database.app_url)?;
         config.http.listen = ([127, 0, 0, 1], http_port).into();
         config.nats.edge_url = Some(format!("nats://{LAB_MGMT_HOST}:{nats_port}"));
+        // Operators sign in from 127.0.0.1, like every other test's on this host, and the
+        // sign-in counters live in the shared Redis: not this controller's limits to test.
+        config.auth.login_per_minute_per_source = 10_000;
+        config.auth.login_per_minute_per_account = 1_000;
         let keys = patronus_controller::enrollment::TokenKeys::from_seed(
             &patronus_controller::config::secret_bytes_32(&config.provisioning.token_signing_key)
                 .context("PATRONUS_TOKEN_SIGNING_KEY is not 32 bytes: run scripts/setup")?,
@@ -144,6 +148,44 @@ impl LabController {
             .await
             .context("creating the lab tenant's API token")?;
         Ok(token)
+    }
+
+    /// An operator of the tenant who signs in to the portal with `email` and `password`, with
+    /// `role` (a tenant role: `TenantAdmin` or `TenantViewer`). The lab's MSP has no admin to
+    /// create one through the API (`POST /operators` wants an admin signed in), so this writes
+    /// the row as `api_token` does, with the controller's own password hashing.
+    pub async fn operator(
+        &self,
+        email: &str,
+        password: &str,
+        role: patronus_controller::auth::Role,
+    ) -> anyhow::Result<()> {
+        use diesel::sql_types::{Text, Uuid as SqlUuid};
+        use diesel_async::RunQueryDsl;
+        anyhow::ensure!(
+            role != patronus_controller::auth::Role::MspAdmin,
+            "a lab operator belongs to the lab tenant: give it a tenant role"
+        );
+        let password = password.to_owned();
+        let hash = tokio::task::spawn_blocking(move || {
+            patronus_controller::auth::hash_password(&password)
+        })
+        .await?
+        .context("hashing the operator's password")?;
+        let mut owner = AsyncPgConnection::establish(&self.database.owner_url).await?;
+        let inserted = diesel::sql_query(
+            "INSERT INTO operators (msp_id, tenant_id, email, password_hash, role)
+             SELECT msp_id, id, $2, $3, $4 FROM tenants WHERE id = $1",
+        )
+        .bind::<SqlUuid, _>(self.tenant.0)
+        .bind::<Text, _>(email)
+        .bind::<Text, _>(hash)
+        .bind::<Text, _>(role.as_str())
+        .execute(&mut owner)
+        .await
+        .with_context(|| format!("creating the lab tenant's operator {email}"))?;
+        anyhow::ensure!(inserted == 1, "the lab tenant is gone: no operator created");
+        Ok(())
     }
 
     /// Publish `intent` as its site's current intent, as the controller would (tests and

@@ -248,6 +248,18 @@ pub fn token_lifetime(state: &AppState, ttl_s: Option<u64>) -> ApiResult<Duratio
     Ok(Duration::seconds(ttl as i64))
 }
 
+/// The controller's URL as edges reach it: `provisioning.edge_url`, else the scheme and host
+/// the request came to.
+pub fn edge_facing_url(state: &AppState, req: &HttpRequest) -> String {
+    match &state.provisioning.edge_url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => {
+            let info = req.connection_info();
+            format!("{}://{}", info.scheme(), info.host())
+        }
+    }
+}
+
 /// The line an operator pastes on the edge.
 pub fn enroll_command(controller_url: &str, token: &str) -> String {
     format!("patronus-edge enroll --controller {controller_url} --token {token}")
@@ -304,10 +316,7 @@ async fn create(
     req: HttpRequest,
     body: web::Json<CreateEnrollmentToken>,
 ) -> ApiResult<HttpResponse> {
-    let controller_url = {
-        let info = req.connection_info();
-        format!("{}://{}", info.scheme(), info.host())
-    };
+    let controller_url = edge_facing_url(&ctx.state, &req);
     let created = create_token(&ctx, body.into_inner(), &controller_url).await?;
     Ok(HttpResponse::Created().json(created))
 }

@@ -40,7 +40,7 @@ pub struct CreateOperator {
     pub display_name: String,
 }
 
-#[derive(utoipa::ToSchema, Deserialize)]
+#[derive(utoipa::ToSchema, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateOperator {
     pub display_name: Option<String>,
@@ -124,8 +124,14 @@ async fn list(ctx: Ctx, query: web::Query<PageQuery>) -> ApiResult<HttpResponse>
 #[utoipa::path(operation_id = "create_operators", tag = "operators", request_body = CreateOperator, security(("bearer" = [])), responses((status = 201, body = Operator), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[post("/operators")]
 async fn create(ctx: Ctx, body: web::Json<CreateOperator>) -> ApiResult<HttpResponse> {
-    let body = body.into_inner();
-    check_can_manage(&ctx, body.role)?;
+    let row = create_operator(&ctx, body.into_inner()).await?;
+    Ok(HttpResponse::Created().json(row))
+}
+
+/// Create an operator of the acting tenant (or, for an MSP admin naming none, of the MSP),
+/// audited. Shared by the API and the portal.
+pub(crate) async fn create_operator(ctx: &Ctx, body: CreateOperator) -> ApiResult<Operator> {
+    check_can_manage(ctx, body.role)?;
     check_email(&body.email)?;
     if body.display_name.chars().count() > 128 {
         return Err(ApiError::unprocessable(
@@ -142,35 +148,33 @@ async fn create(ctx: Ctx, body: web::Json<CreateOperator>) -> ApiResult<HttpResp
         .map_err(ApiError::internal)?;
     let id = Uuid::new_v4();
     let msp = ctx.principal.msp;
-    let tenant = managed_tenant(&ctx);
+    let tenant = managed_tenant(ctx);
     let audit = ctx.audit(
         "operator.create",
         "operator",
         id,
         serde_json::json!({ "email": body.email, "role": body.role }),
     );
-    let row = ctx
-        .msp_tx(move |conn| {
-            Box::pin(async move {
-                let row = diesel::insert_into(operators::table)
-                    .values((
-                        operators::id.eq(id),
-                        operators::msp_id.eq(msp),
-                        operators::tenant_id.eq(tenant),
-                        operators::email.eq(&body.email),
-                        operators::display_name.eq(&body.display_name),
-                        operators::password_hash.eq(hash),
-                        operators::role.eq(body.role.as_str()),
-                    ))
-                    .returning(Operator::as_returning())
-                    .get_result(conn)
-                    .await?;
-                record_audit(conn, audit).await?;
-                Ok(row)
-            })
+    ctx.msp_tx(move |conn| {
+        Box::pin(async move {
+            let row = diesel::insert_into(operators::table)
+                .values((
+                    operators::id.eq(id),
+                    operators::msp_id.eq(msp),
+                    operators::tenant_id.eq(tenant),
+                    operators::email.eq(&body.email),
+                    operators::display_name.eq(&body.display_name),
+                    operators::password_hash.eq(hash),
+                    operators::role.eq(body.role.as_str()),
+                ))
+                .returning(Operator::as_returning())
+                .get_result(conn)
+                .await?;
+            record_audit(conn, audit).await?;
+            Ok(row)
         })
-        .await?;
-    Ok(HttpResponse::Created().json(row))
+    })
+    .await
 }
 
 async fn find(ctx: &Ctx, id: Uuid) -> ApiResult<Operator> {
@@ -206,12 +210,21 @@ async fn update(
     id: web::Path<super::context::IdPath>,
     body: web::Json<UpdateOperator>,
 ) -> ApiResult<HttpResponse> {
-    let id = id.into_inner().id;
-    let existing = find(&ctx, id).await?;
+    let row = update_operator(&ctx, id.into_inner().id, body.into_inner()).await?;
+    Ok(HttpResponse::Ok().json(row))
+}
+
+/// Change an operator (name, role between the tenant roles, password, disabled), audited.
+/// Shared by the API and the portal.
+pub(crate) async fn update_operator(
+    ctx: &Ctx,
+    id: Uuid,
+    body: UpdateOperator,
+) -> ApiResult<Operator> {
+    let existing = find(ctx, id).await?;
     let current_role =
         Role::parse(&existing.role).ok_or_else(|| ApiError::internal("unknown role"))?;
-    check_can_manage(&ctx, current_role)?;
-    let body = body.into_inner();
+    check_can_manage(ctx, current_role)?;
     if let Some(role) = body.role {
         if (role == Role::MspAdmin) != (current_role == Role::MspAdmin) {
             return Err(ApiError::unprocessable(
@@ -254,49 +267,47 @@ async fn update(
             "display_name": body.display_name,
         }),
     );
-    let row = ctx
-        .msp_tx(move |conn| {
-            Box::pin(async move {
-                let target = operators::table.find(id);
-                if let Some(name) = body.display_name {
+    ctx.msp_tx(move |conn| {
+        Box::pin(async move {
+            let target = operators::table.find(id);
+            if let Some(name) = body.display_name {
+                diesel::update(target)
+                    .set(operators::display_name.eq(name))
+                    .execute(conn)
+                    .await?;
+            }
+            if let Some(role) = body.role {
+                diesel::update(target)
+                    .set(operators::role.eq(role.as_str()))
+                    .execute(conn)
+                    .await?;
+            }
+            if let Some(hash) = hash {
+                diesel::update(target)
+                    .set(operators::password_hash.eq(hash))
+                    .execute(conn)
+                    .await?;
+            }
+            match body.disabled {
+                Some(true) => {
                     diesel::update(target)
-                        .set(operators::display_name.eq(name))
+                        .set(operators::disabled_at.eq(Some(Utc::now())))
                         .execute(conn)
                         .await?;
                 }
-                if let Some(role) = body.role {
+                Some(false) => {
                     diesel::update(target)
-                        .set(operators::role.eq(role.as_str()))
+                        .set(operators::disabled_at.eq(None::<DateTime<Utc>>))
                         .execute(conn)
                         .await?;
                 }
-                if let Some(hash) = hash {
-                    diesel::update(target)
-                        .set(operators::password_hash.eq(hash))
-                        .execute(conn)
-                        .await?;
-                }
-                match body.disabled {
-                    Some(true) => {
-                        diesel::update(target)
-                            .set(operators::disabled_at.eq(Some(Utc::now())))
-                            .execute(conn)
-                            .await?;
-                    }
-                    Some(false) => {
-                        diesel::update(target)
-                            .set(operators::disabled_at.eq(None::<DateTime<Utc>>))
-                            .execute(conn)
-                            .await?;
-                    }
-                    None => {}
-                }
-                record_audit(conn, audit).await?;
-                Ok(target.select(Operator::as_select()).first(conn).await?)
-            })
+                None => {}
+            }
+            record_audit(conn, audit).await?;
+            Ok(target.select(Operator::as_select()).first(conn).await?)
         })
-        .await?;
-    Ok(HttpResponse::Ok().json(row))
+    })
+    .await
 }
 
 #[utoipa::path(operation_id = "delete_operators", tag = "operators", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 204, description = "deleted"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]

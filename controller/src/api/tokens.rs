@@ -84,11 +84,20 @@ async fn list(ctx: Ctx, query: web::Query<PageQuery>) -> ApiResult<HttpResponse>
 #[utoipa::path(operation_id = "create_api_tokens", tag = "api-tokens", request_body = CreateToken, security(("bearer" = [])), responses((status = 201, body = CreatedToken, description = "the token; its secret is shown only here"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[post("/api-tokens")]
 async fn create(ctx: Ctx, body: web::Json<CreateToken>) -> ApiResult<HttpResponse> {
-    let creator = require_signed_in_admin(&ctx)?;
+    let (token, secret) = create_api_token(&ctx, body.into_inner()).await?;
+    Ok(HttpResponse::Created().json(CreatedToken { token, secret }))
+}
+
+/// Create an API token of the acting tenant (signed-in admins only, rate-limited), audited:
+/// the token and its secret, shown once. Shared by the API and the portal.
+pub(crate) async fn create_api_token(
+    ctx: &Ctx,
+    body: CreateToken,
+) -> ApiResult<(ApiToken, String)> {
+    let creator = require_signed_in_admin(ctx)?;
     let tenant = ctx.tenant()?;
     super::context::rate_limit(&ctx.state, &format!("api-token-create:{creator}"), 30, 3600)
         .await?;
-    let body = body.into_inner();
     check_name("name", &body.name)?;
     if body.role == Role::MspAdmin {
         return Err(ApiError::unprocessable(
@@ -137,14 +146,19 @@ async fn create(ctx: Ctx, body: web::Json<CreateToken>) -> ApiResult<HttpRespons
             })
         })
         .await?;
-    Ok(HttpResponse::Created().json(CreatedToken { token, secret }))
+    Ok((token, secret))
 }
 
 #[utoipa::path(operation_id = "revoke_api_tokens", tag = "api-tokens", params(("id" = Uuid, Path, description = "id of the resource")), security(("bearer" = [])), responses((status = 204, description = "revoked"), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
 #[delete("/api-tokens/{id}")]
 async fn revoke(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
-    require_signed_in_admin(&ctx)?;
-    let id = id.into_inner().id;
+    revoke_api_token(&ctx, id.into_inner().id).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Revoke an API token of the acting tenant, audited. Shared by the API and the portal.
+pub(crate) async fn revoke_api_token(ctx: &Ctx, id: Uuid) -> ApiResult<()> {
+    require_signed_in_admin(ctx)?;
     let audit = ctx.audit("api_token.revoke", "api_token", id, serde_json::json!({}));
     let revoked = ctx
         .tenant_tx(move |conn| {
@@ -167,7 +181,7 @@ async fn revoke(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<Ht
     if revoked == 0 {
         return Err(ApiError::not_found("API token"));
     }
-    Ok(HttpResponse::NoContent().finish())
+    Ok(())
 }
 
 pub fn routes(cfg: &mut ServiceConfig) {

@@ -147,6 +147,16 @@ pub fn line_chart(id: &str, series: &Series, from: f64, to: f64, markers: &[Mark
             let _ = write!(svg, "{:.1},{:.1}", x(*t), y(*v));
         }
         svg.push_str(r#""/>"#);
+        // A polyline of one point draws nothing: a fresh path's first minute would look
+        // like an empty chart that does not say "no samples".
+        if let [(t, v)] = finite[..] {
+            let _ = write!(
+                svg,
+                r#"<circle class="series-point" cx="{:.1}" cy="{:.1}" r="3"/>"#,
+                x(t),
+                y(v)
+            );
+        }
     }
     svg.push_str("</svg>");
     svg
@@ -212,6 +222,21 @@ mod tests {
         assert!(svg.contains("&lt;b&gt;latency"));
         assert!(svg.contains("failover &lt;x&gt;"));
         assert!(svg.contains(r#"class="marker""#));
+    }
+
+    #[test]
+    fn a_lone_sample_is_drawn_as_a_dot() {
+        let series = |points| Series {
+            title: "t",
+            unit: "u",
+            points,
+            min_top: 10.0,
+        };
+        let one = line_chart("c", &series(&[(60.0, 5.0)]), 0.0, 3600.0, &[]);
+        assert!(one.contains(r#"<circle class="series-point""#), "{one}");
+        assert!(!one.contains("no samples"), "{one}");
+        let two = line_chart("c", &series(&[(60.0, 5.0), (120.0, 6.0)]), 0.0, 3600.0, &[]);
+        assert!(!two.contains("<circle"), "{two}");
     }
 
     proptest! {

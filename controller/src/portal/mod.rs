@@ -440,6 +440,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                         .route("/onboarding", web::get().to(pages::onboarding))
                         .route("/onboarding", web::post().to(pages::create_token))
                         .route("/events", web::get().to(pages::events))
+                        .route("/admin", web::get().to(pages::admin))
+                        .route("/admin/operators", web::post().to(pages::add_operator))
+                        .route(
+                            "/admin/operators/{id}/toggle",
+                            web::post().to(pages::toggle_operator),
+                        )
+                        .route("/admin/api-tokens", web::post().to(pages::add_api_token))
+                        .route(
+                            "/admin/api-tokens/{id}/revoke",
+                            web::post().to(pages::revoke_api_token),
+                        )
                         .route("/topology", web::get().to(pages::topology))
                         .route("/policies", web::get().to(pages::policies))
                         .route("/policies", web::post().to(pages::create_policy))

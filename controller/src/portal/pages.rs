@@ -980,8 +980,7 @@ pub async fn create_token(req: HttpRequest, form: web::Form<TokenForm>) -> PageR
             .await
         }
     };
-    let info = req.connection_info().clone();
-    let controller_url = format!("{}://{}", info.scheme(), info.host());
+    let controller_url = crate::api::enrollment::edge_facing_url(&p.ctx.state, &req);
     let body = crate::api::enrollment::CreateEnrollmentToken {
         site: form.site_name.trim().to_owned(),
         region: None,
@@ -1623,6 +1622,240 @@ pub async fn raise_policy(req: HttpRequest, form: web::Form<CsrfForm>) -> PageRe
 /// `POST .../policies/{id}/down`: one place lower.
 pub async fn lower_policy(req: HttpRequest, form: web::Form<CsrfForm>) -> PageResult {
     move_policy(req, form, false).await
+}
+
+// ---- operators and API tokens ---------------------------------------------------------------
+
+pub struct OperatorLine {
+    pub id: Uuid,
+    pub email: String,
+    pub name: String,
+    pub role: String,
+    pub disabled: bool,
+    pub last_login: String,
+}
+
+pub struct ApiTokenLine {
+    pub id: Uuid,
+    pub name: String,
+    pub role: String,
+    pub created: String,
+    pub expires: String,
+    pub last_used: String,
+    pub revoked: bool,
+}
+
+#[derive(Template)]
+#[template(path = "admin.html")]
+struct AdminPage {
+    layout: Layout,
+    operators: Vec<OperatorLine>,
+    tokens: Vec<ApiTokenLine>,
+    error: Option<String>,
+    /// A token just created: its name and secret, shown this once.
+    created: Option<(String, String)>,
+}
+
+async fn admin_page(
+    p: &PortalCtx,
+    status: StatusCode,
+    error: Option<String>,
+    created: Option<(String, String)>,
+) -> PageResult {
+    use crate::db::schema::{api_tokens, operators};
+    if !p.ctx.principal.role.can_write() {
+        return Err(PortalError::Forbidden(
+            "operators and API tokens are managed by admins".into(),
+        ));
+    }
+    let tenant = p.tenant.0;
+    let operators: Vec<crate::api::operators::Operator> = p
+        .ctx
+        .msp_tx(move |conn| {
+            Box::pin(async move {
+                Ok(operators::table
+                    .filter(operators::tenant_id.eq(tenant))
+                    .order(operators::email)
+                    .select(crate::api::operators::Operator::as_select())
+                    .load(conn)
+                    .await?)
+            })
+        })
+        .await?;
+    let tokens: Vec<crate::api::tokens::ApiToken> = p
+        .ctx
+        .tenant_tx(|conn| {
+            Box::pin(async move {
+                Ok(api_tokens::table
+                    .order(api_tokens::created_at.desc())
+                    .limit(200)
+                    .select(crate::api::tokens::ApiToken::as_select())
+                    .load(conn)
+                    .await?)
+            })
+        })
+        .await?;
+    let page = AdminPage {
+        layout: p.layout("admin", false),
+        operators: operators
+            .into_iter()
+            .map(|o| OperatorLine {
+                id: o.id,
+                email: o.email,
+                name: o.display_name,
+                role: o.role,
+                disabled: o.disabled_at.is_some(),
+                last_login: ago(o.last_login_at),
+            })
+            .collect(),
+        tokens: tokens
+            .into_iter()
+            .map(|t| ApiTokenLine {
+                id: t.id,
+                name: t.name,
+                role: t.role,
+                created: when(t.created_at),
+                expires: t.expires_at.map_or("never".into(), when),
+                last_used: ago(t.last_used_at),
+                revoked: t.revoked_at.is_some(),
+            })
+            .collect(),
+        error,
+        created,
+    };
+    Ok(html(status, page.render()))
+}
+
+/// `GET /portal/t/{tenant}/admin`: the tenant's operators and API tokens (admins only).
+pub async fn admin(req: HttpRequest) -> PageResult {
+    let p = PortalCtx::from_request(&req).await?;
+    admin_page(&p, StatusCode::OK, None, None).await
+}
+
+#[derive(Deserialize)]
+pub struct OperatorForm {
+    csrf: String,
+    email: String,
+    #[serde(default)]
+    display_name: String,
+    password: String,
+    role: String,
+}
+
+/// `POST /portal/t/{tenant}/admin/operators`: a new operator of the tenant.
+pub async fn add_operator(req: HttpRequest, form: web::Form<OperatorForm>) -> PageResult {
+    let p = PortalCtx::from_request(&req).await?;
+    p.check_write(&form.csrf)?;
+    let form = form.into_inner();
+    let role = match crate::auth::Role::parse(&form.role) {
+        Some(role @ (crate::auth::Role::TenantAdmin | crate::auth::Role::TenantViewer)) => role,
+        _ => {
+            return admin_page(
+                &p,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some("role must be tenant_admin or tenant_viewer".into()),
+                None,
+            )
+            .await
+        }
+    };
+    let body = crate::api::operators::CreateOperator {
+        email: form.email.trim().to_owned(),
+        password: form.password,
+        role,
+        display_name: form.display_name.trim().to_owned(),
+    };
+    match crate::api::operators::create_operator(&p.ctx, body).await {
+        Ok(_) => Ok(see_other(&p.tenant_path("admin"))),
+        Err(e) if e.status.is_client_error() && e.status != StatusCode::FORBIDDEN => {
+            admin_page(&p, e.status, Some(e.detail), None).await
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `POST /portal/t/{tenant}/admin/operators/{id}/toggle`: disable or enable an operator.
+pub async fn toggle_operator(req: HttpRequest, form: web::Form<CsrfForm>) -> PageResult {
+    use crate::db::schema::operators;
+    let p = PortalCtx::from_request(&req).await?;
+    p.check_write(&form.csrf)?;
+    let id = id_in(&req)?;
+    let tenant = p.tenant.0;
+    let disabled: Option<Option<DateTime<Utc>>> = p
+        .ctx
+        .msp_tx(move |conn| {
+            Box::pin(async move {
+                Ok(operators::table
+                    .filter(operators::id.eq(id))
+                    .filter(operators::tenant_id.eq(tenant))
+                    .select(operators::disabled_at)
+                    .first(conn)
+                    .await
+                    .optional()?)
+            })
+        })
+        .await?;
+    let disabled = disabled.ok_or(PortalError::NotFound)?;
+    let body = crate::api::operators::UpdateOperator {
+        disabled: Some(disabled.is_none()),
+        ..Default::default()
+    };
+    crate::api::operators::update_operator(&p.ctx, id, body).await?;
+    Ok(see_other(&p.tenant_path("admin")))
+}
+
+#[derive(Deserialize)]
+pub struct ApiTokenForm {
+    csrf: String,
+    name: String,
+    role: String,
+    #[serde(default)]
+    expires_in_days: String,
+}
+
+/// `POST /portal/t/{tenant}/admin/api-tokens`: a new API token; the page shows it once.
+pub async fn add_api_token(req: HttpRequest, form: web::Form<ApiTokenForm>) -> PageResult {
+    let p = PortalCtx::from_request(&req).await?;
+    p.check_write(&form.csrf)?;
+    let form = form.into_inner();
+    let role = crate::auth::Role::parse(&form.role);
+    let days = form.expires_in_days.trim();
+    let days = if days.is_empty() {
+        Ok(None)
+    } else {
+        days.parse::<i64>().map(Some)
+    };
+    let (Some(role), Ok(expires_in_days)) = (role, days) else {
+        return admin_page(
+            &p,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("role must be tenant_admin or tenant_viewer, and expiry a number of days".into()),
+            None,
+        )
+        .await;
+    };
+    let body = crate::api::tokens::CreateToken {
+        name: form.name.trim().to_owned(),
+        role,
+        expires_in_days,
+    };
+    match crate::api::tokens::create_api_token(&p.ctx, body).await {
+        Ok((token, secret)) => {
+            admin_page(&p, StatusCode::CREATED, None, Some((token.name, secret))).await
+        }
+        Err(e) if e.status.is_client_error() && e.status != StatusCode::FORBIDDEN => {
+            admin_page(&p, e.status, Some(e.detail), None).await
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `POST /portal/t/{tenant}/admin/api-tokens/{id}/revoke`.
+pub async fn revoke_api_token(req: HttpRequest, form: web::Form<CsrfForm>) -> PageResult {
+    let p = PortalCtx::from_request(&req).await?;
+    p.check_write(&form.csrf)?;
+    crate::api::tokens::revoke_api_token(&p.ctx, id_in(&req)?).await?;
+    Ok(see_other(&p.tenant_path("admin")))
 }
 
 #[cfg(test)]

@@ -2107,6 +2107,31 @@ async fn the_portal_signs_in_scopes_by_tenant_checks_forms_and_escapes() -> anyh
         "a viewer got policy controls"
     );
 
+    // The audit log filters by action; a malformed filter is refused.
+    let events_url = format!("/portal/t/{}/events", w.tenant_a);
+    let (status, _, html) = page!(
+        app,
+        h,
+        Method::GET,
+        &format!("{events_url}?action=policy.update"),
+        me,
+        None
+    );
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        html.contains("<td>policy.update</td>") && !html.contains("<td>policy.create</td>"),
+        "{html}"
+    );
+    let (status, _, _) = page!(
+        app,
+        h,
+        Method::GET,
+        &format!("{events_url}?action=DROP%20TABLE"),
+        me,
+        None
+    );
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
     // Admin: operators and API tokens. A weak password is refused with the API's reason; a
     // new viewer is listed; an API token is shown once, works, and stops working when revoked.
     let admin_url = format!("/portal/t/{}/admin", w.tenant_a);

@@ -10,7 +10,7 @@
 //!    with it and starts its agent; the overview shows the new site, active, by itself;
 //! 4. with every path up, keeps site 1's page and the events page open while site 1's
 //!    uplink 0 is cut: site 1's page shows a path of uplink 0 down, the events page a
-//!    `path_failed` or `failover_triggered` event of a path through that uplink, neither
+//!    `failover_triggered` event of a path through that uplink, neither
 //!    reloaded; the uplink is restored;
 //! 5. the path page of the failed path draws its charts.
 //!
@@ -490,9 +490,29 @@ impl Run<'_> {
         ensure!(rows.len() == 4, "site 1's page lists {} paths", rows.len());
         let events_page = self.new_window().await?;
         self.open_live("events", "ul#events").await?;
-        let failure_events =
-            "ul#events li.event-path_failed, ul#events li.event-failover_triggered";
+        let failure_events = "ul#events li.event-failover_triggered";
         let before = snapshot(b, failure_events).await?.len();
+
+        // A failover is the data plane moving a class off a path: wait until site 1's data
+        // plane is attached and holds the portal's policy (the agent attaches it once applying
+        // has been quiet for 2 s).
+        let log_path = self.dir.join("run1.log");
+        let attached = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if log.lines().any(|l| {
+                l.starts_with("dataplane: ")
+                    && l.contains(" policies in ")
+                    && !l.starts_with("dataplane: 0 policies")
+            }) {
+                break;
+            }
+            ensure!(
+                attached.elapsed() < Duration::from_secs(60),
+                "site 1's data plane never took the portal's policy within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
 
         let cut_at = Instant::now();
         impair(&self.lab, 1, 0, &["--cut"])?;
@@ -547,8 +567,8 @@ impl Run<'_> {
                     .map(|l| format!("{}: {}", l.class, l.text))
                     .collect();
                 bail!(
-                    "the open events page showed no path_failed or failover_triggered event of a \
-                     path through the cut uplink ({through_cut:?}) within {limit:?}: {lines:?}"
+                    "the open events page showed no failover_triggered event of a path through \
+                     the cut uplink ({through_cut:?}) within {limit:?}: {lines:?}"
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -431,6 +431,17 @@ fn bind(fd: libc::c_int, address: SocketAddr) -> std::io::Result<()> {
     }
 }
 
+/// What a receive task hands over: a reply to one of our probes, or the news that the peer
+/// probed the path itself (evidence between our probes; see `PathProber::on_peer_probe`).
+enum Incoming {
+    Reply(Reply),
+    PeerProbe {
+        interface: String,
+        from: IpAddr,
+        at: Duration,
+    },
+}
+
 /// A reply as a receive task hands it over.
 struct Reply {
     interface: String,
@@ -489,7 +500,7 @@ async fn receive(
     interface: String,
     socket: Arc<tokio::net::UdpSocket>,
     keys: Arc<RwLock<BTreeMap<IpAddr, ProbeKey>>>,
-    replies: tokio::sync::mpsc::UnboundedSender<Reply>,
+    replies: tokio::sync::mpsc::UnboundedSender<Incoming>,
     drops: Drops,
     epoch: Instant,
 ) {
@@ -540,16 +551,23 @@ async fn receive(
                 if reply.encode_into(Some(&key), &mut out).is_ok() {
                     let _ = socket.send_to(&out, from).await;
                 }
+                if packet.path_tag == 0 {
+                    let _ = replies.send(Incoming::PeerProbe {
+                        interface: interface.clone(),
+                        from: from.ip(),
+                        at: received,
+                    });
+                }
             }
             ProbeKind::Reply => {
-                let _ = replies.send(Reply {
+                let _ = replies.send(Incoming::Reply(Reply {
                     interface: interface.clone(),
                     from: from.ip(),
                     path_tag: packet.path_tag,
                     sequence: packet.sequence,
                     hold: Duration::from_nanos(u64::from(packet.reflector_hold_ns)),
                     at: received,
-                });
+                }));
             }
         }
     }
@@ -567,6 +585,8 @@ struct Probed {
     pmtu: PmtuState,
     /// Full-size probes sent (their own sequence space, under [`MTU_PROBE_TAG`]).
     mtu_probes: u64,
+    /// A sibling on the same local uplink went down and this path has not answered since.
+    suspect: bool,
 }
 
 /// Sequence numbers start from the wall clock in microseconds, so a restarted agent's
@@ -591,7 +611,7 @@ struct State {
     sockets: BTreeMap<String, (Arc<tokio::net::UdpSocket>, tokio::task::JoinHandle<()>)>,
     keys: Arc<RwLock<BTreeMap<IpAddr, ProbeKey>>>,
     updates: tokio::sync::mpsc::UnboundedSender<Update>,
-    replies: tokio::sync::mpsc::UnboundedSender<Reply>,
+    replies: tokio::sync::mpsc::UnboundedSender<Incoming>,
     drops: Drops,
     epoch: Instant,
     base: u64,
@@ -640,6 +660,7 @@ impl State {
                             sampled: (0, 0),
                             pmtu: PmtuState::default(),
                             mtu_probes: 0,
+                            suspect: false,
                         },
                     );
                 }
@@ -740,6 +761,17 @@ impl State {
         }
     }
 
+    /// The peer probed one of our paths: evidence for the prober of that path.
+    fn on_peer_probe(&mut self, interface: &str, from: IpAddr, at: Duration) {
+        if let Some(p) = self
+            .paths
+            .values_mut()
+            .find(|p| p.target.interface == interface && p.target.peer_overlay == from)
+        {
+            p.prober.on_peer_probe(at);
+        }
+    }
+
     fn on_reply(&mut self, reply: Reply) {
         if reply.path_tag != 0 {
             // A full-size probe came back: it only exists to make the kernel learn the path
@@ -765,7 +797,10 @@ impl State {
             return;
         };
         match p.prober.on_reply(reply.at, sequence, reply.hold) {
-            ReplyOutcome::Accepted { .. } => self.evaluate(id, reply.at),
+            ReplyOutcome::Accepted { .. } => {
+                p.suspect = false;
+                self.evaluate(id, reply.at)
+            }
             ReplyOutcome::Late => count(&self.drops, "late"),
             ReplyOutcome::Duplicate => count(&self.drops, "duplicate_reply"),
             ReplyOutcome::Unknown => count(&self.drops, "unknown_sequence"),
@@ -784,6 +819,8 @@ impl State {
         let stats = p.prober.stats();
         let measured = p.prober.liveness() != Liveness::Unknown;
         let score = health_score(&stats);
+        // The local uplink whose other paths become suspect (this one just went down).
+        let mut suspects = None;
         if let Some(transition) = p.health.update(
             now,
             p.prober.liveness(),
@@ -815,6 +852,9 @@ impl State {
             if let Some(event) = event {
                 let _ = self.updates.send(Update::Event(event));
             }
+            if transition.to == Health::Down {
+                suspects = Some(p.target.local_uplink);
+            }
         }
         let mut blocked = BTreeSet::new();
         for (class, sla) in &plan.class_slas {
@@ -831,14 +871,31 @@ impl State {
             jitter_ms: measured.then_some(stats.jitter_ms),
             loss_pct: measured.then_some(stats.loss_pct),
             sla_blocked: blocked,
+            suspect: p.suspect,
         };
         if view.status != p.view.status
             || view.preferred != p.view.preferred
             || view.sla_blocked != p.view.sla_blocked
+            || view.suspect != p.view.suspect
         {
             self.views_dirty = true;
         }
         p.view = view;
+        // The uplink may have failed as a whole: its other live paths prove otherwise by
+        // answering a probe sent now, and serve only as a last resort until they do.
+        if let Some(uplink) = suspects {
+            for (other, q) in self.paths.iter_mut() {
+                if *other != id
+                    && q.target.local_uplink == uplink
+                    && q.prober.liveness() == Liveness::Alive
+                {
+                    q.suspect = true;
+                    q.view.suspect = true;
+                    q.prober.probe_now(now);
+                    self.views_dirty = true;
+                }
+            }
+        }
     }
 
     /// Steer with the current views (the failover, from this thread), then tell the run
@@ -1079,7 +1136,12 @@ async fn run(
                 Some(plan) => state.configure(plan),
                 None => return, // the run loop is gone
             },
-            Some(reply) = replies.recv() => state.on_reply(reply),
+            Some(incoming) = replies.recv() => match incoming {
+                Incoming::Reply(reply) => state.on_reply(reply),
+                Incoming::PeerProbe { interface, from, at } => {
+                    state.on_peer_probe(&interface, from, at)
+                }
+            },
             _ = tokio::time::sleep_until(deadline) => state.tick().await,
             _ = sample.tick() => {
                 state.read_path_mtus();

@@ -100,6 +100,11 @@ pub struct PathView {
     pub loss_pct: Option<f64>,
     /// Classes whose SLA the path does not meet now (or has not met for the hold-down).
     pub sla_blocked: BTreeSet<u16>,
+    /// Another path leaving by the same local uplink just went down and this one has not
+    /// answered since: likely cut too (the uplink itself failed), so it serves only when
+    /// nothing else qualifies. A class failing over then goes straight to another uplink
+    /// instead of hopping through its sibling first.
+    pub suspect: bool,
 }
 
 impl Default for PathView {
@@ -112,6 +117,7 @@ impl Default for PathView {
             jitter_ms: None,
             loss_pct: None,
             sla_blocked: BTreeSet::new(),
+            suspect: false,
         }
     }
 }
@@ -267,6 +273,7 @@ pub fn plan(
                 let v = view(c);
                 matches!(v.status, PathStatus::Up | PathStatus::Unknown)
                     && v.preferred
+                    && !v.suspect
                     && !v.sla_blocked.contains(&class.id)
             };
             let usable: Vec<&Candidate> = candidates
@@ -681,6 +688,26 @@ mod tests {
         views.insert(path_id(1, PEER_A, 1), measured_view(50.0));
         let p = plan(&intent, &compiled, &slots, &views);
         assert_eq!(p.classes[&(1, a)].paths, [path_index(1, 1)]);
+        // A suspect path (its uplink's sibling just went down) is no better.
+        views.insert(
+            path_id(1, PEER_A, 1),
+            PathView {
+                suspect: true,
+                ..measured_view(50.0)
+            },
+        );
+        let p = plan(&intent, &compiled, &slots, &views);
+        assert_eq!(
+            p.classes[&(1, a)].paths,
+            [
+                path_index(0, 0),
+                path_index(0, 1),
+                path_index(1, 0),
+                path_index(1, 1)
+            ],
+            "with nothing qualifying, every usable path serves, best first"
+        );
+        views.insert(path_id(1, PEER_A, 1), measured_view(50.0));
         // The only qualifying path goes down: the rest serve, best first, down excluded.
         views.insert(path_id(1, PEER_A, 1), down());
         let p = plan(&intent, &compiled, &slots, &views);

@@ -473,6 +473,7 @@ struct SitePage {
     lans: String,
     intent: String,
     last_seen: String,
+    peers: String,
     uplinks: Vec<UplinkLine>,
     paths: Vec<PathLine>,
     flows: Vec<FlowLine>,
@@ -585,6 +586,24 @@ pub async fn site(req: HttpRequest) -> PageResult {
             .join(", "),
         intent,
         last_seen: ago(row.last_seen_at),
+        peers: {
+            let mut peers: Vec<String> = views
+                .iter()
+                .map(|v| {
+                    names
+                        .get(&v.dst_site_id)
+                        .cloned()
+                        .unwrap_or_else(|| short(&v.dst_site_id))
+                })
+                .collect();
+            peers.sort();
+            peers.dedup();
+            if peers.is_empty() {
+                "none yet".into()
+            } else {
+                peers.join(", ")
+            }
+        },
         uplinks: site
             .uplinks
             .iter()
@@ -1026,6 +1045,7 @@ struct EventsPage {
     layout: Layout,
     kinds: Vec<String>,
     kind: String,
+    action: String,
     events: Vec<EventLine>,
     audit: Vec<AuditLine>,
 }
@@ -1047,6 +1067,8 @@ const EVENT_KINDS: &[&str] = &[
 #[derive(Deserialize)]
 pub struct EventsQuery {
     kind: Option<String>,
+    /// Audit log: only this action (e.g. `policy.update`).
+    action: Option<String>,
     #[allow(dead_code)] // the live fragment asks with it; the page is the same
     fragment: Option<String>,
 }
@@ -1070,14 +1092,34 @@ pub async fn events(req: HttpRequest, query: web::Query<EventsQuery>) -> PageRes
         lines.retain(|l| l.kind == kind);
     }
     lines.truncate(200);
+    let action = query
+        .action
+        .clone()
+        .map(|a| a.trim().to_owned())
+        .filter(|a| !a.is_empty());
+    if action.as_ref().is_some_and(|a| {
+        a.len() > 64
+            || !a
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '.' || c == '_')
+    }) {
+        return Err(PortalError::BadRequest(
+            "an audit action looks like policy.update or site.revoke".into(),
+        ));
+    }
     let tenant = p.tenant.0;
+    let filter = action.clone();
     let audit: Vec<AuditTuple> = p
         .ctx
         .msp_tx(move |conn| {
             Box::pin(async move {
-                Ok(audit_log::table
+                let mut q = audit_log::table
                     .filter(audit_log::tenant_id.eq(tenant))
-                    .order(audit_log::id.desc())
+                    .into_boxed();
+                if let Some(action) = filter {
+                    q = q.filter(audit_log::action.eq(action));
+                }
+                Ok(q.order(audit_log::id.desc())
                     .limit(100)
                     .select((
                         audit_log::at,
@@ -1095,6 +1137,7 @@ pub async fn events(req: HttpRequest, query: web::Query<EventsQuery>) -> PageRes
         layout: p.layout("events", true),
         kinds: EVENT_KINDS.iter().map(|k| (*k).to_owned()).collect(),
         kind,
+        action: action.unwrap_or_default(),
         events: lines,
         audit: audit
             .into_iter()
@@ -1130,11 +1173,28 @@ pub struct Link {
     pub a: Uuid,
     pub b: Uuid,
     pub status: String,
+    /// The path's score (0-100) when measured.
+    pub score: Option<i16>,
     pub path: Uuid,
 }
 
+/// A link's colour class (pure): by score where measured (80+ good, 50+ fair, else poor),
+/// a down path always red, by status otherwise.
+pub fn link_class(status: &str, score: Option<i16>) -> &'static str {
+    match (status, score) {
+        ("down", _) => "status-down",
+        (_, Some(s)) if s >= 80 => "status-up",
+        (_, Some(s)) if s >= 50 => "status-degraded",
+        (_, Some(_)) => "status-down",
+        ("up", None) => "status-up",
+        ("degraded", None) => "status-degraded",
+        _ => "status-unknown",
+    }
+}
+
 /// The mesh as SVG (pure): sites on a circle (hubs in an inner ring), each link a line
-/// coloured by its status; sites and links are links to their pages.
+/// coloured by its best path's score ([`link_class`]); sites and links are links to their
+/// pages.
 pub fn topology_svg(tenant_path: &str, nodes: &[Node], links: &[Link]) -> String {
     use std::fmt::Write as _;
     let (w, h) = (900.0f64, 640.0f64);
@@ -1163,14 +1223,16 @@ pub fn topology_svg(tenant_path: &str, nodes: &[Node], links: &[Link]) -> String
         };
         let _ = write!(
             svg,
-            r#"<a href="{base}paths/{path}"><line class="status-{status}" data-path-id="{path}" x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}"><title>{status}</title></line></a>"#,
+            r#"<a href="{base}paths/{path}"><line class="{class}" data-path-id="{path}" x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}"><title>{status}{score}</title></line></a>"#,
             a.0,
             a.1,
             b.0,
             b.1,
             base = chart::escape(tenant_path),
             path = link.path,
+            class = link_class(&link.status, link.score),
             status = chart::escape(&link.status),
+            score = link.score.map_or(String::new(), |s| format!(", score {s}")),
         );
     }
     for node in nodes {
@@ -1216,24 +1278,29 @@ pub async fn topology(req: HttpRequest) -> PageResult {
         })
         .collect();
     let paths = crate::api::paths::all_views(&p.ctx, None).await?;
-    let mut best: HashMap<(Uuid, Uuid), (u8, String, Uuid)> = HashMap::new();
+    // Each pair's best path: the least bad status, then the highest score.
+    let mut best: HashMap<(Uuid, Uuid), &PathView> = HashMap::new();
+    let rank = |p: &PathView| (badness(&p.status), -i32::from(p.score.unwrap_or(-1)));
     for path in &paths {
         let key = if path.src_site_id < path.dst_site_id {
             (path.src_site_id, path.dst_site_id)
         } else {
             (path.dst_site_id, path.src_site_id)
         };
-        let rank = badness(&path.status);
-        let entry = best
-            .entry(key)
-            .or_insert((u8::MAX, path.status.clone(), path.id));
-        if rank < entry.0 {
-            *entry = (rank, path.status.clone(), path.id);
+        let entry = best.entry(key).or_insert(path);
+        if rank(path) < rank(entry) {
+            *entry = path;
         }
     }
     let links: Vec<Link> = best
         .into_iter()
-        .map(|((a, b), (_, status, path))| Link { a, b, status, path })
+        .map(|((a, b), p)| Link {
+            a,
+            b,
+            status: p.status.clone(),
+            score: p.score,
+            path: p.id,
+        })
         .collect();
     let page = TopologyPage {
         svg: topology_svg(&p.tenant_path(""), &nodes, &links),
@@ -1909,6 +1976,7 @@ mod tests {
                 a,
                 b,
                 status: "down".into(),
+                score: Some(90),
                 path: Uuid::from_u128(3),
             }],
         );
@@ -1917,6 +1985,16 @@ mod tests {
         assert!(svg.contains(r#"class="status-down""#));
         assert!(svg.contains(&format!("/portal/t/x/sites/{a}")));
         assert!(svg.contains(&format!("/portal/t/x/paths/{}", Uuid::from_u128(3))));
+    }
+
+    #[test]
+    fn links_are_coloured_by_score_and_down_is_always_red() {
+        assert_eq!(link_class("up", Some(95)), "status-up");
+        assert_eq!(link_class("up", Some(65)), "status-degraded");
+        assert_eq!(link_class("degraded", Some(30)), "status-down");
+        assert_eq!(link_class("down", Some(99)), "status-down");
+        assert_eq!(link_class("up", None), "status-up");
+        assert_eq!(link_class("unknown", None), "status-unknown");
     }
 
     #[test]

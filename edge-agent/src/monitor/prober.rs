@@ -192,6 +192,11 @@ pub struct PathProber {
     /// and how many are still to send (the detect multiplier less the first loss).
     confirm_spacing: Option<Duration>,
     confirms_left: u32,
+    /// The peer's own probes of this path (fast detection): when the last one arrived, the
+    /// gap before it, and whether its lateness already made us probe.
+    peer_last: Option<Duration>,
+    peer_gap: Option<Duration>,
+    peer_overdue_probed: bool,
 }
 
 impl PathProber {
@@ -218,7 +223,72 @@ impl PathProber {
             rttvar: Duration::ZERO,
             confirm_spacing: None,
             confirms_left: 0,
+            peer_last: None,
+            peer_gap: None,
+            peer_overdue_probed: false,
         }
+    }
+
+    /// The peer's own probe of this path arrived at `now` (its request, authenticated and
+    /// not replayed). With fast detection it is evidence between our probes
+    /// (interleaved bidirectional probing):
+    /// - while the path is alive and the peer probes at about our interval, our next probe
+    ///   moves halfway between the peer's (both ends doing so settle half an interval apart),
+    ///   so something crosses the path every half interval;
+    /// - a peer probe overdue by the timeout (see [`Self::poll`]) makes us probe at once, which
+    ///   starts the usual loss confirmation if the path is cut: a cut is found about half an
+    ///   interval sooner at worst;
+    /// - a dead path the peer reaches again is probed at once.
+    pub fn on_peer_probe(&mut self, now: Duration) {
+        let now = self.advance(now);
+        if !self.config.fast_detection {
+            return;
+        }
+        if let Some(last) = self.peer_last {
+            let gap = now.saturating_sub(last);
+            if !gap.is_zero() {
+                self.peer_gap = Some(gap);
+            }
+        }
+        self.peer_last = Some(now);
+        self.peer_overdue_probed = false;
+        match self.liveness {
+            Liveness::Dead => self.next_send = self.next_send.min(now),
+            Liveness::Alive if self.confirm_spacing.is_none() && self.outstanding.is_empty() => {
+                let interval = self.interval();
+                if self
+                    .peer_gap
+                    .is_some_and(|gap| gap.abs_diff(interval) <= interval / 4)
+                {
+                    let halfway = now.saturating_add(interval / 2);
+                    self.next_send = halfway;
+                    self.basis = Some(halfway.saturating_sub(interval));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Probe now (if alive and nothing is waiting): another path sharing this one's local
+    /// uplink just went down, and this one should prove it is not cut too.
+    pub fn probe_now(&mut self, now: Duration) {
+        let now = self.advance(now);
+        if self.liveness == Liveness::Alive && self.outstanding.is_empty() {
+            self.next_send = self.next_send.min(now);
+        }
+    }
+
+    /// When the peer's next probe counts as overdue, if that is still to be acted on.
+    fn peer_overdue_at(&self) -> Option<Duration> {
+        if !self.config.fast_detection
+            || self.peer_overdue_probed
+            || self.liveness != Liveness::Alive
+            || self.confirm_spacing.is_some()
+        {
+            return None;
+        }
+        let (last, gap) = (self.peer_last?, self.peer_gap?);
+        Some(last.saturating_add(gap).saturating_add(self.timeout()))
     }
 
     /// A new configuration, keeping every measurement. A changed interval applies from the
@@ -246,11 +316,13 @@ impl PathProber {
     /// When [`Self::poll`] next has something to do: the next send or the earliest expiry
     /// of a waiting probe, whichever is first. May be in the past (poll at once).
     pub fn next_deadline(&self) -> Duration {
-        self.outstanding
+        let next = self
+            .outstanding
             .values()
             .map(|&(sent_at, factor)| self.expiry(sent_at, factor))
             .min()
-            .map_or(self.next_send, |expiry| expiry.min(self.next_send))
+            .map_or(self.next_send, |expiry| expiry.min(self.next_send));
+        self.peer_overdue_at().map_or(next, |at| at.min(next))
     }
 
     /// Expire waiting probes whose timeout has passed, then allocate the next probe if its
@@ -282,6 +354,13 @@ impl PathProber {
             self.next_send = self.next_send.min(now);
             self.confirm_spacing = Some(spacing);
             self.confirms_left = self.down_after().saturating_sub(1).max(1);
+        }
+        // The peer's probe is overdue: probe now (a lost one starts the confirmation).
+        if self.peer_overdue_at().is_some_and(|at| now >= at) {
+            self.peer_overdue_probed = true;
+            if self.outstanding.is_empty() {
+                self.next_send = self.next_send.min(now);
+            }
         }
         if now >= self.next_send {
             self.send(now, &mut out);
@@ -880,6 +959,91 @@ mod tests {
             now = p.next_deadline().as_millis() as u64;
         }
         now
+    }
+
+    /// A live prober at 1 s probes that has learnt a short RTO (2 ms answers).
+    fn live_at_1s() -> (PathProber, u64) {
+        let mut p = PathProber::new(fast(1000, 1000, 3), t(0));
+        let now = answer_all(&mut p, 0, 10_000, 2);
+        assert_eq!(p.liveness(), Liveness::Alive);
+        assert!(p.timeout() <= t(60), "learnt RTO {:?}", p.timeout());
+        (p, now)
+    }
+
+    #[test]
+    fn our_probes_move_halfway_between_the_peers() {
+        let (mut p, now) = live_at_1s();
+        // The peer probes at now+100, now+1100: ours settle at peer + 500.
+        p.on_peer_probe(t(now + 100));
+        p.on_peer_probe(t(now + 1100));
+        assert_eq!(p.next_deadline(), t(now + 1600));
+        let seq = p.poll(t(now + 1600)).send.expect("a probe halfway");
+        assert!(matches!(
+            p.on_reply(t(now + 1602), seq, t(0)),
+            ReplyOutcome::Accepted { .. }
+        ));
+        // Next: the peer's probe due at now+2100, checked one RTO later (our own slot is
+        // now+2600).
+        let next = p.next_deadline();
+        assert!(next > t(now + 2100) && next <= t(now + 2160), "{next:?}");
+    }
+
+    #[test]
+    fn a_peer_probing_at_another_rate_does_not_move_ours() {
+        let (mut p, now) = live_at_1s();
+        let due = p.next_deadline();
+        for k in 0..10 {
+            p.on_peer_probe(t(now + 20 * k));
+        }
+        assert_eq!(
+            p.next_deadline(),
+            due,
+            "20 ms peer probes must not shift 1 s probes"
+        );
+    }
+
+    #[test]
+    fn an_overdue_peer_probe_makes_us_probe_at_once_and_a_cut_is_found_sooner() {
+        let (mut p, now) = live_at_1s();
+        p.on_peer_probe(t(now + 100));
+        p.on_peer_probe(t(now + 1100));
+        // Our probe halfway (now+1600) is answered; then the path is cut at now+1700.
+        let seq = p.poll(t(now + 1600)).send.unwrap();
+        p.on_reply(t(now + 1602), seq, t(0));
+        // The peer's probe due at now+2100 never comes: at 2100 + RTO we probe at once,
+        // before our own slot at 2600.
+        let overdue = p.next_deadline();
+        assert!(
+            overdue > t(now + 2100) && overdue <= t(now + 2160),
+            "{overdue:?}"
+        );
+        let poll = p.poll(overdue);
+        assert!(poll.send.is_some(), "no probe on the overdue peer probe");
+        // Nothing answers: the loss is confirmed and the path is dead well before the slot
+        // our cadence alone would have probed at (2600) plus its own confirmation.
+        let mut at = overdue;
+        while p.liveness() == Liveness::Alive {
+            at = p.next_deadline();
+            p.poll(at);
+            assert!(at < t(now + 2600), "still alive at {at:?}");
+        }
+        assert_eq!(p.liveness(), Liveness::Dead);
+        // Overdue acts once per peer probe: a dead path is not probed faster because of it.
+        p.on_peer_probe(at + t(5));
+        assert!(
+            p.next_deadline() <= at + t(5),
+            "a peer reaching us again is probed at once"
+        );
+    }
+
+    #[test]
+    fn without_fast_detection_peer_probes_change_nothing() {
+        let mut p = PathProber::new(config(1000, 1000, 3), t(0));
+        let now = answer_all(&mut p, 0, 5000, 2);
+        let due = p.next_deadline();
+        p.on_peer_probe(t(now + 100));
+        p.on_peer_probe(t(now + 1100));
+        assert_eq!(p.next_deadline(), due);
     }
 
     #[test]

@@ -682,9 +682,10 @@ impl Lab {
                 reason,
             } = envelope.event
             {
-                // The cut uplink's paths are found down one by one, so a first move may go
-                // to its other path, which is about to be found down too; the failover that
-                // counts is the one to the other uplink.
+                // The cut uplink's paths are found down one by one: the first found down
+                // makes its siblings suspect, so the class moves to the other uplink at once
+                // (reason "uplink suspect" when the VoIP path is the sibling, "path down"
+                // when it is the one found first).
                 if self.on_uplink(from_path, voip_uplink) && self.on_uplink(to_path, other) {
                     break (from_path, to_path, reason);
                 }
@@ -692,8 +693,10 @@ impl Lab {
         };
         let event_after = cut_at.elapsed();
         ensure!(
-            self.on_uplink(to, other) && reason == "path down",
-            "failover {from} -> {to} ({reason}) does not go to uplink {other} for a down path"
+            self.on_uplink(to, other)
+                && (reason == "path down" || reason.starts_with("uplink suspect")),
+            "failover {from} -> {to} ({reason}) does not go to uplink {other} for a down path \
+             or its suspect sibling"
         );
         let e = tunnel_tx(&prefix)?;
         tokio::time::sleep(Duration::from_millis(500)).await;

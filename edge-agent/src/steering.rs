@@ -358,6 +358,9 @@ pub fn failovers(
             }
             let reason = match views.get(&from_id) {
                 Some(v) if v.status == PathStatus::Down => "path down".to_string(),
+                Some(v) if v.suspect => {
+                    "uplink suspect: another path leaving by it went down".to_string()
+                }
                 Some(v) if v.status == PathStatus::Degraded => "path degraded".to_string(),
                 Some(v) if v.sla_blocked.contains(class) => {
                     format!("SLA of class {class} not met")

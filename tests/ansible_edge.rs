@@ -12,30 +12,18 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use patronus_test_support::lab::{binary, in_ns, text, LabController, LAB_MGMT_HOST};
+use patronus_test_support::lab::{binary, in_ns, text, Agents, LabController, LAB_MGMT_HOST};
 use patronus_test_support::TestEnv;
 use uuid::Uuid;
 
 /// Where `scripts/setup` installs ansible-core and ansible-lint.
 const DEFAULT_ANSIBLE_BIN: &str = "/var/lib/patronus/ansible/bin";
-
-/// The agents; killed however the test ends.
-struct Agents(Vec<Child>);
-
-impl Drop for Agents {
-    fn drop(&mut self) {
-        for agent in &mut self.0 {
-            let _ = agent.kill();
-            let _ = agent.wait();
-        }
-    }
-}
 
 /// `ansible-playbook` and `ansible-lint` of the virtual environment `scripts/setup` makes.
 struct Ansible {

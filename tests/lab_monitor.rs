@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
@@ -22,21 +22,9 @@ use patronus_proto::intent::PathSpec;
 use patronus_proto::metrics::PathMetricsBatch;
 use patronus_proto::policy::{LoadBalancing, PathPreference};
 use patronus_proto::{PathId, SiteId, SiteIntent};
-use patronus_test_support::lab::{binary, in_ns, text, LabController};
+use patronus_test_support::lab::{binary, impair, in_ns, text, Agents, LabController};
 use patronus_test_support::TestEnv;
 use uuid::Uuid;
-
-/// The agents; killed however the test ends.
-struct Agents(Vec<Child>);
-
-impl Drop for Agents {
-    fn drop(&mut self) {
-        for agent in &mut self.0 {
-            let _ = agent.kill();
-            let _ = agent.wait();
-        }
-    }
-}
 
 /// One ping from site 1's LAN host to site 2's.
 fn lan_ping() -> anyhow::Result<bool> {
@@ -55,21 +43,6 @@ fn lan_ping() -> anyhow::Result<bool> {
         .output()?
         .status
         .success())
-}
-
-/// `patronus-lab impair --site S --uplink U <args>`.
-fn impair(lab: &Path, site: u8, uplink: u8, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(lab)
-        .args(["impair", "--site", &site.to_string()])
-        .args(["--uplink", &uplink.to_string()])
-        .args(args)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "impair site {site} uplink {uplink} {args:?}: {}",
-        text(&out)
-    );
-    Ok(())
 }
 
 /// A routing policy of class `class` for `protocol` traffic to (or, for replies, from) `port`.

@@ -21,14 +21,14 @@
 //! portal_lab_e2e`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use patronus_test_support::browser::fantoccini::wd::WindowHandle;
 use patronus_test_support::browser::Browser;
 use patronus_test_support::http::call;
-use patronus_test_support::lab::{binary, in_ns, text, LabController};
+use patronus_test_support::lab::{binary, impair, in_ns, text, Agents, LabController};
 use patronus_test_support::TestEnv;
 use serde_json::Value;
 use uuid::Uuid;
@@ -46,18 +46,6 @@ const POLICY: &str = "portal-voip";
 /// A property set on a page's `window`: still there means the page was never reloaded or
 /// left.
 const MARKER: &str = "__patronusPortalLab";
-
-/// The agents; killed however the test ends.
-struct Agents(Vec<Child>);
-
-impl Drop for Agents {
-    fn drop(&mut self) {
-        for agent in &mut self.0 {
-            let _ = agent.kill();
-            let _ = agent.wait();
-        }
-    }
-}
 
 /// What the steps share.
 struct Run<'a> {
@@ -639,21 +627,6 @@ async fn chart_points(b: &Browser, url: &str) -> anyhow::Result<Vec<(String, i64
         .await
         .with_context(|| format!("reading the charts of {url}"))?;
     Ok(serde_json::from_value(points)?)
-}
-
-/// `patronus-lab impair --site S --uplink U <args>`.
-fn impair(lab: &Path, site: u8, uplink: u8, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(lab)
-        .args(["impair", "--site", &site.to_string()])
-        .args(["--uplink", &uplink.to_string()])
-        .args(args)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "impair site {site} uplink {uplink} {args:?}: {}",
-        text(&out)
-    );
-    Ok(())
 }
 
 fn site_id(state: &Path) -> anyhow::Result<Uuid> {

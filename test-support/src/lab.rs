@@ -12,6 +12,33 @@ use crate::{RunningController, TestDatabase, TestEnv};
 /// controller and NATS there, through the relays `patronus-lab up --relay` runs.
 pub const LAB_MGMT_HOST: &str = "198.19.254.1";
 
+/// The agents a lab test started; killed however the test ends.
+pub struct Agents(pub Vec<std::process::Child>);
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for agent in &mut self.0 {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+    }
+}
+
+/// `patronus-lab impair --site S --uplink U <args>` with the `lab` binary.
+pub fn impair(lab: &std::path::Path, site: u8, uplink: u8, args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new(lab)
+        .args(["impair", "--site", &site.to_string()])
+        .args(["--uplink", &uplink.to_string()])
+        .args(args)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "impair site {site} uplink {uplink} {args:?}: {}",
+        text(&out)
+    );
+    Ok(())
+}
+
 /// A workspace binary next to the running test's executable (`target/debug/deps/..`).
 pub fn binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;

@@ -468,10 +468,13 @@ impl PageQuery {
     }
 }
 
-/// Fixed-window rate limit in Redis: at most `limit` hits per `window_s` for `key`.
+/// Fixed-window rate limit in Redis, per deployment: at most `limit` hits per `window_s` for
+/// `key`.
 pub async fn rate_limit(state: &AppState, key: &str, limit: u32, window_s: u64) -> ApiResult<()> {
     let mut redis = state.redis().await?;
-    let full_key = format!("patronus:ratelimit:{key}");
+    // Per deployment: controllers of other deployments sharing the Redis (another MSP's, a
+    // staging one) keep their own counts.
+    let full_key = format!("patronus:{}:ratelimit:{key}", state.deployment);
     let (count, ttl): (u64, i64) = redis::pipe()
         .atomic()
         .cmd("INCR")

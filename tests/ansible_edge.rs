@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use patronus_test_support::lab::{binary, in_ns, text, Agents, LabController, LAB_MGMT_HOST};
+use patronus_test_support::lab::{
+    binary, enroll_site, in_ns, text, Agents, LabController, LAB_MGMT_HOST,
+};
 use patronus_test_support::TestEnv;
 use uuid::Uuid;
 
@@ -243,24 +245,7 @@ async fn the_ansible_role_installs_enrolls_and_runs_an_edge_idempotently() -> an
         let mut agents = Agents(Vec::new());
         // Site 1, enrolled and run as the other lab tests do: the peer of the role's site.
         let state1 = dir.join("site1");
-        let out = in_ns(
-            "pl-s1",
-            &edge,
-            &[
-                "enroll",
-                "--controller",
-                &controller_url,
-                "--token",
-                &site1_token,
-                "--state-dir",
-                state1.to_str().context("path")?,
-                "--uplink",
-                "name=wan0,address=198.18.1.1,type=fiber,bandwidth=1000",
-                "--uplink",
-                "name=wan1,address=198.18.1.5,type=lte,bandwidth=50",
-            ],
-        )?;
-        ensure!(out.status.success(), "site1: {}", text(&out));
+        enroll_site(&edge, &controller_url, &site1_token, 1, &state1)?;
         agents.0.push(
             Command::new("ip")
                 .args(["netns", "exec", "pl-s1"])

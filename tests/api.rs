@@ -2131,6 +2131,19 @@ async fn the_portal_signs_in_scopes_by_tenant_checks_forms_and_escapes() -> anyh
         None
     );
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Malformed forms and queries get the portal's error page.
+    let (_, _, html) = page!(app, h, Method::GET, &onboarding, me, None);
+    let bad_form = Some(vec![
+        ("csrf", csrf_of(&html)),
+        ("site_name", "x".to_owned()),
+        ("expires_in_hours", "soon".to_owned()),
+    ]);
+    let (status, _, html) = page!(app, h, Method::POST, &onboarding, me, bad_form);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(html.contains(r#"id="bad-request""#), "{html}");
+    let (status, _, html) = page!(app, h, Method::GET, "/portal/switch?tenant=nope", me, None);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(html.contains(r#"id="bad-request""#), "{html}");
 
     // Admin: operators and API tokens. A weak password is refused with the API's reason; a
     // new viewer is listed; an API token is shown once, works, and stops working when revoked.

@@ -13,7 +13,7 @@ use anyhow::{ensure, Context};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::StreamExt;
 use patronus_proto::policy::PathPreference;
-use patronus_test_support::lab::{binary, in_ns, text, LabController};
+use patronus_test_support::lab::{binary, enroll_site, in_ns, text, LabController};
 use patronus_test_support::TestEnv;
 use uuid::Uuid;
 
@@ -182,26 +182,14 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
         let mut enrolled_at = Instant::now();
         for (i, token) in tokens.iter().enumerate() {
             let n = i + 1;
-            let state = dir.join(format!("site{n}"));
             enrolled_at = Instant::now();
-            let out = in_ns(
-                &format!("pl-s{n}"),
+            enroll_site(
                 &edge,
-                &[
-                    "enroll",
-                    "--controller",
-                    &controller_url,
-                    "--token",
-                    token,
-                    "--state-dir",
-                    state.to_str().context("path")?,
-                    "--uplink",
-                    &format!("name=wan0,address=198.18.{n}.1,type=fiber,bandwidth=1000"),
-                    "--uplink",
-                    &format!("name=wan1,address=198.18.{n}.5,type=lte,bandwidth=50"),
-                ],
+                &controller_url,
+                token,
+                u8::try_from(n)?,
+                &dir.join(format!("site{n}")),
             )?;
-            ensure!(out.status.success(), "site{n}: {}", text(&out));
         }
         // Site 1 learns site 2 (its uplinks as peer endpoints) over NATS through the relay.
         let state1 = dir.join("site1");

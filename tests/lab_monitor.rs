@@ -22,7 +22,9 @@ use patronus_proto::intent::PathSpec;
 use patronus_proto::metrics::PathMetricsBatch;
 use patronus_proto::policy::{LoadBalancing, PathPreference};
 use patronus_proto::{PathId, SiteId, SiteIntent};
-use patronus_test_support::lab::{binary, impair, in_ns, text, Agents, LabController};
+use patronus_test_support::lab::{
+    binary, enroll_site, impair, in_ns, print_agent_logs, text, Agents, LabController,
+};
 use patronus_test_support::TestEnv;
 use uuid::Uuid;
 
@@ -914,25 +916,13 @@ async fn bring_up(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     for (n, token) in (1u8..).zip(tokens) {
-        let state = dir.join(format!("site{n}"));
-        let out = in_ns(
-            &format!("pl-s{n}"),
+        enroll_site(
             edge,
-            &[
-                "enroll",
-                "--controller",
-                controller_url,
-                "--token",
-                token,
-                "--state-dir",
-                state.to_str().context("path")?,
-                "--uplink",
-                &format!("name=wan0,address=198.18.{n}.1,type=fiber,bandwidth=1000"),
-                "--uplink",
-                &format!("name=wan1,address=198.18.{n}.5,type=lte,bandwidth=50"),
-            ],
+            controller_url,
+            token,
+            n,
+            &dir.join(format!("site{n}")),
         )?;
-        ensure!(out.status.success(), "site{n} enroll: {}", text(&out));
     }
     let config = dir.join("edge.toml");
     std::fs::write(&config, "[agent]\nheartbeat_interval_s = 1\n")?;
@@ -1117,12 +1107,7 @@ async fn agents_probe_their_paths_fail_over_a_cut_uplink_and_drop_forged_probes(
     let down = Command::new(&lab).arg("down").output()?;
     let stopped = lab_controller.stop().await;
     if result.is_err() {
-        // The agents' logs, for whoever reads the failure.
-        for n in 1..=2 {
-            if let Ok(log) = std::fs::read_to_string(dir.join(format!("run{n}.log"))) {
-                eprintln!("--- site{n} agent log ---\n{log}");
-            }
-        }
+        print_agent_logs(&dir, 2);
     }
     let _ = std::fs::remove_dir_all(&dir);
     result?;

@@ -28,7 +28,9 @@ use anyhow::{bail, ensure, Context};
 use patronus_test_support::browser::fantoccini::wd::WindowHandle;
 use patronus_test_support::browser::Browser;
 use patronus_test_support::http::call;
-use patronus_test_support::lab::{binary, impair, in_ns, text, Agents, LabController};
+use patronus_test_support::lab::{
+    binary, enroll_site, impair, print_agent_logs, text, Agents, LabController,
+};
 use patronus_test_support::TestEnv;
 use serde_json::Value;
 use uuid::Uuid;
@@ -78,26 +80,13 @@ impl Run<'_> {
 
     /// Enroll lab site `n` with `token` (its two uplinks, as the other lab tests do).
     fn enroll(&self, n: u8, token: &str) -> anyhow::Result<()> {
-        let state = self.dir.join(format!("site{n}"));
-        let out = in_ns(
-            &format!("pl-s{n}"),
+        enroll_site(
             &self.edge,
-            &[
-                "enroll",
-                "--controller",
-                &self.lab_url,
-                "--token",
-                token,
-                "--state-dir",
-                state.to_str().context("state path")?,
-                "--uplink",
-                &format!("name=wan0,address=198.18.{n}.1,type=fiber,bandwidth=1000"),
-                "--uplink",
-                &format!("name=wan1,address=198.18.{n}.5,type=lte,bandwidth=50"),
-            ],
-        )?;
-        ensure!(out.status.success(), "site{n} enroll: {}", text(&out));
-        Ok(())
+            &self.lab_url,
+            token,
+            n,
+            &self.dir.join(format!("site{n}")),
+        )
     }
 
     /// Start site `n`'s agent, its log in `run<n>.log`.
@@ -776,12 +765,7 @@ async fn portal_shows_a_lab_site_joining_and_an_uplink_failing_live() -> anyhow:
     let down = Command::new(&lab).arg("down").output()?;
     let stopped = lab_controller.stop().await;
     if result.is_err() {
-        // The agents' logs, for whoever reads the failure.
-        for n in 1..=2 {
-            if let Ok(log) = std::fs::read_to_string(dir.join(format!("run{n}.log"))) {
-                eprintln!("--- site{n} agent log ---\n{log}");
-            }
-        }
+        print_agent_logs(&dir, 2);
     }
     let _ = std::fs::remove_dir_all(&dir);
     result?;

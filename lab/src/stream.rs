@@ -142,7 +142,7 @@ mod tests {
         encode(1, 2, 3, &mut out);
         assert_eq!(out.len(), HEADER_LEN, "never shorter than the header");
         assert_eq!(decode(&out[..HEADER_LEN - 1]), None);
-        assert_eq!(decode(b"XXXXaaaaaaaabbbbbbbb"), None);
+        assert_eq!(decode(b"JUNKaaaaaaaabbbbbbbb"), None, "a wrong magic");
     }
 
     #[test]

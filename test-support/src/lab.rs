@@ -78,6 +78,46 @@ pub fn in_ns(
         .context("ip netns exec")
 }
 
+/// Enroll lab site `n` from inside its router namespace with `token`, naming the lab's two
+/// uplinks (`wan0` fiber 198.18.n.1, `wan1` LTE 198.18.n.5), its state in `state`.
+pub fn enroll_site(
+    edge: &std::path::Path,
+    controller_url: &str,
+    token: &str,
+    n: u8,
+    state: &std::path::Path,
+) -> anyhow::Result<()> {
+    let out = in_ns(
+        &format!("pl-s{n}"),
+        edge,
+        &[
+            "enroll",
+            "--controller",
+            controller_url,
+            "--token",
+            token,
+            "--state-dir",
+            state.to_str().context("a state path that is not UTF-8")?,
+            "--uplink",
+            &format!("name=wan0,address=198.18.{n}.1,type=fiber,bandwidth=1000"),
+            "--uplink",
+            &format!("name=wan1,address=198.18.{n}.5,type=lte,bandwidth=50"),
+        ],
+    )?;
+    anyhow::ensure!(out.status.success(), "site{n} enroll: {}", text(&out));
+    Ok(())
+}
+
+/// Print the agents' logs (`run<n>.log` in `dir`, sites 1..=`sites`), for whoever reads a
+/// failed lab test.
+pub fn print_agent_logs(dir: &std::path::Path, sites: u8) {
+    for n in 1..=sites {
+        if let Ok(log) = std::fs::read_to_string(dir.join(format!("run{n}.log"))) {
+            eprintln!("--- site{n} agent log ---\n{log}");
+        }
+    }
+}
+
 /// A running controller with one tenant, reachable from the lab.
 pub struct LabController {
     pub database: TestDatabase,

@@ -391,6 +391,9 @@ pub(crate) fn expired(name: &'static str, path: &'static str) -> Cookie<'static>
     cookie
 }
 
+/// Largest form the portal reads (the policy form is well under 4 KiB).
+const MAX_FORM_BYTES: usize = 64 * 1024;
+
 /// A redirect after a form (303: the browser follows with a GET).
 pub fn see_other(location: &str) -> HttpResponse {
     HttpResponse::SeeOther()
@@ -420,6 +423,18 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(|| async { see_other("/portal/") }))
         .service(
             web::scope("/portal")
+                // A malformed form or query gets the portal's error page, not actix's text.
+                .app_data(
+                    web::FormConfig::default()
+                        .limit(MAX_FORM_BYTES)
+                        .error_handler(|e, _| {
+                            PortalError::BadRequest(format!("the form could not be read: {e}"))
+                                .into()
+                        }),
+                )
+                .app_data(web::QueryConfig::default().error_handler(|e, _| {
+                    PortalError::BadRequest(format!("the address could not be read: {e}")).into()
+                }))
                 .route("/static/portal.css", web::get().to(static_css))
                 .route("/static/portal.js", web::get().to(static_js))
                 .route("/login", web::get().to(pages::login_form))

@@ -378,29 +378,40 @@ pub async fn overview(req: HttpRequest) -> PageResult {
     let paths = crate::api::paths::all_views(&p.ctx, None).await?;
     let count = |status: &str| paths.iter().filter(|x| x.status == status).count();
     let names: HashMap<Uuid, String> = rows.iter().map(|s| (s.id, s.name.clone())).collect();
+    // Each site's worst outgoing path and its uplinks, in one pass over each list.
+    let rank = |x: &PathView| {
+        (
+            badness(&x.status),
+            std::cmp::Reverse(x.score.unwrap_or(100)),
+        )
+    };
+    let mut worst_of: HashMap<Uuid, &PathView> = HashMap::new();
+    for path in &paths {
+        let worst = worst_of.entry(path.src_site_id).or_insert(path);
+        if rank(path) > rank(worst) {
+            *worst = path;
+        }
+    }
+    let mut uplinks_of: HashMap<Uuid, Vec<String>> = HashMap::new();
+    for (site, name, kind) in &uplinks {
+        uplinks_of
+            .entry(*site)
+            .or_default()
+            .push(format!("{name} ({kind})"));
+    }
     let sites = rows
         .iter()
         .map(|site| {
-            let worst = paths
-                .iter()
-                .filter(|x| x.src_site_id == site.id)
-                .max_by_key(|x| {
-                    (
-                        badness(&x.status),
-                        std::cmp::Reverse(x.score.unwrap_or(100)),
-                    )
-                });
+            let worst = worst_of.get(&site.id).copied();
             SiteLine {
                 id: site.id,
                 name: site.name.clone(),
                 status: site.status.clone(),
                 region: site.region.clone().unwrap_or_default(),
-                uplinks: uplinks
-                    .iter()
-                    .filter(|(s, _, _)| *s == site.id)
-                    .map(|(_, name, kind)| format!("{name} ({kind})"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                uplinks: uplinks_of
+                    .get(&site.id)
+                    .map(|u| u.join(", "))
+                    .unwrap_or_default(),
                 worst_status: worst.map_or("unknown".into(), |w| w.status.clone()),
                 worst_path: worst.map(|w| w.id),
                 worst_label: worst.map_or("no paths".into(), |w| {
@@ -694,8 +705,6 @@ fn range_span(range: &str) -> Option<(chrono::Duration, i64)> {
 #[derive(Deserialize)]
 pub struct PathQuery {
     range: Option<String>,
-    #[allow(dead_code)] // the live fragment asks with it; the page is the same
-    fragment: Option<String>,
 }
 
 async fn path_page(
@@ -1069,8 +1078,6 @@ pub struct EventsQuery {
     kind: Option<String>,
     /// Audit log: only this action (e.g. `policy.update`).
     action: Option<String>,
-    #[allow(dead_code)] // the live fragment asks with it; the page is the same
-    fragment: Option<String>,
 }
 
 /// `GET /portal/t/{tenant}/events?kind=`: the tenant's recent events (live) and audit log.

@@ -1,19 +1,23 @@
 //! The controller's requests on `sdwan.<tenant>.<site>.cmd` (I/O): an on-demand path test
 //! (`POST /api/v1/paths/{id}/test`), a re-probe, a state dump.
 //!
-//! The path test measures the bandwidth a path gives now: a TCP connection bound to the
-//! path's tunnel (`SO_BINDTODEVICE`) to the peer agent's discard sink ([`PATH_TEST_PORT`] on
-//! its overlay address) carries as much as it can for the requested seconds; the bytes the
-//! peer acknowledged over the time taken are the figure, reported with the path's current
-//! probe measurements. The sink accepts only the overlay addresses of the site's peers, one
-//! test at a time, each for at most [`MAX_PATH_TEST_SECONDS`] plus a margin, and throws the
-//! data away.
+//! The path test measures the bandwidth a path gives now: a TCP connection marked for the
+//! path's tunnel (`SO_MARK`) to the peer agent's discard sink ([`PATH_TEST_PORT`] on its
+//! overlay address) carries as much as it can for the requested seconds; the bytes the peer
+//! acknowledged over the time taken are the figure, reported with the path's current probe
+//! measurements. The sink accepts only the overlay addresses of the site's peers and runs one
+//! test at a time (two at once would share the link and both measure half): later tests wait
+//! in a short queue ([`SINK_QUEUE`] deep, each at most [`SINK_TURN_WAIT`]) and the sink sends
+//! one [`SINK_READY`] byte when a test's turn comes, so the client times only its own turn.
+//! Each test lasts at most [`MAX_PATH_TEST_SECONDS`] plus a margin; the data is thrown away.
+//! The client ends with a reset rather than a FIN, so bytes still queued on a slow path do
+//! not keep the sink busy after the test is over.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, TrySendError};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,6 +31,16 @@ use crate::steering::PathView;
 
 /// TCP port of the path-test sink on the overlay (inside the tunnels only).
 pub const PATH_TEST_PORT: u16 = 51998;
+
+/// Tests waiting for the sink beyond the one it serves; more are refused (connection closed).
+pub const SINK_QUEUE: usize = 4;
+
+/// The longest a test waits for its turn at the sink (within the controller's
+/// [`patronus_proto::command::PATH_TEST_SETUP_SECONDS`]).
+pub const SINK_TURN_WAIT: Duration = Duration::from_secs(5);
+
+/// The byte the sink sends when it starts serving a test.
+pub const SINK_READY: u8 = 0x01;
 
 /// The overlay addresses the sink accepts (the applied intent's peers).
 pub type Peers = Arc<RwLock<BTreeSet<IpAddr>>>;
@@ -80,7 +94,7 @@ pub fn path_target(intent: &SiteIntent, path: PathId) -> Option<PathTarget> {
             spec.remote_uplink,
         ),
         mark: crate::desired::table_of(spec.local_uplink, spec.remote_uplink),
-        peer: peer.overlay_address,
+        sink: SocketAddr::new(peer.overlay_address, PATH_TEST_PORT),
     })
 }
 
@@ -89,9 +103,10 @@ pub fn path_target(intent: &SiteIntent, path: PathId) -> Option<PathTarget> {
 pub struct PathTarget {
     /// The tunnel (for messages).
     pub interface: String,
-    /// The firewall mark whose rule sends packets to the tunnel's table.
+    /// The firewall mark whose rule sends packets to the tunnel's table (0: none).
     pub mark: u32,
-    pub peer: IpAddr,
+    /// The peer's sink: its overlay address and [`PATH_TEST_PORT`].
+    pub sink: SocketAddr,
 }
 
 fn sockaddr(address: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
@@ -119,7 +134,6 @@ fn sockaddr(address: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (storage, len as libc::socklen_t)
 }
 
-/// A TCP connection to `to` leaving through `interface` only.
 /// A TCP connection to `to` whose packets carry `mark`, so they leave by the path's tunnel.
 /// Not `SO_BINDTODEVICE`: the peer answers by its own routing, which may bring the SYN-ACK
 /// and ACKs back through another tunnel, and a socket bound to a device ignores packets that
@@ -138,18 +152,20 @@ fn connect_through(mark: u32, to: SocketAddr, timeout: Duration) -> std::io::Res
     }
     // SAFETY: fd is a fresh socket this function owns.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    // SAFETY: the value points at a u32 for the duration of the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&mark as *const u32).cast(),
-            std::mem::size_of::<u32>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
+    if mark != 0 {
+        // SAFETY: the value points at a u32 for the duration of the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mark as *const u32).cast(),
+                std::mem::size_of::<u32>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     // connect(2) blocks; bound it with the send timeout, which Linux applies to connect (it
     // then fails with EINPROGRESS, said as a timeout below).
@@ -182,16 +198,13 @@ fn unacknowledged(stream: &TcpStream) -> u64 {
     }
 }
 
-/// Run a bandwidth test of `seconds` through `interface` to `peer`'s sink; Mbit/s.
+/// Run a bandwidth test of `seconds` through `target`'s tunnel to the peer's sink; Mbit/s.
 pub fn path_test(target: &PathTarget, seconds: u32) -> Result<f64, String> {
     let seconds = seconds.clamp(1, MAX_PATH_TEST_SECONDS);
     let interface = &target.interface;
-    let mut stream = connect_through(
-        target.mark,
-        SocketAddr::new(target.peer, PATH_TEST_PORT),
-        Duration::from_secs(3),
-    )
-    .map_err(|e| format!("cannot reach the peer's test sink through {interface}: {e}"))?;
+    let mut stream = connect_through(target.mark, target.sink, Duration::from_secs(3))
+        .map_err(|e| format!("cannot reach the peer's test sink through {interface}: {e}"))?;
+    wait_for_turn(&mut stream).map_err(|e| format!("{e} (through {interface})"))?;
     stream
         .set_write_timeout(Some(Duration::from_millis(500)))
         .map_err(|e| e.to_string())?;
@@ -199,62 +212,130 @@ pub fn path_test(target: &PathTarget, seconds: u32) -> Result<f64, String> {
     let started = Instant::now();
     let until = started + Duration::from_secs(u64::from(seconds));
     let mut written: u64 = 0;
-    while Instant::now() < until {
+    let outcome = loop {
+        if Instant::now() >= until {
+            break Ok(());
+        }
         match stream.write(&chunk) {
             Ok(n) => written += n as u64,
             Err(e)
                 if e.kind() == std::io::ErrorKind::WouldBlock
                     || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(e) => {
-                return Err(format!(
+                break Err(format!(
                     "the test connection broke after {written} bytes: {e}"
                 ))
             }
         }
-    }
+    };
     let acknowledged = written.saturating_sub(unacknowledged(&stream));
     let elapsed = started.elapsed().as_secs_f64().max(0.001);
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-    Ok(acknowledged as f64 * 8.0 / elapsed / 1e6)
+    abort(&stream);
+    outcome.map(|()| acknowledged as f64 * 8.0 / elapsed / 1e6)
 }
 
-/// The discard sink peers test against: accepts from `peers` only, one test at a time.
-pub fn start_sink(overlay: IpAddr, peers: Peers) -> std::io::Result<()> {
-    let listener = std::net::TcpListener::bind(SocketAddr::new(overlay, PATH_TEST_PORT))?;
-    let busy = Arc::new(AtomicBool::new(false));
+/// Wait (at most [`SINK_TURN_WAIT`]) for the sink's [`SINK_READY`] byte.
+fn wait_for_turn(stream: &mut TcpStream) -> Result<(), String> {
+    stream
+        .set_read_timeout(Some(SINK_TURN_WAIT))
+        .map_err(|e| e.to_string())?;
+    let mut ready = [0u8; 1];
+    match stream.read(&mut ready) {
+        Ok(1) if ready[0] == SINK_READY => Ok(()),
+        Ok(_) => Err(
+            "the peer's test sink closed the connection: it refuses this site or \
+                      has too many tests waiting; try again in a few seconds"
+                .into(),
+        ),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            Err(format!(
+                "the peer's test sink stayed busy with other tests for {SINK_TURN_WAIT:?}; \
+                 try again when they are done"
+            ))
+        }
+        Err(e) => Err(format!("the peer's test sink did not start the test: {e}")),
+    }
+}
+
+/// Close `stream` with a reset: the test is over, and bytes still queued on a slow path would
+/// otherwise keep the sink's side open while they drain.
+fn abort(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the value points at a linger struct for the duration of the call.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// The discard sink peers test against: accepts from `peers` only and serves one test at a
+/// time, the others waiting their turn in a short queue. Listens on `address` (the overlay
+/// address and [`PATH_TEST_PORT`]); the address it listens on.
+pub fn start_sink(address: SocketAddr, peers: Peers) -> std::io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(address)?;
+    let bound = listener.local_addr()?;
+    let (queue, waiting) = sync_channel::<(TcpStream, Instant)>(SINK_QUEUE);
     std::thread::Builder::new()
         .name("patronus-test-sink".into())
         .spawn(move || {
+            for (stream, arrived) in waiting {
+                // The client gave up waiting; its connection is dead weight.
+                if arrived.elapsed() >= SINK_TURN_WAIT {
+                    continue;
+                }
+                serve_test(stream);
+            }
+        })?;
+    std::thread::Builder::new()
+        .name("patronus-test-sink-accept".into())
+        .spawn(move || {
             for connection in listener.incoming() {
-                let Ok(mut stream) = connection else {
+                let Ok(stream) = connection else {
                     continue;
                 };
                 let allowed = stream
                     .peer_addr()
                     .ok()
                     .is_some_and(|a| peers.read().is_ok_and(|p| p.contains(&a.ip())));
-                if !allowed || busy.swap(true, Ordering::AcqRel) {
+                if !allowed {
                     continue; // dropped: closes the connection
                 }
-                let busy = busy.clone();
-                let _ = std::thread::Builder::new()
-                    .name("patronus-test-sink-conn".into())
-                    .spawn(move || {
-                        let deadline = Instant::now()
-                            + Duration::from_secs(u64::from(MAX_PATH_TEST_SECONDS) + 5);
-                        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                        let mut buffer = vec![0u8; 64 * 1024];
-                        while Instant::now() < deadline {
-                            match stream.read(&mut buffer) {
-                                Ok(0) | Err(_) => break,
-                                Ok(_) => {}
-                            }
-                        }
-                        busy.store(false, Ordering::Release);
-                    });
+                match queue.try_send((stream, Instant::now())) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => {} // dropped: too many waiting
+                    Err(TrySendError::Disconnected(_)) => break,
+                }
             }
         })?;
-    Ok(())
+    Ok(bound)
+}
+
+/// Tell the client to start, then read and discard until it closes or the longest test plus a
+/// margin is over.
+fn serve_test(mut stream: TcpStream) {
+    if stream.write_all(&[SINK_READY]).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(u64::from(MAX_PATH_TEST_SECONDS) + 5);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buffer = vec![0u8; 64 * 1024];
+    while Instant::now() < deadline {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
 }
 
 /// The reply metrics of a path test: the probes' latest view plus the measured bandwidth.
@@ -331,5 +412,48 @@ mod tests {
         let m = test_metrics(None, 123.4, 5);
         assert_eq!(m.bandwidth_mbps, Some(123.4));
         assert!(m.validate("m").is_ok());
+    }
+
+    fn loopback_sink(allowed: &[IpAddr]) -> PathTarget {
+        let peers: Peers = Arc::new(RwLock::new(allowed.iter().copied().collect()));
+        let sink = start_sink(SocketAddr::from(([127, 0, 0, 1], 0)), peers)
+            .expect("a sink on the loopback");
+        PathTarget {
+            interface: "lo".into(),
+            mark: 0,
+            sink,
+        }
+    }
+
+    #[test]
+    fn tests_at_one_sink_take_turns_and_each_measures_its_own_second() {
+        let target = loopback_sink(&[IpAddr::from([127, 0, 0, 1])]);
+        let started = Instant::now();
+        let tests: Vec<_> = (0..2)
+            .map(|_| {
+                let target = target.clone();
+                std::thread::spawn(move || path_test(&target, 1))
+            })
+            .collect();
+        for test in tests {
+            let mbps = test.join().expect("test thread").expect("both tests run");
+            assert!(mbps > 0.0, "a loopback test measured {mbps} Mbit/s");
+        }
+        // One at a time: the second waited for the first's turn to end.
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "two 1 s tests ended after {:?}",
+            started.elapsed()
+        );
+        // And one right after them is served at once (the first ended with a reset, not a
+        // drain of its queued bytes).
+        assert!(path_test(&target, 1).is_ok());
+    }
+
+    #[test]
+    fn a_sink_refuses_an_address_that_is_not_a_peer() {
+        let target = loopback_sink(&[IpAddr::from([100, 64, 0, 9])]);
+        let error = path_test(&target, 1).expect_err("refused");
+        assert!(error.contains("refuses this site"), "{error}");
     }
 }

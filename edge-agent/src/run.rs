@@ -328,8 +328,10 @@ impl Agent {
         if self.sink_listening {
             return;
         }
-        match crate::commands::start_sink(intent.overlay.address, self.test_peers.clone()) {
-            Ok(()) => self.sink_listening = true,
+        let address =
+            std::net::SocketAddr::new(intent.overlay.address, crate::commands::PATH_TEST_PORT);
+        match crate::commands::start_sink(address, self.test_peers.clone()) {
+            Ok(_) => self.sink_listening = true,
             Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {}
             Err(e) => {
                 eprintln!("run: the path-test sink cannot listen ({e}); path tests against this site fail");

@@ -10,6 +10,10 @@ use crate::metrics::PathMetrics;
 /// Longest on-demand bandwidth test the edge accepts.
 pub const MAX_PATH_TEST_SECONDS: u32 = 60;
 
+/// The most a path test adds to its duration before it starts: connecting through the tunnel
+/// and waiting for its turn at the peer's sink (one test at a time there).
+pub const PATH_TEST_SETUP_SECONDS: u32 = 10;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {

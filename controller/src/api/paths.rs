@@ -17,6 +17,7 @@ use diesel::sql_types::{BigInt, Double, Int4, Nullable, Timestamptz, Uuid as Sql
 use diesel_async::RunQueryDsl;
 use patronus_proto::command::{
     Command, CommandReply, CommandRequest, CommandResult, MAX_PATH_TEST_SECONDS,
+    PATH_TEST_SETUP_SECONDS,
 };
 use patronus_proto::{codec, PathId, SiteId, SCHEMA_VERSION};
 use serde::{Deserialize, Serialize};
@@ -475,7 +476,8 @@ pub(crate) async fn run_test(
         },
     };
     let subject = patronus_proto::subjects::cmd_subject(tenant, SiteId(path.src_site_id));
-    let timeout = Duration::from_secs(u64::from(duration_s) + 5);
+    // The test's own seconds, its setup (connect, its turn at the sink) and the reply's trip.
+    let timeout = Duration::from_secs(u64::from(duration_s + PATH_TEST_SETUP_SECONDS) + 2);
     let link = ctx.state.tenant_nats(tenant).await.map_err(|e| {
         ApiError::unavailable(format!(
             "the tenant's NATS account is not reachable ({e}); try again shortly"

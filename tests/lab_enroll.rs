@@ -610,6 +610,51 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
                 started.elapsed()
             );
 
+            // The same for a route and a rule: site 3's LAN route in the main table (the
+            // default path the ping takes) and one path's mark rule.
+            let ip_out = |args: &[&str]| -> anyhow::Result<String> {
+                let out = Command::new("ip").args(args).output()?;
+                ensure!(out.status.success(), "ip {args:?} failed");
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            };
+            let lan_route = ip_out(&["-n", "pl-s1", "route", "show", "10.3.0.0/24"])?;
+            ensure!(lan_route.contains("dev pw"), "site 3's LAN route: {lan_route}");
+            let rules: Vec<serde_json::Value> =
+                serde_json::from_str(&ip_out(&["-n", "pl-s1", "-j", "rule", "show"])?)?;
+            let rule = rules
+                .iter()
+                .find(|r| r["fwmark"].is_string() && r["table"].as_str() != Some("main"))
+                .ok_or_else(|| anyhow::anyhow!("no mark rule in site 1: {rules:?}"))?;
+            let (mark, table, priority) = (
+                rule["fwmark"].as_str().unwrap_or_default().to_owned(),
+                rule["table"].as_str().unwrap_or_default().to_owned(),
+                rule["priority"].to_string(),
+            );
+            ip_out(&["-n", "pl-s1", "route", "del", "10.3.0.0/24"])?;
+            ip_out(&[
+                "-n", "pl-s1", "rule", "del", "fwmark", &mark, "lookup", &table, "priority",
+                &priority,
+            ])?;
+            let started = Instant::now();
+            loop {
+                let route_back = ip_out(&["-n", "pl-s1", "route", "show", "10.3.0.0/24"])?
+                    .contains("dev pw");
+                let rule_back = ip_out(&["-n", "pl-s1", "rule", "show", "fwmark", &mark])?
+                    .contains(&format!("lookup {table}"));
+                if route_back && rule_back && lan_ping("10.3.0.10")? {
+                    break;
+                }
+                ensure!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "the deleted route (back: {route_back}) or rule fwmark {mark} (back: {rule_back}) was not repaired"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            println!(
+                "hand-deleted LAN route and mark rule (fwmark {mark} table {table}) repaired after {:?}",
+                started.elapsed()
+            );
+
             // Revocation end to end: site 3 is revoked through the API; site 1's WireGuard no
             // longer has it as a peer and its LAN is unreachable.
             // `wg show all` lists every userspace interface on the host (their sockets share a

@@ -108,71 +108,57 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-/// The uplinks of a host that named none (pure): every interface with a default route in any
-/// routing table (`ip -j route show table all default`), in order of first appearance, with
-/// its first global address of the route's family (`ip -j addr show scope global`); named
-/// after the interface, kind `other`. Interfaces with a default route but no global address
-/// (a point-to-point link with a private peer address, say) are left out.
-pub fn detect_uplinks(routes_json: &str, addrs_json: &str) -> Result<Vec<UplinkSpec>, String> {
-    let routes: Vec<serde_json::Value> = serde_json::from_str(routes_json)
-        .map_err(|e| format!("unreadable `ip -j route` output: {e}"))?;
-    let links: Vec<serde_json::Value> = serde_json::from_str(addrs_json)
-        .map_err(|e| format!("unreadable `ip -j addr` output: {e}"))?;
-    let mut devices: Vec<&str> = Vec::new();
-    for route in &routes {
-        if let Some(dev) = route.get("dev").and_then(|d| d.as_str()) {
-            if !devices.contains(&dev) {
-                devices.push(dev);
+/// The uplinks of a host that named none (pure): every interface with an IPv4 default route
+/// in any routing table, in order of first appearance, with its first global IPv4 address;
+/// named after the interface, kind `other`. Interfaces with a default route but no global
+/// address (a point-to-point link with a private peer address, say) are left out.
+pub fn detect_uplinks(
+    routes: &[crate::netlink::RouteEntry],
+    links: &std::collections::BTreeMap<u32, String>,
+    addresses: &[crate::netlink::Address],
+) -> Vec<UplinkSpec> {
+    let mut devices: Vec<u32> = Vec::new();
+    for route in routes {
+        let default_v4 = route.dst.prefix_len() == 0 && route.dst.addr().is_ipv4();
+        if let Some(oif) = route.oif.filter(|_| default_v4) {
+            if !devices.contains(&oif) {
+                devices.push(oif);
             }
         }
     }
-    let mut uplinks = Vec::new();
-    for dev in devices {
-        let address = links
-            .iter()
-            .filter(|l| l.get("ifname").and_then(|n| n.as_str()) == Some(dev))
-            .filter_map(|l| l.get("addr_info").and_then(|a| a.as_array()))
-            .flatten()
-            .filter(|a| a.get("scope").and_then(|s| s.as_str()) == Some("global"))
-            .find_map(|a| {
-                a.get("local")
-                    .and_then(|l| l.as_str())?
-                    .parse::<std::net::IpAddr>()
-                    .ok()
-            });
-        if let Some(address) = address {
-            uplinks.push(UplinkSpec {
-                name: dev.to_owned(),
-                address,
+    devices
+        .into_iter()
+        .filter_map(|index| {
+            let name = links.get(&index)?;
+            let address = addresses
+                .iter()
+                .find(|a| a.link == index && a.global && a.net.addr().is_ipv4())?;
+            Some(UplinkSpec {
+                name: name.clone(),
+                address: address.net.addr(),
                 interface_type: LinkKind::Other,
                 bandwidth_mbps: None,
                 cost_per_gb: 0.0,
                 metered: false,
-            });
-        }
-    }
-    Ok(uplinks)
+            })
+        })
+        .collect()
 }
 
-/// [`detect_uplinks`] on this host (iproute2).
+/// [`detect_uplinks`] on this host (route netlink).
 pub fn discover_uplinks() -> anyhow::Result<Vec<UplinkSpec>> {
-    let run = |args: &[&str]| -> anyhow::Result<String> {
-        let out = std::process::Command::new("ip")
-            .args(args)
-            .output()
-            .context("running `ip` (iproute2) to find this host's uplinks")?;
-        if !out.status.success() {
-            bail!(
-                "`ip {}` failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let routes = run(&["-j", "-4", "route", "show", "table", "all", "default"])?;
-    let addrs = run(&["-j", "-4", "addr", "show", "scope", "global"])?;
-    detect_uplinks(&routes, &addrs).map_err(anyhow::Error::msg)
+    let netlink = crate::netlink::Netlink::open()
+        .context("opening route netlink to find this host's uplinks")?;
+    let links = netlink
+        .links()?
+        .into_iter()
+        .map(|l| (l.index, l.name))
+        .collect();
+    Ok(detect_uplinks(
+        &netlink.routes()?,
+        &links,
+        &netlink.addresses()?,
+    ))
 }
 
 /// Enroll and write the state directory. Prints one line per step.
@@ -306,14 +292,41 @@ mod tests {
 
     #[test]
     fn uplinks_are_found_from_default_routes_in_every_table() {
-        let routes = r#"[{"dst":"default","gateway":"198.18.1.2","dev":"wan0","table":"1100"},
-            {"dst":"default","gateway":"198.18.1.6","dev":"wan1","table":"1101"},
-            {"dst":"default","gateway":"198.18.1.2","dev":"wan0"},
-            {"dst":"default","dev":"tun9"}]"#;
-        let addrs = r#"[{"ifname":"wan0","addr_info":[{"family":"inet","local":"198.18.1.1","prefixlen":30,"scope":"global"}]},
-            {"ifname":"wan1","addr_info":[{"family":"inet","local":"198.18.1.5","prefixlen":30,"scope":"global"}]},
-            {"ifname":"lan0","addr_info":[{"family":"inet","local":"10.1.0.1","prefixlen":24,"scope":"global"}]}]"#;
-        let found = detect_uplinks(routes, addrs).unwrap();
+        use crate::netlink::{Address, RouteEntry};
+        let default = |table, oif, gateway: Option<&str>| RouteEntry {
+            table,
+            dst: "0.0.0.0/0".parse().unwrap(),
+            oif: Some(oif),
+            gateway: gateway.map(|g| g.parse().unwrap()),
+            pref_src: None,
+        };
+        let routes = [
+            default(1100, 2, Some("198.18.1.2")),
+            default(1101, 3, Some("198.18.1.6")),
+            default(254, 2, Some("198.18.1.2")),
+            default(254, 9, None),
+            RouteEntry {
+                dst: "10.9.0.0/16".parse().unwrap(),
+                ..default(254, 4, None)
+            },
+        ];
+        let links = [(2, "wan0"), (3, "wan1"), (4, "lan0"), (9, "tun9")]
+            .into_iter()
+            .map(|(i, n)| (i, n.to_owned()))
+            .collect();
+        let address = |link, net: &str, global| Address {
+            link,
+            net: net.parse().unwrap(),
+            global,
+        };
+        let addresses = [
+            address(2, "fe80::1/64", false),
+            address(2, "198.18.1.1/30", true),
+            address(3, "198.18.1.5/30", true),
+            address(4, "10.1.0.1/24", true),
+            address(9, "10.255.0.1/32", false),
+        ];
+        let found = detect_uplinks(&routes, &links, &addresses);
         let named: Vec<(String, String)> = found
             .iter()
             .map(|u| (u.name.clone(), u.address.to_string()))
@@ -326,8 +339,7 @@ mod tests {
             ],
             "tun9 has no global address; lan0 no default route"
         );
-        assert!(detect_uplinks("not json", "[]").is_err());
-        assert!(detect_uplinks("[]", "[]").unwrap().is_empty());
+        assert!(detect_uplinks(&[], &links, &addresses).is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //!   site certificate, what the controller knows of it: [`control`]).
 //! - `renew`: new certificate and NATS credentials for new keys, swapped in as one set.
 //! - `run`: apply the intent and keep the namespace equal to it ([`run`], [`desired`] pure,
-//!   [`tunnels`] the I/O: wireguard-go + wireguard-control + iproute2).
+//!   [`tunnels`] the I/O: wireguard-go + wireguard-control + route netlink, [`netlink`]).
 //! - `intent`: fetch the site's current intent over NATS with its own credentials ([`nats`]).
 //! - `check-intent FILE`: decode and validate a `SiteIntent` exactly as the agent will before
 //!   applying one (schema version, size limit, references, ranges), and optionally check that
@@ -29,6 +29,7 @@ mod flow_report;
 mod handshake;
 mod monitor;
 mod nats;
+mod netlink;
 mod probing;
 mod run;
 mod state;
@@ -358,7 +359,8 @@ fn status(state: &state::StateDir, json: bool, remote: bool) -> anyhow::Result<(
             ),
             None => println!("  no intent applied yet (patronus-edge run applies it)"),
         }
-        for (name, (rx, tx)) in tunnels::transfer(identity.site_id) {
+        let netlink = netlink::Netlink::open().context("opening route netlink")?;
+        for (name, (rx, tx)) in tunnels::transfer(&netlink, identity.site_id) {
             println!("  tunnel {name}: received {rx} B, sent {tx} B");
         }
         let peer_name = |key: &[u8; 32]| {
@@ -368,7 +370,7 @@ fn status(state: &state::StateDir, json: bool, remote: bool) -> anyhow::Result<(
                 .find(|p| p.public_key.0 == *key)
                 .map_or_else(|| "unknown peer".to_owned(), |p| p.name.clone())
         };
-        for path in tunnels::path_stats(identity.site_id) {
+        for path in tunnels::path_stats(&netlink, identity.site_id) {
             println!(
                 "  path {} → {} ({}): {}, received {} B, sent {} B",
                 path.interface,
@@ -416,9 +418,9 @@ fn status(state: &state::StateDir, json: bool, remote: bool) -> anyhow::Result<(
             }
         }
         if let Some(intent) = &applied {
-            let lans = tunnels::interfaces_with_address_in(&intent.overlay.lan_prefixes)
+            let lans = tunnels::interfaces_with_address_in(&netlink, &intent.overlay.lan_prefixes)
                 .unwrap_or_default();
-            let attached: Vec<String> = tunnels::xdp_attached(&lans)
+            let attached: Vec<String> = tunnels::xdp_attached(&netlink, &lans)
                 .into_iter()
                 .filter_map(|(name, mode)| mode.map(|m| format!("{name} (XDP {m})")))
                 .collect();
@@ -537,7 +539,8 @@ fn intent(state: &state::StateDir, json: bool, plan: bool) -> anyhow::Result<()>
         Some(intent) if json => println!("{}", serde_json::to_string_pretty(&intent)?),
         Some(intent) if plan => {
             intent.check_acceptable(identity.tenant_id, identity.site_id, None)?;
-            let uplinks = tunnels::uplink_routes(&identity)?;
+            let netlink = netlink::Netlink::open().context("opening route netlink")?;
+            let uplinks = tunnels::uplink_routes(&netlink, &identity)?;
             let want = desired::desired(&intent, &uplinks);
             let actions = desired::diff(&want, &desired::NetState::default());
             println!(

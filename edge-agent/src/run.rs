@@ -54,6 +54,8 @@ struct Agent {
     /// The WireGuard keys: current, and next during a rotation.
     keys: WireguardKeys,
     backend: tunnels::WgBackend,
+    /// Route netlink: links, addresses, routes and rules of this namespace.
+    netlink: crate::netlink::Netlink,
     applied: Option<SiteIntent>,
     /// New peers waiting for their first handshake (see [`crate::handshake`]).
     kicker: handshake::Kicker,
@@ -121,7 +123,10 @@ impl DataplaneSlot {
 
 impl Agent {
     fn want(&self) -> NetState {
-        match (&self.applied, tunnels::uplink_routes(&self.identity)) {
+        match (
+            &self.applied,
+            tunnels::uplink_routes(&self.netlink, &self.identity),
+        ) {
             (Some(intent), Ok(uplinks)) => self.want_for(intent, &uplinks),
             (Some(_), Err(e)) => {
                 eprintln!("run: cannot read the uplinks' routes: {e:#}");
@@ -148,9 +153,9 @@ impl Agent {
 
     /// Make the namespace match `want`; returns how many actions it took.
     fn converge(&mut self, want: &NetState) -> anyhow::Result<usize> {
-        let have = tunnels::observe(self.identity.site_id)?;
+        let have = tunnels::observe(&self.netlink, self.identity.site_id)?;
         let actions = desired::diff(want, &have);
-        tunnels::execute(&actions, &self.keys, self.backend)?;
+        tunnels::execute(&self.netlink, &actions, &self.keys, self.backend)?;
         // New peers, and every peer of an interface that changed its key (its sessions are
         // gone), get a datagram and the handshake tie-break now. A rotating peer's next key
         // (no allowed IPs) carries nothing and is left alone.
@@ -244,8 +249,10 @@ impl Agent {
         if let DataplaneSlot::Loaded(_) = &self.dataplane {
             let interfaces = match &self.dataplane_config.lan_interface {
                 Some(name) => vec![name.clone()],
-                None => tunnels::interfaces_with_address_in(&intent.overlay.lan_prefixes)
-                    .unwrap_or_default(),
+                None => {
+                    tunnels::interfaces_with_address_in(&self.netlink, &intent.overlay.lan_prefixes)
+                        .unwrap_or_default()
+                }
             };
             if interfaces.is_empty() {
                 return; // No LAN interface yet; routes-only until one appears.
@@ -467,7 +474,7 @@ impl Agent {
                 applied_revision,
             )
             .map_err(|e| e.to_string())?;
-        let uplinks = tunnels::uplink_routes(&self.identity)
+        let uplinks = tunnels::uplink_routes(&self.netlink, &self.identity)
             .map_err(|e| format!("cannot read the uplinks' routes: {e:#}"))?;
         if self
             .keys
@@ -643,7 +650,9 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
     let keys = WireguardKeys::load(&state)?;
     let key_public = keys.current_public().0;
     let rotate_after_s = config.rotate_after().map(|d| d.as_secs() as i64);
-    let backend = tunnels::resolve_backend(config.wireguard.backend)?;
+    let netlink = crate::netlink::Netlink::open()
+        .context("opening route netlink (the agent needs CAP_NET_ADMIN in its namespace)")?;
+    let backend = tunnels::resolve_backend(&netlink, config.wireguard.backend)?;
     eprintln!("run: WireGuard backend {backend:?}");
     let (probe_updates_tx, mut probe_updates) = tokio::sync::mpsc::unbounded_channel();
     let steerer = crate::steerer::SharedSteerer::default();
@@ -652,6 +661,7 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
         state,
         keys,
         backend,
+        netlink,
         applied: None,
         kicker: handshake::Kicker::new(key_public),
         dataplane: DataplaneSlot::NotStarted,
@@ -869,7 +879,7 @@ pub fn run(state: StateDir, config: &EdgeConfig) -> anyhow::Result<()> {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    let (tunnels_up, mut paths_up, paths_total) = tunnels::liveness(identity.site_id);
+                    let (tunnels_up, mut paths_up, paths_total) = tunnels::liveness(&agent.netlink, identity.site_id);
                     if !agent.path_views.is_empty() {
                         // Probe state once the probes run; handshakes before.
                         paths_up = agent

@@ -221,6 +221,16 @@ impl WireguardKeys {
         Ok(keys)
     }
 
+    /// A fresh key pair held in memory only (tests that execute actions without a state dir).
+    #[cfg(test)]
+    pub fn for_tests() -> Self {
+        Self {
+            current: wireguard_control::Key::generate_private(),
+            next: None,
+            meta: WireguardMeta::default(),
+        }
+    }
+
     pub fn current_public(&self) -> patronus_proto::WgPublicKey {
         patronus_proto::WgPublicKey(self.current.get_public().0)
     }

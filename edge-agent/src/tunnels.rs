@@ -1,15 +1,16 @@
 //! The I/O side of [`crate::desired`]: observe this site's tunnels, routes and rules in the
 //! current network namespace, and execute [`Action`]s.
 //!
-//! WireGuard interfaces are the kernel's (`ip link add … type wireguard`) where the module
+//! WireGuard interfaces are the kernel's (an rtnetlink `wireguard` link) where the module
 //! exists, otherwise `wireguard-go` processes ([`WgBackend`], chosen by configuration, `auto`
 //! probing once). Either way `wireguard-control` configures them: through the UAPI socket of
 //! a userspace interface, through netlink for a kernel one ([`api_for`] tells which an
-//! interface is). Interfaces, addresses, routes and rules go through iproute2 (`ip -j` for
-//! reading). Only objects named with this site's interface prefix are observed or touched.
+//! interface is). Links, addresses, routes and rules go through route netlink
+//! ([`crate::netlink`]). Only objects named with this site's interface prefix (and the
+//! agent's tables and marks) are observed or touched.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use crate::desired::{
     Action, InterfaceState, MarkRule, NetState, PeerState, Route, UplinkRoute, TABLE_BASE,
     UPLINK_BASE,
 };
+use crate::netlink::{Netlink, RouteSpec, RuleEntry};
 use crate::state::Identity;
 
 /// How new WireGuard interfaces are made.
@@ -41,12 +43,12 @@ pub enum BackendChoice {
 }
 
 /// Decide the backend: `auto` tries to create (and deletes) a kernel WireGuard interface.
-pub fn resolve_backend(choice: BackendChoice) -> anyhow::Result<WgBackend> {
+pub fn resolve_backend(netlink: &Netlink, choice: BackendChoice) -> anyhow::Result<WgBackend> {
     let kernel_works = || {
         let probe = format!("pwprobe{}", std::process::id() % 100_000);
-        let made = ip(&["link", "add", &probe, "type", "wireguard"]).is_ok();
+        let made = netlink.add_wireguard(&probe).is_ok();
         if made {
-            let _ = ip(&["link", "del", &probe]);
+            let _ = netlink.delete_link(&probe);
         }
         made
     };
@@ -80,79 +82,56 @@ pub fn prefix(site: SiteId) -> String {
         .to_owned()
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run `ip` (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn ip_json(args: &[&str]) -> anyhow::Result<Vec<serde_json::Value>> {
-    let mut all = vec!["-j"];
-    all.extend_from_slice(args);
-    let text = ip(&all)?;
-    if text.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    serde_json::from_str(&text).context("unreadable `ip -j` output")
-}
-
 fn iface(name: &str) -> anyhow::Result<InterfaceName> {
     name.parse()
         .map_err(|e| anyhow::anyhow!("interface name {name:?}: {e:?}"))
 }
 
+/// Interface names by index.
+fn names(netlink: &Netlink) -> anyhow::Result<BTreeMap<u32, String>> {
+    Ok(netlink
+        .links()?
+        .into_iter()
+        .map(|l| (l.index, l.name))
+        .collect())
+}
+
 /// The interfaces holding an address inside one of `prefixes` (the site's LAN side).
-pub fn interfaces_with_address_in(prefixes: &[IpNet]) -> anyhow::Result<Vec<String>> {
-    let mut found = Vec::new();
-    for link in ip_json(&["addr", "show"])? {
-        let Some(name) = link["ifname"].as_str() else {
+pub fn interfaces_with_address_in(
+    netlink: &Netlink,
+    prefixes: &[IpNet],
+) -> anyhow::Result<Vec<String>> {
+    let names = names(netlink)?;
+    let mut found: Vec<String> = Vec::new();
+    for address in netlink.addresses()? {
+        if !prefixes.iter().any(|p| p.contains(&address.net.addr())) {
             continue;
-        };
-        let inside = link["addr_info"].as_array().into_iter().flatten().any(|a| {
-            a["local"]
-                .as_str()
-                .and_then(|l| l.parse::<IpAddr>().ok())
-                .is_some_and(|addr| prefixes.iter().any(|p| p.contains(&addr)))
-        });
-        if inside && !found.iter().any(|f| f == name) {
-            found.push(name.to_owned());
+        }
+        if let Some(name) = names.get(&address.link) {
+            if !found.contains(name) {
+                found.push(name.clone());
+            }
         }
     }
     Ok(found)
 }
 
 /// What the namespace holds for this site's tunnels.
-pub fn observe(site: SiteId) -> anyhow::Result<NetState> {
+pub fn observe(netlink: &Netlink, site: SiteId) -> anyhow::Result<NetState> {
     let prefix = prefix(site);
     let mut state = NetState::default();
-    for link in ip_json(&["link", "show"])? {
-        let Some(name) = link["ifname"].as_str().filter(|n| n.starts_with(&prefix)) else {
-            continue;
-        };
+    let links = netlink.links()?;
+    let addresses = netlink.addresses()?;
+    for link in links.iter().filter(|l| l.name.starts_with(&prefix)) {
+        let name = link.name.as_str();
         let mut interface = InterfaceState {
-            mtu: link["mtu"].as_u64().unwrap_or(0) as u16,
+            mtu: u16::try_from(link.mtu).unwrap_or(u16::MAX),
+            address: addresses
+                .iter()
+                .find(|a| a.link == link.index)
+                .map(|a| a.net),
             ..Default::default()
         };
-        for addr in ip_json(&["addr", "show", "dev", name])? {
-            if let Some(info) = addr["addr_info"].as_array() {
-                interface.address = info
-                    .iter()
-                    .filter_map(|a| {
-                        let ip: IpAddr = a["local"].as_str()?.parse().ok()?;
-                        IpNet::new(ip, a["prefixlen"].as_u64()? as u8).ok()
-                    })
-                    .next();
-            }
-        }
         // A link without its wireguard-go (crashed) reads as an empty interface; the diff
         // then reconfigures it.
         if let Ok(device) = Device::get(&iface(name)?, api_for(name)) {
@@ -180,74 +159,43 @@ pub fn observe(site: SiteId) -> anyhow::Result<NetState> {
         }
         state.interfaces.insert(name.to_owned(), interface);
     }
-    for route in ip_json(&["route", "show", "table", "all"])? {
-        let (Some(dev), Some(dst)) = (route["dev"].as_str(), route["dst"].as_str()) else {
+    let names: BTreeMap<u32, &str> = links.iter().map(|l| (l.index, l.name.as_str())).collect();
+    for route in netlink.routes()? {
+        let Some(dev) = route.oif.and_then(|i| names.get(&i)) else {
             continue;
         };
-        if route["type"].as_str().is_some_and(|t| t != "unicast") {
-            continue;
-        }
-        let table = match route["table"].as_str() {
-            None | Some("main") => 254,
-            Some(t) => match t.parse() {
-                Ok(t) => t,
-                Err(_) => continue,
-            },
-        };
-        let ours = dev.starts_with(&prefix) || (UPLINK_BASE..UPLINK_BASE + 8).contains(&table);
+        let ours =
+            dev.starts_with(&prefix) || (UPLINK_BASE..UPLINK_BASE + 8).contains(&route.table);
         if !ours {
             continue;
         }
-        let via: Option<IpAddr> = route["gateway"].as_str().and_then(|g| g.parse().ok());
-        let dst: IpNet = if dst == "default" {
-            crate::desired::default_net(via.is_some_and(|v| v.is_ipv6()))
-        } else {
-            match dst.parse::<IpNet>() {
-                Ok(net) => net,
-                Err(_) => match dst.parse::<IpAddr>() {
-                    Ok(ip) => IpNet::from(ip),
-                    Err(_) => continue,
-                },
-            }
-        };
         state.routes.insert(Route {
-            table,
-            dst,
-            dev: dev.to_owned(),
-            via,
-            src: route["prefsrc"].as_str().and_then(|s| s.parse().ok()),
+            table: route.table,
+            dst: route.dst,
+            dev: (*dev).to_owned(),
+            via: route.gateway,
+            src: route.pref_src,
         });
     }
-    for rule in ip_json(&["rule", "show"])? {
-        let Some(mark) = rule["fwmark"]
-            .as_str()
-            .and_then(|m| u32::from_str_radix(m.trim_start_matches("0x"), 16).ok())
-        else {
-            continue;
-        };
-        if !(TABLE_BASE..TABLE_BASE + 64).contains(&mark)
-            && !(UPLINK_BASE..UPLINK_BASE + 8).contains(&mark)
+    for rule in netlink.mark_rules()? {
+        if !(TABLE_BASE..TABLE_BASE + 64).contains(&rule.mark)
+            && !(UPLINK_BASE..UPLINK_BASE + 8).contains(&rule.mark)
         {
             continue;
         }
-        let table = rule["table"]
-            .as_str()
-            .and_then(|t| t.parse().ok())
-            .unwrap_or(0);
-        let priority = rule["priority"].as_u64().unwrap_or(0) as u32;
         state.rules.insert(MarkRule {
-            mark,
-            table,
-            priority,
+            mark: rule.mark,
+            table: rule.table,
+            priority: rule.priority,
         });
     }
     Ok(state)
 }
 
 /// Make interface `name` with `backend`.
-fn create_interface(name: &str, backend: WgBackend) -> anyhow::Result<()> {
+fn create_interface(netlink: &Netlink, name: &str, backend: WgBackend) -> anyhow::Result<()> {
     if backend == WgBackend::Kernel {
-        ip(&["link", "add", name, "type", "wireguard"])?;
+        netlink.add_wireguard(name)?;
         return Ok(());
     }
     let status = Command::new("wireguard-go")
@@ -271,45 +219,50 @@ fn create_interface(name: &str, backend: WgBackend) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn route_args(route: &Route) -> Vec<String> {
-    let mut args = vec![route.dst.to_string()];
-    if let Some(via) = route.via {
-        args.extend(["via".into(), via.to_string()]);
+fn route_spec(route: &Route) -> RouteSpec {
+    RouteSpec {
+        table: route.table,
+        dst: route.dst,
+        dev: route.dev.clone(),
+        via: route.via,
+        src: route.src,
     }
-    args.extend(["dev".into(), route.dev.clone()]);
-    if let Some(src) = route.src {
-        args.extend(["src".into(), src.to_string()]);
+}
+
+fn rule_entry(rule: &MarkRule) -> RuleEntry {
+    RuleEntry {
+        mark: rule.mark,
+        table: rule.table,
+        priority: rule.priority,
     }
-    args.extend(["table".into(), route.table.to_string()]);
-    args
 }
 
 /// How each of this site's uplinks is reached: the interface holding its address and the
 /// gateway of a default route through that interface (in any table), if there is one.
-pub fn uplink_routes(identity: &Identity) -> anyhow::Result<Vec<UplinkRoute>> {
-    let addresses = ip_json(&["addr", "show"])?;
-    let routes = ip_json(&["route", "show", "table", "all"])?;
+pub fn uplink_routes(netlink: &Netlink, identity: &Identity) -> anyhow::Result<Vec<UplinkRoute>> {
+    let names = names(netlink)?;
+    let addresses = netlink.addresses()?;
+    let routes = netlink.routes()?;
     let mut found = Vec::new();
     for (index, uplink) in identity.uplinks.iter().enumerate() {
-        let address = uplink.address.to_string();
-        let Some(dev) = addresses.iter().find_map(|link| {
-            let has = link["addr_info"]
-                .as_array()?
-                .iter()
-                .any(|a| a["local"].as_str() == Some(address.as_str()));
-            has.then(|| link["ifname"].as_str().map(str::to_owned))
-                .flatten()
-        }) else {
+        let Some(link) = addresses
+            .iter()
+            .find(|a| a.net.addr() == uplink.address)
+            .map(|a| a.link)
+        else {
             // Not configured here (yet): its tunnels wait.
+            continue;
+        };
+        let Some(dev) = names.get(&link) else {
             continue;
         };
         let gateway = routes
             .iter()
-            .filter(|r| r["dst"].as_str() == Some("default") && r["dev"].as_str() == Some(&dev))
-            .find_map(|r| r["gateway"].as_str().and_then(|g| g.parse().ok()));
+            .filter(|r| r.dst.prefix_len() == 0 && r.oif == Some(link))
+            .find_map(|r| r.gateway);
         found.push(UplinkRoute {
             index: index as u8,
-            dev,
+            dev: dev.clone(),
             src: uplink.address,
             gateway,
         });
@@ -320,16 +273,15 @@ pub fn uplink_routes(identity: &Identity) -> anyhow::Result<Vec<UplinkRoute>> {
 /// Execute actions in order; the first failure stops and is returned. Interfaces get their
 /// private key from `keys` (the site's current key, or its next one during a rotation).
 pub fn execute(
+    netlink: &Netlink,
     actions: &[Action],
     keys: &crate::state::WireguardKeys,
     backend: WgBackend,
 ) -> anyhow::Result<()> {
     for action in actions {
         match action {
-            Action::CreateInterface { name } => create_interface(name, backend)?,
-            Action::DeleteInterface { name } => {
-                ip(&["link", "del", name])?;
-            }
+            Action::CreateInterface { name } => create_interface(netlink, name, backend)?,
+            Action::DeleteInterface { name } => netlink.delete_link(name)?,
             Action::ConfigureInterface {
                 name,
                 listen_port,
@@ -342,11 +294,8 @@ pub fn execute(
                     .set_fwmark(*fwmark)
                     .apply(&iface(name)?, api_for(name))
                     .with_context(|| format!("configuring {name}"))?;
-                ip(&["link", "set", name, "mtu", &mtu.to_string(), "up"])?;
-                ip(&["addr", "flush", "dev", name])?;
-                if let Some(address) = address {
-                    ip(&["addr", "add", &address.to_string(), "dev", name])?;
-                }
+                netlink.set_mtu_up(name, u32::from(*mtu))?;
+                netlink.set_only_address(name, *address)?;
             }
             Action::SetPrivateKey { name, public_key } => {
                 let Some(private_key) = keys.private_for(public_key) else {
@@ -380,41 +329,11 @@ pub fn execute(
                     .apply(&iface(interface)?, api_for(interface))
                     .with_context(|| format!("removing a peer from {interface}"))?;
             }
-            Action::AddRoute(route) => {
-                let mut args = vec!["route".to_owned(), "replace".to_owned()];
-                args.extend(route_args(route));
-                ip(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
-            }
-            Action::DeleteRoute(route) => {
-                let mut args = vec!["route".to_owned(), "del".to_owned()];
-                args.extend(route_args(route));
-                // Gone already (its interface went first) is what we wanted.
-                let _ = ip(&args.iter().map(String::as_str).collect::<Vec<_>>());
-            }
-            Action::AddRule(rule) => {
-                ip(&[
-                    "rule",
-                    "add",
-                    "fwmark",
-                    &rule.mark.to_string(),
-                    "lookup",
-                    &rule.table.to_string(),
-                    "priority",
-                    &rule.priority.to_string(),
-                ])?;
-            }
-            Action::DeleteRule(rule) => {
-                ip(&[
-                    "rule",
-                    "del",
-                    "fwmark",
-                    &rule.mark.to_string(),
-                    "lookup",
-                    &rule.table.to_string(),
-                    "priority",
-                    &rule.priority.to_string(),
-                ])?;
-            }
+            Action::AddRoute(route) => netlink.replace_route(&route_spec(route))?,
+            // Gone already (its interface went first) is what we wanted.
+            Action::DeleteRoute(route) => netlink.delete_route(&route_spec(route))?,
+            Action::AddRule(rule) => netlink.add_mark_rule(&rule_entry(rule))?,
+            Action::DeleteRule(rule) => netlink.delete_mark_rule(&rule_entry(rule))?,
         }
     }
     Ok(())
@@ -471,10 +390,10 @@ const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 /// Liveness from WireGuard alone (until the probes of the monitoring issue): a path (tunnel ×
 /// peer) is up when its last handshake is younger than a session's lifetime; a tunnel is up
 /// when one of its paths is. Returns (tunnels up, paths up, paths configured).
-pub fn liveness(site: SiteId) -> (u32, u32, u32) {
+pub fn liveness(netlink: &Netlink, site: SiteId) -> (u32, u32, u32) {
     let now = std::time::SystemTime::now();
     let (mut tunnels_up, mut paths_up, mut paths) = (0, 0, 0);
-    for device in devices(site) {
+    for device in devices(netlink, site) {
         let mut any = false;
         // A rotating peer's next key (no allowed IPs) is no path.
         for peer in device
@@ -499,12 +418,13 @@ pub fn liveness(site: SiteId) -> (u32, u32, u32) {
 }
 
 /// This site's WireGuard devices in this namespace.
-fn devices(site: SiteId) -> Vec<Device> {
+fn devices(netlink: &Netlink, site: SiteId) -> Vec<Device> {
     let prefix = prefix(site);
-    ip_json(&["link", "show"])
+    netlink
+        .links()
         .unwrap_or_default()
         .iter()
-        .filter_map(|link| link["ifname"].as_str())
+        .map(|link| link.name.as_str())
         .filter(|name| name.starts_with(&prefix))
         .filter_map(|name| Some((iface(name).ok()?, api_for(name))))
         .filter_map(|(name, api)| Device::get(&name, api).ok())
@@ -589,10 +509,10 @@ impl PathStat {
 }
 
 /// Every path of this site, by interface.
-pub fn path_stats(site: SiteId) -> Vec<PathStat> {
+pub fn path_stats(netlink: &Netlink, site: SiteId) -> Vec<PathStat> {
     let now = std::time::SystemTime::now();
     let mut stats = Vec::new();
-    for device in devices(site) {
+    for device in devices(netlink, site) {
         // A rotating peer's next key (no allowed IPs) is no path.
         for peer in device
             .peers
@@ -615,30 +535,25 @@ pub fn path_stats(site: SiteId) -> Vec<PathStat> {
     stats
 }
 
-/// For each interface: whether an XDP program is attached, and in which mode (`ip -j link`).
-pub fn xdp_attached(interfaces: &[String]) -> Vec<(String, Option<String>)> {
-    let links = ip_json(&["-d", "link", "show"]).unwrap_or_default();
+/// For each interface: whether an XDP program is attached, and in which mode.
+pub fn xdp_attached(netlink: &Netlink, interfaces: &[String]) -> Vec<(String, Option<String>)> {
+    let links = netlink.links().unwrap_or_default();
     interfaces
         .iter()
         .map(|name| {
             let mode = links
                 .iter()
-                .find(|l| l["ifname"].as_str() == Some(name))
-                .and_then(|l| l.get("xdp"))
-                .map(|x| match x["mode"].as_u64() {
-                    Some(1) => "driver".to_owned(),
-                    Some(2) => "generic".to_owned(),
-                    Some(3) => "offloaded".to_owned(),
-                    _ => "attached".to_owned(),
-                });
+                .find(|l| &l.name == name)
+                .and_then(|l| l.xdp)
+                .map(str::to_owned);
             (name.clone(), mode)
         })
         .collect()
 }
 
 /// WireGuard transfer counters per interface: (received, sent) bytes.
-pub fn transfer(site: SiteId) -> BTreeMap<String, (u64, u64)> {
-    devices(site)
+pub fn transfer(netlink: &Netlink, site: SiteId) -> BTreeMap<String, (u64, u64)> {
+    devices(netlink, site)
         .into_iter()
         .map(|d| {
             let (rx, tx) = d.peers.iter().fold((0, 0), |(rx, tx), p| {
@@ -647,4 +562,71 @@ pub fn transfer(site: SiteId) -> BTreeMap<String, (u64, u64)> {
             (d.name.as_str_lossy().into_owned(), (rx, tx))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::tests::in_new_netns;
+
+    /// What the diff asks for, executed through netlink, is what `observe` reads back: a
+    /// second diff is empty (applying the same state twice makes no kernel change).
+    #[test]
+    fn executed_routes_and_rules_observe_as_desired() {
+        in_new_netns(|| {
+            let site = SiteId(uuid::Uuid::from_u128(
+                0x1234_5678_0000_0000_0000_0000_0000_0001,
+            ));
+            let tunnel = crate::desired::interface_name(site, 0, 1);
+            let netlink = Netlink::open().expect("netlink");
+            netlink
+                .add_test_link(&tunnel)
+                .expect("a stand-in for the tunnel");
+            netlink.set_mtu_up(&tunnel, 1420).expect("up");
+            netlink
+                // A host prefix, as the overlay address is: no connected route.
+                .set_only_address(&tunnel, Some("100.64.0.1/32".parse().expect("net")))
+                .expect("address");
+            let mut want = observe(&netlink, site).expect("observe");
+            assert!(want.routes.is_empty() && want.rules.is_empty());
+            let route = |table, dst: &str| Route {
+                table,
+                dst: dst.parse().expect("net"),
+                dev: tunnel.clone(),
+                via: None,
+                src: Some("100.64.0.1".parse().expect("ip")),
+            };
+            want.routes.insert(route(TABLE_BASE + 1, "10.2.0.0/24"));
+            want.routes.insert(route(TABLE_BASE + 1, "100.64.0.2/32"));
+            want.routes.insert(route(254, "10.2.0.0/24"));
+            want.rules.insert(MarkRule {
+                mark: TABLE_BASE + 1,
+                table: TABLE_BASE + 1,
+                priority: 100,
+            });
+            let have = observe(&netlink, site).expect("observe");
+            let actions = crate::desired::diff(&want, &have);
+            assert_eq!(actions.len(), 4, "{actions:?}");
+            let keys = crate::state::WireguardKeys::for_tests();
+            execute(&netlink, &actions, &keys, WgBackend::Userspace).expect("execute");
+            let after = observe(&netlink, site).expect("observe");
+            assert_eq!(after.routes, want.routes);
+            assert_eq!(after.rules, want.rules);
+            assert!(crate::desired::diff(&want, &after).is_empty());
+
+            // Taking them away again leaves nothing of ours.
+            let mut none = after.clone();
+            none.routes.clear();
+            none.rules.clear();
+            execute(
+                &netlink,
+                &crate::desired::diff(&none, &after),
+                &keys,
+                WgBackend::Userspace,
+            )
+            .expect("execute");
+            let last = observe(&netlink, site).expect("observe");
+            assert!(last.routes.is_empty() && last.rules.is_empty(), "{last:?}");
+        });
+    }
 }

@@ -192,49 +192,56 @@ pub fn observe(netlink: &Netlink, site: SiteId) -> anyhow::Result<NetState> {
     Ok(state)
 }
 
-/// Make interface `name` with `backend`.
-fn create_interface(netlink: &Netlink, name: &str, backend: WgBackend) -> anyhow::Result<()> {
+/// Make the interfaces `names` with `backend`. Userspace ones start side by side: every
+/// `wireguard-go` is launched, then each is waited for (its exit once the daemon runs, then
+/// its UAPI socket).
+fn create_interfaces(netlink: &Netlink, names: &[&str], backend: WgBackend) -> anyhow::Result<()> {
     if backend == WgBackend::Kernel {
-        netlink.add_wireguard(name)?;
+        for name in names {
+            netlink.add_wireguard(name)?;
+        }
         return Ok(());
     }
-    let status = Command::new("wireguard-go")
-        .arg(name)
-        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .context("cannot run wireguard-go (scripts/setup installs it)")?;
-    if !status.success() {
+    let mut launched = Vec::new();
+    for name in names {
+        match Command::new("wireguard-go")
+            .arg(name)
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(child) => launched.push((name, child)),
+            Err(e) => {
+                // Reap what was started before saying why the rest was not.
+                for (_, mut child) in launched {
+                    let _ = child.wait();
+                }
+                return Err(e).context("cannot run wireguard-go (scripts/setup installs it)");
+            }
+        }
+    }
+    let mut failed = None;
+    for (name, mut child) in launched {
+        let ok = child.wait().is_ok_and(|status| status.success());
+        if !ok && failed.is_none() {
+            failed = Some(name);
+        }
+    }
+    if let Some(name) = failed {
         bail!("wireguard-go {name} failed");
     }
-    let socket = format!("/var/run/wireguard/{name}.sock");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !std::path::Path::new(&socket).exists() {
-        if Instant::now() > deadline {
-            bail!("wireguard-go {name} did not open {socket}");
+    for name in names {
+        let socket = format!("/var/run/wireguard/{name}.sock");
+        while !std::path::Path::new(&socket).exists() {
+            if Instant::now() > deadline {
+                bail!("wireguard-go {name} did not open {socket}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
-}
-
-fn route_spec(route: &Route) -> RouteSpec {
-    RouteSpec {
-        table: route.table,
-        dst: route.dst,
-        dev: route.dev.clone(),
-        via: route.via,
-        src: route.src,
-    }
-}
-
-fn rule_entry(rule: &MarkRule) -> RuleEntry {
-    RuleEntry {
-        mark: rule.mark,
-        table: rule.table,
-        priority: rule.priority,
-    }
 }
 
 /// How each of this site's uplinks is reached: the interface holding its address and the
@@ -272,45 +279,110 @@ pub fn uplink_routes(netlink: &Netlink, identity: &Identity) -> anyhow::Result<V
 
 /// Execute actions in order; the first failure stops and is returned. Interfaces get their
 /// private key from `keys` (the site's current key, or its next one during a rotation).
+///
+/// Work is grouped where order allows: the new interfaces are made first and together (their
+/// `wireguard-go` processes start side by side; an interface without peers sends nothing, so
+/// this is safe before the rules), consecutive peer changes on one interface are one
+/// WireGuard update, and a run of route or rule changes is one batch of netlink requests.
 pub fn execute(
     netlink: &Netlink,
     actions: &[Action],
     keys: &crate::state::WireguardKeys,
     backend: WgBackend,
 ) -> anyhow::Result<()> {
-    for action in actions {
-        match action {
-            Action::CreateInterface { name } => create_interface(netlink, name, backend)?,
-            Action::DeleteInterface { name } => netlink.delete_link(name)?,
-            Action::ConfigureInterface {
-                name,
-                listen_port,
-                fwmark,
-                mtu,
-                address,
-            } => {
-                DeviceUpdate::new()
-                    .set_listen_port(*listen_port)
-                    .set_fwmark(*fwmark)
-                    .apply(&iface(name)?, api_for(name))
-                    .with_context(|| format!("configuring {name}"))?;
-                netlink.set_mtu_up(name, u32::from(*mtu))?;
-                netlink.set_only_address(name, *address)?;
-            }
-            Action::SetPrivateKey { name, public_key } => {
-                let Some(private_key) = keys.private_for(public_key) else {
-                    bail!("this site holds no private key for {public_key}; cannot run {name} with it");
-                };
-                DeviceUpdate::new()
-                    .set_private_key(private_key.clone())
-                    .apply(&iface(name)?, api_for(name))
-                    .with_context(|| format!("setting the key of {name}"))?;
-            }
-            Action::SetPeer {
-                interface,
-                key,
-                peer,
-            } => {
+    let new: Vec<&str> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::CreateInterface { name } => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    create_interfaces(netlink, &new, backend)?;
+    let mut next = 0;
+    while next < actions.len() {
+        let kind = batch_of(&actions[next]);
+        let run = match kind {
+            Batch::One => 1,
+            _ => actions[next..]
+                .iter()
+                .take_while(|a| batch_of(a) == kind)
+                .count(),
+        };
+        let batch = &actions[next..next + run];
+        next += run;
+        match kind {
+            Batch::One => execute_one(netlink, &batch[0], keys)?,
+            Batch::Peers(interface) => update_peers(interface, batch)?,
+            Batch::AddRoutes => netlink.replace_routes(&route_specs(batch))?,
+            // Gone already (its interface went first) is what we wanted.
+            Batch::DeleteRoutes => netlink.delete_routes(&route_specs(batch))?,
+            Batch::AddRules => netlink.add_mark_rules(&rule_entries(batch))?,
+            Batch::DeleteRules => netlink.delete_mark_rules(&rule_entries(batch))?,
+        }
+    }
+    Ok(())
+}
+
+/// Which actions go together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Batch<'a> {
+    One,
+    Peers(&'a str),
+    AddRoutes,
+    DeleteRoutes,
+    AddRules,
+    DeleteRules,
+}
+
+fn batch_of(action: &Action) -> Batch<'_> {
+    match action {
+        Action::SetPeer { interface, .. } | Action::RemovePeer { interface, .. } => {
+            Batch::Peers(interface)
+        }
+        Action::AddRoute(_) => Batch::AddRoutes,
+        Action::DeleteRoute(_) => Batch::DeleteRoutes,
+        Action::AddRule(_) => Batch::AddRules,
+        Action::DeleteRule(_) => Batch::DeleteRules,
+        _ => Batch::One,
+    }
+}
+
+fn route_specs(batch: &[Action]) -> Vec<RouteSpec> {
+    batch
+        .iter()
+        .filter_map(|a| match a {
+            Action::AddRoute(route) | Action::DeleteRoute(route) => Some(RouteSpec {
+                table: route.table,
+                dst: route.dst,
+                dev: route.dev.clone(),
+                via: route.via,
+                src: route.src,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+fn rule_entries(batch: &[Action]) -> Vec<RuleEntry> {
+    batch
+        .iter()
+        .filter_map(|a| match a {
+            Action::AddRule(rule) | Action::DeleteRule(rule) => Some(RuleEntry {
+                mark: rule.mark,
+                table: rule.table,
+                priority: rule.priority,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The peer changes of `batch` (all on `interface`) as one WireGuard update.
+fn update_peers(interface: &str, batch: &[Action]) -> anyhow::Result<()> {
+    let mut update = DeviceUpdate::new();
+    for action in batch {
+        update = match action {
+            Action::SetPeer { key, peer, .. } => {
                 let mut builder = PeerConfigBuilder::new(&Key(key.0))
                     .set_endpoint(peer.endpoint)
                     .replace_allowed_ips()
@@ -318,23 +390,57 @@ pub fn execute(
                 for net in &peer.allowed_ips {
                     builder = builder.add_allowed_ip(net.addr(), net.prefix_len());
                 }
-                DeviceUpdate::new()
-                    .add_peer(builder)
-                    .apply(&iface(interface)?, api_for(interface))
-                    .with_context(|| format!("setting a peer on {interface}"))?;
+                update.add_peer(builder)
             }
-            Action::RemovePeer { interface, key } => {
-                DeviceUpdate::new()
-                    .remove_peer_by_key(&Key(key.0))
-                    .apply(&iface(interface)?, api_for(interface))
-                    .with_context(|| format!("removing a peer from {interface}"))?;
-            }
-            Action::AddRoute(route) => netlink.replace_route(&route_spec(route))?,
-            // Gone already (its interface went first) is what we wanted.
-            Action::DeleteRoute(route) => netlink.delete_route(&route_spec(route))?,
-            Action::AddRule(rule) => netlink.add_mark_rule(&rule_entry(rule))?,
-            Action::DeleteRule(rule) => netlink.delete_mark_rule(&rule_entry(rule))?,
+            Action::RemovePeer { key, .. } => update.remove_peer_by_key(&Key(key.0)),
+            _ => update,
+        };
+    }
+    update
+        .apply(&iface(interface)?, api_for(interface))
+        .with_context(|| format!("changing {} peers on {interface}", batch.len()))
+}
+
+/// An action that is neither a creation nor part of a batch.
+fn execute_one(
+    netlink: &Netlink,
+    action: &Action,
+    keys: &crate::state::WireguardKeys,
+) -> anyhow::Result<()> {
+    match action {
+        Action::DeleteInterface { name } => netlink.delete_link(name)?,
+        Action::ConfigureInterface {
+            name,
+            listen_port,
+            fwmark,
+            mtu,
+            address,
+        } => {
+            DeviceUpdate::new()
+                .set_listen_port(*listen_port)
+                .set_fwmark(*fwmark)
+                .apply(&iface(name)?, api_for(name))
+                .with_context(|| format!("configuring {name}"))?;
+            netlink.set_mtu_up(name, u32::from(*mtu))?;
+            netlink.set_only_address(name, *address)?;
         }
+        Action::SetPrivateKey { name, public_key } => {
+            let Some(private_key) = keys.private_for(public_key) else {
+                bail!("this site holds no private key for {public_key}; cannot run {name} with it");
+            };
+            DeviceUpdate::new()
+                .set_private_key(private_key.clone())
+                .apply(&iface(name)?, api_for(name))
+                .with_context(|| format!("setting the key of {name}"))?;
+        }
+        // Made up front by `create_interfaces`; the rest by their batches.
+        Action::CreateInterface { .. }
+        | Action::SetPeer { .. }
+        | Action::RemovePeer { .. }
+        | Action::AddRoute(_)
+        | Action::DeleteRoute(_)
+        | Action::AddRule(_)
+        | Action::DeleteRule(_) => {}
     }
     Ok(())
 }
@@ -568,6 +674,33 @@ pub fn transfer(netlink: &Netlink, site: SiteId) -> BTreeMap<String, (u64, u64)>
 mod tests {
     use super::*;
     use crate::netlink::tests::in_new_netns;
+
+    /// `auto` picks the kernel exactly when `kernel` is possible; `kernel` without the module
+    /// is refused with what to do instead; the probe interface leaves nothing behind.
+    #[test]
+    fn the_backend_choice_follows_what_the_kernel_can_do() {
+        in_new_netns(|| {
+            let netlink = Netlink::open().expect("netlink");
+            let links_before = netlink.links().expect("links").len();
+            let kernel = resolve_backend(&netlink, BackendChoice::Kernel);
+            let auto = resolve_backend(&netlink, BackendChoice::Auto).expect("auto always resolves");
+            match kernel {
+                Ok(backend) => {
+                    assert_eq!(backend, WgBackend::Kernel);
+                    assert_eq!(auto, WgBackend::Kernel);
+                }
+                Err(e) => {
+                    assert!(e.to_string().contains("use auto or userspace"), "{e}");
+                    assert_eq!(auto, WgBackend::Userspace);
+                }
+            }
+            assert_eq!(
+                resolve_backend(&netlink, BackendChoice::Userspace).expect("userspace"),
+                WgBackend::Userspace
+            );
+            assert_eq!(netlink.links().expect("links").len(), links_before);
+        });
+    }
 
     /// What the diff asks for, executed through netlink, is what `observe` reads back: a
     /// second diff is empty (applying the same state twice makes no kernel change).

@@ -348,3 +348,75 @@ async fn a_second_replica_takes_over_publishing_when_the_first_dies() -> anyhow:
     }
     database.drop_now().await
 }
+
+/// A site that enrolls while a publish round is between reading the tenant and reading it
+/// again (after creating the paths the first read asked for) is published with every path to
+/// its peers, not as a peer without paths. The enrollment is made deterministic by a trigger
+/// on `paths` that gives the late site its WireGuard key inside the round's first path sync,
+/// which is exactly what a concurrent enrollment committing at that moment looks like to the
+/// round's second read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_site_enrolling_during_a_publish_round_gets_all_its_paths() -> anyhow::Result<()> {
+    let env = TestEnv::load()?;
+    let database = TestDatabase::create(&env).await?;
+    patronus_controller::db::migrations::run_pending(&database.owner_url).await?;
+    let mut tenant = seed_tenant(&database, 3, 7).await?;
+    let late = Uuid::new_v4();
+    let mut raw = [0u8; 32];
+    raw[..16].copy_from_slice(late.as_bytes());
+    raw[16..].copy_from_slice(Uuid::new_v4().as_bytes());
+    let key = patronus_proto::WgPublicKey(raw).to_base64();
+    let mut owner = AsyncPgConnection::establish(&database.owner_url).await?;
+    owner
+        .batch_execute(&format!(
+            "INSERT INTO sites (id, tenant_id, name, region, overlay_address, lan_prefixes, status)
+                 VALUES ('{late}', '{t}', 'late', 'eu-west', '100.64.0.9', ARRAY['10.7.9.0/24']::cidr[], 'active');
+             INSERT INTO endpoints (tenant_id, site_id, uplink_index, name, address, interface_type)
+                 VALUES ('{t}', '{late}', 0, 'fiber', '198.18.7.9', 'fiber'),
+                        ('{t}', '{late}', 1, 'lte', '198.19.7.9', 'lte');
+             CREATE FUNCTION test_enroll_late() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+             BEGIN
+                 UPDATE sites SET wg_public_key = '{key}' WHERE id = '{late}' AND wg_public_key IS NULL;
+                 RETURN NULL;
+             END $$;
+             CREATE TRIGGER test_enroll_late AFTER INSERT ON paths
+                 FOR EACH STATEMENT EXECUTE FUNCTION test_enroll_late();",
+            t = tenant.id.0
+        ))
+        .await
+        .context("adding the late site and its trigger")?;
+    tenant.sites.push(SiteId(late));
+    let state = state(&env, &database, 5000).await?;
+    let bucket = state.tenant_nats(tenant.id).await?.intents;
+
+    let round = publish_tenant(&state.db, &bucket, tenant.id, &state.probe_secret).await?;
+    ensure!(
+        round.published.len() == 4,
+        "one round publishes all four: {round:?}"
+    );
+    let intents = read_intents(&state, &tenant).await?;
+    ensure!(intents.len() == 4, "intents for {} sites", intents.len());
+    for (site, intent) in &intents {
+        for peer in &intent.peers {
+            let paths = intent
+                .paths
+                .iter()
+                .filter(|p| p.remote_site == peer.site)
+                .count();
+            ensure!(
+                paths == 4,
+                "site {site}'s intent lists peer {} with {paths} paths (2 uplinks each side: 4)",
+                peer.site
+            );
+        }
+        ensure!(
+            intent.peers.len() == 3,
+            "site {site}: {} peers",
+            intent.peers.len()
+        );
+    }
+    drop(owner);
+    state.db.close();
+    drop(state);
+    database.drop_now().await
+}

@@ -683,7 +683,8 @@ mod tests {
             let netlink = Netlink::open().expect("netlink");
             let links_before = netlink.links().expect("links").len();
             let kernel = resolve_backend(&netlink, BackendChoice::Kernel);
-            let auto = resolve_backend(&netlink, BackendChoice::Auto).expect("auto always resolves");
+            let auto =
+                resolve_backend(&netlink, BackendChoice::Auto).expect("auto always resolves");
             match kernel {
                 Ok(backend) => {
                     assert_eq!(backend, WgBackend::Kernel);

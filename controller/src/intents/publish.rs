@@ -25,6 +25,10 @@ use uuid::Uuid;
 /// JetStream puts in flight at once while publishing a tenant.
 const PUBLISH_CONCURRENCY: usize = 64;
 
+/// Path syncs per publish round at most; more is only needed while sites keep enrolling
+/// during the round, and the next round (their enrollment signals one) catches up.
+const MAX_PATH_SYNC_ROUNDS: usize = 4;
+
 use super::compile::{compile, CompileError, KeyPhase, KeyRotation};
 use super::rotation;
 use super::store::{load_snapshot, sync_paths, PathKey, StoreError};
@@ -157,22 +161,32 @@ pub async fn publish_tenant_with(
             let mut snapshot = load_snapshot(conn, tenant).await?;
             snapshot.rotation_commit_timeout_ms = settings.rotation_commit_timeout_ms;
             let mut compiled = compile(&snapshot, &secret, now_unix_ms())?;
-            let wanted: BTreeSet<PathKey> = compiled
-                .topology
-                .peerings
-                .iter()
-                .flat_map(|((a, b), paths)| {
-                    paths
-                        .iter()
-                        .flat_map(move |(ua, ub)| [(*a, *ua, *b, *ub), (*b, *ub, *a, *ua)])
-                })
-                .collect();
-            let (created, deleted) = sync_paths(conn, tenant, &wanted).await?;
-            if created > 0 || deleted > 0 || !compiled.missing_paths.is_empty() {
+            // Reloading after the sync can see a site that enrolled meanwhile (each statement
+            // sees what is committed), whose paths the sync did not know to create: sync
+            // again until the compiled intents miss no path, so no site is published with
+            // peers but without the paths to them.
+            for _ in 0..MAX_PATH_SYNC_ROUNDS {
+                let wanted: BTreeSet<PathKey> = compiled
+                    .topology
+                    .peerings
+                    .iter()
+                    .flat_map(|((a, b), paths)| {
+                        paths
+                            .iter()
+                            .flat_map(move |(ua, ub)| [(*a, *ua, *b, *ub), (*b, *ub, *a, *ua)])
+                    })
+                    .collect();
+                let (created, deleted) = sync_paths(conn, tenant, &wanted).await?;
+                if created == 0 && deleted == 0 && compiled.missing_paths.is_empty() {
+                    break;
+                }
                 tracing::info!(tenant = %tenant, created, deleted, "paths synced with topology");
                 snapshot = load_snapshot(conn, tenant).await?;
                 snapshot.rotation_commit_timeout_ms = settings.rotation_commit_timeout_ms;
                 compiled = compile(&snapshot, &secret, now_unix_ms())?;
+                if compiled.missing_paths.is_empty() {
+                    break;
+                }
             }
             let published: HashMap<Uuid, (Vec<u8>, i64)> = site_intents::table
                 .select((

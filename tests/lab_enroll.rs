@@ -324,12 +324,19 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
             .subscribe(patronus_proto::subjects::events_subject(tenant, site1))
             .await?;
         link.intents.get(key.clone()).await?;
-        // The heartbeat: every path (4 tunnels × 2 peers) handshook and is up.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        // The heartbeat: every path (4 tunnels × 2 peers) handshook and is up. Heartbeats
+        // come every 10 s; a path still degraded by the start-up's load at the first one has
+        // until the second or third.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(25);
+        let mut last_seen = None;
         loop {
             let message = tokio::time::timeout_at(deadline, events.next())
                 .await
-                .context("no heartbeat with every path up")?
+                .with_context(|| {
+                    format!(
+                        "no heartbeat with every path up; the last (tunnels up, paths up, paths) was {last_seen:?}"
+                    )
+                })?
                 .context("event subscription ended")?;
             let envelope: patronus_proto::events::EventEnvelope =
                 patronus_proto::codec::decode(&message.payload)?;
@@ -342,6 +349,7 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
             } = envelope.event
             {
                 ensure!(applied_revision > 0, "heartbeat before any intent");
+                last_seen = Some((tunnels_up, paths_up, paths_total));
                 if (tunnels_up, paths_up, paths_total) == (4, 8, 8) {
                     break;
                 }
@@ -779,6 +787,9 @@ async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> 
         Ok(())
     }
     .await;
+    if result.is_err() {
+        patronus_test_support::lab::print_agent_logs(&dir, 3);
+    }
     let down = Command::new(&lab).arg("down").output()?;
     let _ = std::fs::remove_dir_all(&dir);
     let stopped = lab_controller.stop().await;

@@ -6,6 +6,8 @@
 //! fired on a fixed schedule over keep-alive connections; latency counted from the scheduled
 //! time, so a stall shows up instead of hiding) for:
 //!   - `GET /healthz` at 1,000 requests/s: the baseline of harness, HTTP and scheduling;
+//!   - `GET /api/v1/app-classes` at 1,000 requests/s: authentication (JWT and the Redis
+//!     revocation check) without the database;
 //!   - `GET /api/v1/sites?limit=50` at 1,000 requests/s for 10 s (goal: p99 under 10 ms);
 //!   - `PUT /api/v1/policies/{id}` at 100 and at 1,000 requests/s for 10 s each.
 //!
@@ -104,6 +106,14 @@ async fn server_side() -> anyhow::Result<()> {
             "baseline_healthz",
             "GET",
             "/healthz".to_owned(),
+            String::new(),
+            1000u32,
+        ),
+        // Authentication (JWT + the Redis revocation check) and routing, no database.
+        (
+            "auth_only_app_classes",
+            "GET",
+            "/api/v1/app-classes".to_owned(),
             String::new(),
             1000u32,
         ),

@@ -153,19 +153,7 @@ fn connect_through(mark: u32, to: SocketAddr, timeout: Duration) -> std::io::Res
     // SAFETY: fd is a fresh socket this function owns.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
     if mark != 0 {
-        // SAFETY: the value points at a u32 for the duration of the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_MARK,
-                (&mark as *const u32).cast(),
-                std::mem::size_of::<u32>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        crate::probing::set_mark(fd, mark)?;
     }
     // connect(2) blocks; bound it with the send timeout, which Linux applies to connect (it
     // then fails with EINPROGRESS, said as a timeout below).

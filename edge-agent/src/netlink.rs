@@ -201,17 +201,19 @@ impl Netlink {
 
     /// IPv4 rules that match a firewall mark.
     pub fn mark_rules(&self) -> Result<Vec<RuleEntry>> {
-        futures_executor::block_on(async {
-            let messages: Vec<RuleMessage> = self
-                .handle
-                .rule()
-                .get(IpVersion::V4)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(kernel("listing rules"))?;
-            Ok(messages.iter().filter_map(rule_of).collect())
-        })
+        let messages = futures_executor::block_on(self.rule_messages())?;
+        Ok(messages.iter().filter_map(rule_of).collect())
+    }
+
+    /// Every IPv4 rule as the kernel lists it.
+    async fn rule_messages(&self) -> Result<Vec<RuleMessage>> {
+        self.handle
+            .rule()
+            .get(IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(kernel("listing rules"))
     }
 
     /// `ip link add NAME type wireguard` (fails without the kernel module).
@@ -392,14 +394,7 @@ impl Netlink {
     /// that is not there is not an error.
     pub fn delete_mark_rules(&self, rules: &[RuleEntry]) -> Result<()> {
         futures_executor::block_on(async {
-            let messages: Vec<RuleMessage> = self
-                .handle
-                .rule()
-                .get(IpVersion::V4)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(kernel("listing rules"))?;
+            let messages = self.rule_messages().await?;
             let doomed: Vec<(RuleEntry, RuleMessage)> = messages
                 .into_iter()
                 .filter_map(|m| rule_of(&m).filter(|r| rules.contains(r)).map(|r| (r, m)))

@@ -1045,6 +1045,25 @@ impl State {
 /// (the route WireGuard's encrypted packets take): the outgoing device's MTU, lowered by
 /// what "fragmentation needed" answers taught it (`IP_MTU` / `IPV6_MTU` on a connected
 /// socket; nothing is sent).
+/// Give the socket `fd` the firewall mark `mark` (`SO_MARK`: its packets then follow the
+/// `ip rule` for that mark; needs CAP_NET_ADMIN).
+pub(crate) fn set_mark(fd: libc::c_int, mark: u32) -> std::io::Result<()> {
+    // SAFETY: the value points at a u32 for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn outer_path_mtu(endpoint: SocketAddr, mark: u32) -> std::io::Result<u32> {
     let (family, level, option) = if endpoint.is_ipv4() {
         (libc::AF_INET, libc::IPPROTO_IP, libc::IP_MTU)
@@ -1058,19 +1077,7 @@ fn outer_path_mtu(endpoint: SocketAddr, mark: u32) -> std::io::Result<u32> {
     }
     // SAFETY: fd is a fresh socket we own; the UdpSocket closes it on every path.
     let socket = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
-    // SAFETY: the value points at a c_uint for the duration of the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&mark as *const u32).cast(),
-            std::mem::size_of::<u32>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    set_mark(fd, mark)?;
     socket.connect(endpoint)?;
     let mut mtu: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;

@@ -75,6 +75,15 @@ async fn server_side() -> anyhow::Result<()> {
         3600,
     );
     let token = state.session_keys.issue(&claims)?;
+    // Two actix workers as in production; `PATRONUS_BENCH_WORKERS` to compare.
+    let workers: usize = match std::env::var("PATRONUS_BENCH_WORKERS") {
+        Ok(n) => n
+            .parse()
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .context("PATRONUS_BENCH_WORKERS must be 1-64")?,
+        Err(_) => 2,
+    };
     let data = web::Data::new(state.clone());
     let server = HttpServer::new(move || {
         App::new()
@@ -87,7 +96,7 @@ async fn server_side() -> anyhow::Result<()> {
             .app_data(data.clone())
             .configure(configure)
     })
-    .workers(2)
+    .workers(workers)
     .bind("127.0.0.1:0")?;
     let addr = server.addrs()[0];
     let server = server.run();

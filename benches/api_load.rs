@@ -201,6 +201,15 @@ async fn server_side() -> anyhow::Result<()> {
             stats.trim().trim_start_matches('{')
         );
     }
+    // The server's own view of the same requests (handler time, without the client's
+    // queueing or the network), for telling where a tail comes from.
+    for line in state.metrics.render(&state).lines() {
+        if line.starts_with("patronus_http_request_duration_seconds_bucket")
+            && (line.contains("/api/v1/sites") || line.contains("/api/v1/policies/{id}"))
+        {
+            eprintln!("server: {line}");
+        }
+    }
     handle.stop(true).await;
     drop(owner);
     state.db.close();

@@ -197,13 +197,7 @@ fn api_get(base: &str, token: &str, path: &str) -> anyhow::Result<serde_json::Va
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_ansible_role_installs_enrolls_and_runs_an_edge_idempotently() -> anyhow::Result<()> {
-    let root = std::fs::read_to_string("/proc/self/status")?
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
-    ensure!(
-        root,
-        "this test creates network namespaces and must run as root (scripts/test does)"
-    );
+    patronus_test_support::lab::require_root()?;
     let lab = binary("patronus-lab")?;
     let edge = binary("patronus-edge")?;
     let dir = std::env::temp_dir().join(format!("patronus-ansible-{}", Uuid::new_v4().simple()));

@@ -144,13 +144,7 @@ fn lan_ping(to: &str) -> anyhow::Result<bool> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lab_sites_enroll_through_the_management_link_and_learn_each_other() -> anyhow::Result<()> {
-    let root = std::fs::read_to_string("/proc/self/status")?
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
-    ensure!(
-        root,
-        "this test creates network namespaces and must run as root (scripts/test does)"
-    );
+    patronus_test_support::lab::require_root()?;
     let lab = binary("patronus-lab")?;
     let edge = binary("patronus-edge")?;
 

@@ -1017,13 +1017,7 @@ fn site_id(state: &Path) -> anyhow::Result<SiteId> {
 #[tokio::test(flavor = "multi_thread")]
 async fn agents_probe_their_paths_fail_over_a_cut_uplink_and_drop_forged_probes(
 ) -> anyhow::Result<()> {
-    let root = std::fs::read_to_string("/proc/self/status")?
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
-    ensure!(
-        root,
-        "this test creates network namespaces and must run as root (scripts/test does)"
-    );
+    patronus_test_support::lab::require_root()?;
     let test_started = Instant::now();
     let lab = binary("patronus-lab")?;
     let edge = binary("patronus-edge")?;

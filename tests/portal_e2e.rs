@@ -800,25 +800,8 @@ async fn onboarding_steps(p: &Portal, b: &Browser) -> anyhow::Result<()> {
         !command.trim().contains('\n'),
         "the enroll command is not one line: {command:?}"
     );
-    let words: Vec<&str> = command.split_whitespace().collect();
-    ensure!(
-        words.starts_with(&["patronus-edge", "enroll"]),
-        "the enroll command is {command:?}"
-    );
-    let value_of = |flag: &str| {
-        words
-            .iter()
-            .position(|w| *w == flag)
-            .and_then(|i| words.get(i + 1))
-            .copied()
-    };
-    ensure!(
-        value_of("--controller") == Some(p.url.as_str()),
-        "the command's controller is {:?}, not {}",
-        value_of("--controller"),
-        p.url
-    );
-    let token = value_of("--token").with_context(|| format!("no --token in {command:?}"))?;
+    let token = patronus_test_support::lab::enroll_command_token(&command, &p.url)?;
+    let token = token.as_str();
     ensure!(
         token.len() > 20,
         "the token {token:?} is too short to be one"

@@ -313,28 +313,9 @@ impl Run<'_> {
             .text()
             .await?;
         self.screenshot("lab-onboarding").await?;
-        let words: Vec<&str> = command.split_whitespace().collect();
-        ensure!(
-            words.starts_with(&["patronus-edge", "enroll"]),
-            "the enroll command is {command:?}"
-        );
-        let value_of = |flag: &str| {
-            words
-                .iter()
-                .position(|w| *w == flag)
-                .and_then(|i| words.get(i + 1))
-                .copied()
-        };
         // The controller as the browser reached it; the lab's site reaches it at the
         // management address instead (the relay), so only that word changes below.
-        ensure!(
-            value_of("--controller") == Some(self.url.as_str()),
-            "the command names the controller {:?}, not {}",
-            value_of("--controller"),
-            self.url
-        );
-        let token = value_of("--token").with_context(|| format!("no --token in {command:?}"))?;
-        Ok(token.to_owned())
+        patronus_test_support::lab::enroll_command_token(&command, &self.url)
     }
 
     async fn onboard_site2(&self, agents: &mut Agents) -> anyhow::Result<Uuid> {
@@ -693,13 +674,7 @@ async fn steps(run: &Run<'_>, site1_token: &str, agents: &mut Agents) -> anyhow:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn portal_shows_a_lab_site_joining_and_an_uplink_failing_live() -> anyhow::Result<()> {
-    let root = std::fs::read_to_string("/proc/self/status")?
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
-    ensure!(
-        root,
-        "this test creates network namespaces and must run as root (scripts/test does)"
-    );
+    patronus_test_support::lab::require_root()?;
     let started = Instant::now();
     let lab = binary("patronus-lab")?;
     let edge = binary("patronus-edge")?;

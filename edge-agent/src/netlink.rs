@@ -263,10 +263,11 @@ impl Netlink {
                 .try_collect()
                 .await
                 .map_err(kernel(format!("listing the addresses of {name}")))?;
+            let mut have = false;
             for message in present {
-                let keep =
-                    address.is_some_and(|want| address_of(&message).map(|a| a.net) == Some(want));
-                if keep {
+                let net = address_of(&message).map(|a| a.net);
+                if address.is_some_and(|want| net == Some(want)) {
+                    have = true;
                     continue;
                 }
                 self.handle
@@ -276,26 +277,13 @@ impl Netlink {
                     .await
                     .map_err(kernel(format!("removing an address from {name}")))?;
             }
-            if let Some(want) = address {
-                let have = self
-                    .handle
+            if let Some(want) = address.filter(|_| !have) {
+                self.handle
                     .address()
-                    .get()
-                    .set_link_index_filter(index)
+                    .add(index, want.addr(), want.prefix_len())
                     .execute()
-                    .try_collect::<Vec<_>>()
                     .await
-                    .map_err(kernel(format!("listing the addresses of {name}")))?
-                    .iter()
-                    .any(|m| address_of(m).map(|a| a.net) == Some(want));
-                if !have {
-                    self.handle
-                        .address()
-                        .add(index, want.addr(), want.prefix_len())
-                        .execute()
-                        .await
-                        .map_err(kernel(format!("adding {want} to {name}")))?;
-                }
+                    .map_err(kernel(format!("adding {want} to {name}")))?;
             }
             Ok(())
         })

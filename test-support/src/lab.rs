@@ -39,6 +39,42 @@ pub fn impair(lab: &std::path::Path, site: u8, uplink: u8, args: &[&str]) -> any
     Ok(())
 }
 
+/// Fail with what to do unless this process runs as root (network namespaces, BPF).
+pub fn require_root() -> anyhow::Result<()> {
+    let root = std::fs::read_to_string("/proc/self/status")?
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    anyhow::ensure!(
+        root,
+        "this test creates network namespaces and must run as root (scripts/test does)"
+    );
+    Ok(())
+}
+
+/// The token of the one-line `patronus-edge enroll --controller <controller> --token <token>
+/// ...` command the portal shows, after checking that the command names `controller`.
+pub fn enroll_command_token(command: &str, controller: &str) -> anyhow::Result<String> {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    anyhow::ensure!(
+        words.starts_with(&["patronus-edge", "enroll"]),
+        "the enroll command is {command:?}"
+    );
+    let value_of = |flag: &str| {
+        words
+            .iter()
+            .position(|w| *w == flag)
+            .and_then(|i| words.get(i + 1))
+            .copied()
+    };
+    anyhow::ensure!(
+        value_of("--controller") == Some(controller),
+        "the command names the controller {:?}, not {controller}",
+        value_of("--controller")
+    );
+    let token = value_of("--token").with_context(|| format!("no --token in {command:?}"))?;
+    Ok(token.to_owned())
+}
+
 /// A workspace binary next to the running test's executable (`target/debug/deps/..`).
 pub fn binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;

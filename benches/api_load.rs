@@ -101,8 +101,10 @@ async fn server_side() -> anyhow::Result<()> {
             .context("PATRONUS_BENCH_WORKERS must be 1-64")?,
         Err(_) => 2,
     };
-    let data = web::Data::new(state.clone());
+    let shared = state.clone();
     let server = HttpServer::new(move || {
+        // As `serve` does: each worker its own pool, its connections opened at once.
+        let data = web::Data::new(shared.for_worker());
         App::new()
             .wrap(actix_web::middleware::from_fn(
                 patronus_controller::api::request_id,
@@ -119,6 +121,25 @@ async fn server_side() -> anyhow::Result<()> {
     let server = server.run();
     let handle = server.handle();
     actix_web::rt::spawn(server);
+    // Load starts once the workers' connections are open, as they are a moment after a
+    // controller starts.
+    let warm_by = Instant::now() + Duration::from_secs(10);
+    let open = loop {
+        let workers_pools: Vec<_> = state
+            .pools()
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("worker-"))
+            .map(|(_, pool)| pool.status())
+            .collect();
+        let open: usize = workers_pools.iter().map(|s| s.size).sum();
+        if workers_pools.len() == workers && workers_pools.iter().all(|s| s.size == s.max_size)
+            || Instant::now() > warm_by
+        {
+            break open;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("warm-up: {workers} workers, {open} database connections open");
 
     let policy_body = serde_json::json!({
         "name": "voip{k}", "kind": "routing", "priority": 200,
@@ -168,8 +189,18 @@ async fn server_side() -> anyhow::Result<()> {
         // the transaction before it (PostgreSQL logs them at 150-200 ms under this load).
         ("put_policy_one_row", "PUT", one_row, policy_body, 1000u32),
     ];
+    // `PATRONUS_BENCH_ONLY=get_sites,put_policy` runs just those scenarios (for iterating).
+    let only: Option<Vec<String>> = std::env::var("PATRONUS_BENCH_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(str::to_owned).collect());
     let exe = std::env::current_exe()?;
     for (name, method, path, body, rate) in scenarios {
+        if only
+            .as_ref()
+            .is_some_and(|only| !only.iter().any(|o| o == name))
+        {
+            continue;
+        }
         eprintln!("load: {name} at {rate}/s for 10 s from a second process");
         let output = tokio::task::spawn_blocking({
             let (exe, token) = (exe.clone(), token.clone());
@@ -182,6 +213,7 @@ async fn server_side() -> anyhow::Result<()> {
                         &path,
                         &token,
                         &rate.to_string(),
+                        "1",
                         "10",
                         &body,
                     ])
@@ -260,10 +292,11 @@ async fn exchange(
 }
 
 fn load_generator(args: &[String]) -> anyhow::Result<()> {
-    let [addr, method, path, token, rate, seconds, body] = args else {
-        bail!("usage: --load-generator ADDR METHOD PATH TOKEN RATE SECONDS BODY");
+    let [addr, method, path, token, rate, warmup, seconds, body] = args else {
+        bail!("usage: --load-generator ADDR METHOD PATH TOKEN RATE WARMUP_SECONDS SECONDS BODY");
     };
     let rate: u32 = rate.parse()?;
+    let warmup: u64 = warmup.parse()?;
     let seconds: u64 = seconds.parse()?;
     // PATH may list several paths (comma-separated): connection k uses path k mod their
     // count, and `{k}` in BODY becomes that number (a policy's own name).
@@ -283,7 +316,10 @@ fn load_generator(args: &[String]) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let total = rate as u64 * seconds;
+        // The first WARMUP seconds run at the same rate but are reported apart: they are the
+        // first query of each server connection (PostgreSQL fills a new backend's catalog
+        // caches then: 10-30 ms per connection in the first 150 ms of a run).
+        let total = rate as u64 * (warmup + seconds);
         let mut senders = Vec::new();
         let mut workers = Vec::new();
         for k in 0..CONNECTIONS {
@@ -294,14 +330,14 @@ fn load_generator(args: &[String]) -> anyhow::Result<()> {
             let request = requests[k % requests.len()].clone();
             workers.push(tokio::spawn(async move {
                 let mut latencies = Vec::new();
-                let mut errors = 0u64;
+                let mut errors = Vec::new();
                 let mut buf = Vec::with_capacity(65536);
                 while let Some(scheduled) = rx.recv().await {
                     match exchange(&mut stream, &request, &mut buf).await {
                         Ok(status) if (200..300).contains(&status) => {
-                            latencies.push(scheduled.elapsed())
+                            latencies.push((scheduled, scheduled.elapsed()))
                         }
-                        _ => errors += 1,
+                        _ => errors.push(scheduled),
                     }
                 }
                 (latencies, errors)
@@ -316,13 +352,43 @@ fn load_generator(args: &[String]) -> anyhow::Result<()> {
         }
         drop(senders);
         let mut latencies = Vec::new();
-        let mut errors = 0;
+        let mut errors = Vec::new();
         for worker in workers {
             let (l, e) = worker.await?;
             latencies.extend(l);
-            errors += e;
+            errors.extend(e);
         }
-        let elapsed = started.elapsed().as_secs_f64();
+        let measured_from = started + Duration::from_secs(warmup);
+        let (cold, latencies): (Vec<_>, Vec<_>) = latencies
+            .into_iter()
+            .partition(|(at, _)| *at < measured_from);
+        let cold_p99_ms = {
+            let mut cold: Vec<Duration> = cold.into_iter().map(|(_, l)| l).collect();
+            cold.sort();
+            cold.get(cold.len() * 99 / 100)
+                .map(|d| (d.as_secs_f64() * 1e5).round() / 100.0)
+        };
+        let elapsed = measured_from.elapsed().as_secs_f64();
+        let warmup_errors = errors.iter().filter(|at| **at < measured_from).count();
+        let errors = errors.len() - warmup_errors;
+        // `PATRONUS_BENCH_TRACE=FILE` writes every request's start (ms into the run) and
+        // latency, for seeing whether slow requests come together (a stall) or alone.
+        if let Ok(file) = std::env::var("PATRONUS_BENCH_TRACE") {
+            let mut trace: Vec<_> = latencies.clone();
+            trace.sort();
+            let text: String = trace
+                .iter()
+                .map(|(at, latency)| {
+                    format!(
+                        "{:.3} {:.3}\n",
+                        (*at - measured_from).as_secs_f64() * 1e3,
+                        latency.as_secs_f64() * 1e3
+                    )
+                })
+                .collect();
+            std::fs::write(&file, text).with_context(|| format!("writing {file}"))?;
+        }
+        let mut latencies: Vec<Duration> = latencies.into_iter().map(|(_, l)| l).collect();
         latencies.sort();
         let pct = |p: f64| {
             latencies
@@ -340,6 +406,9 @@ fn load_generator(args: &[String]) -> anyhow::Result<()> {
                 "p50_ms": (pct(0.50) * 100.0).round() / 100.0,
                 "p99_ms": (pct(0.99) * 100.0).round() / 100.0,
                 "max_ms": (pct(1.0) * 100.0).round() / 100.0,
+                "warmup_s": warmup,
+                "warmup_p99_ms": cold_p99_ms,
+                "warmup_errors": warmup_errors,
             })
         );
         Ok(())

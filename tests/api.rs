@@ -425,6 +425,8 @@ async fn one_tenant_never_sees_another() -> anyhow::Result<()> {
             .all(|e| e["tenant_id"] == json!(w.tenant_b)),
         "{audit}"
     );
+    // The refused update's audit row (sent with the update, pipelined) was rolled back.
+    assert!(!audit.to_string().contains(policy_id.as_str()), "{audit}");
 
     // A's site is untouched, and A sees it.
     let (status, same) = call!(

@@ -86,3 +86,51 @@ fn password_of(url: &str) -> String {
         .map(|(_, password)| password.to_owned())
         .unwrap_or_else(|| "no-password-in-url".into())
 }
+
+/// A served controller opens (and primes) each HTTP worker's database connections at start,
+/// before any request, and `/metrics` shows every pool by name.
+#[actix_web::test]
+async fn each_worker_opens_its_database_connections_at_start() -> anyhow::Result<()> {
+    let env = TestEnv::load()?;
+    let database = patronus_test_support::TestDatabase::create(&env).await?;
+    patronus_controller::db::migrations::run_pending(&database.owner_url).await?;
+    let mut config = env.controller_config(&database.app_url)?;
+    config.database.worker_pool_size = 3;
+    let controller = patronus_test_support::RunningController::start(config)?;
+    let url = format!("{}/metrics", controller.url);
+    let open_in_workers = |text: &str| -> Vec<u64> {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("patronus_db_pool_connections{pool=\"worker-")
+                    && l.contains("state=\"open\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect()
+    };
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = tokio::task::spawn_blocking({
+            let url = url.clone();
+            move || {
+                ureq::get(&url)
+                    .call()?
+                    .into_string()
+                    .map_err(anyhow::Error::from)
+            }
+        })
+        .await??;
+        let open = open_in_workers(&text);
+        if !open.is_empty() && open.iter().all(|n| *n == 3) {
+            assert!(
+                text.contains("patronus_db_pool_connections{pool=\"shared\",state=\"max\"} 16"),
+                "{text}"
+            );
+            controller.stop().await;
+            return database.drop_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    controller.stop().await;
+    database.drop_now().await?;
+    anyhow::bail!("the workers' pools did not open 3 connections each within 10 s:\n{text}")
+}

@@ -202,7 +202,13 @@ pub struct DatabaseConfig {
     pub url: String,
     /// The owner role, used only to run migrations.
     pub owner_url: Option<String>,
+    /// Connections of the shared pool, which background work uses (intent publishing,
+    /// ingest, leases); opened on demand.
     pub pool_size: usize,
+    /// Connections each HTTP worker keeps for the requests it serves, opened at start (see
+    /// `AppState::for_worker`). A replica holds at most
+    /// `pool_size + workers × worker_pool_size` connections.
+    pub worker_pool_size: usize,
     /// Run pending migrations at start (needs `owner_url`).
     pub migrate_on_start: bool,
 }
@@ -255,6 +261,7 @@ impl Default for DatabaseConfig {
             url: String::new(),
             owner_url: None,
             pool_size: 16,
+            worker_pool_size: 8,
             migrate_on_start: false,
         }
     }
@@ -437,11 +444,13 @@ impl ControllerConfig {
                 "needs database.owner_url (PATRONUS_DATABASE_OWNER_URL): migrations run as the owner role".into(),
             ));
         }
-        if !(1..=512).contains(&self.database.pool_size) {
-            return Err(invalid(
-                "database.pool_size",
-                format!("{} is outside 1-512", self.database.pool_size),
-            ));
+        for (setting, size) in [
+            ("database.pool_size", self.database.pool_size),
+            ("database.worker_pool_size", self.database.worker_pool_size),
+        ] {
+            if !(1..=512).contains(&size) {
+                return Err(invalid(setting, format!("{size} is outside 1-512")));
+            }
         }
         check_scheme("redis.url", &self.redis.url, &["redis", "rediss"])?;
         check_scheme("nats.url", &self.nats.url, &["nats", "tls"])?;

@@ -247,33 +247,37 @@ impl Metrics {
             "patronus_ws_slow_clients_dropped_total {}",
             self.ws_slow_clients_dropped.get()
         );
-        let pool = state.db.status();
+        let pools = state.pools();
         let _ = writeln!(
             out,
-            "# HELP patronus_db_pool_connections Database pool connections by state."
+            "# HELP patronus_db_pool_connections Database connections by pool (shared, worker-N) and state."
         );
         let _ = writeln!(out, "# TYPE patronus_db_pool_connections gauge");
+        for (name, pool) in &pools {
+            let status = pool.status();
+            for (state, n) in [
+                ("open", status.size),
+                ("idle", status.available),
+                ("max", status.max_size),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "patronus_db_pool_connections{{pool=\"{name}\",state=\"{state}\"}} {n}"
+                );
+            }
+        }
         let _ = writeln!(
             out,
-            "patronus_db_pool_connections{{state=\"open\"}} {}",
-            pool.size
-        );
-        let _ = writeln!(
-            out,
-            "patronus_db_pool_connections{{state=\"idle\"}} {}",
-            pool.available
-        );
-        let _ = writeln!(
-            out,
-            "patronus_db_pool_connections{{state=\"max\"}} {}",
-            pool.max_size
-        );
-        let _ = writeln!(
-            out,
-            "# HELP patronus_db_pool_waiting Requests waiting for a database connection."
+            "# HELP patronus_db_pool_waiting Requests waiting for a database connection, by pool."
         );
         let _ = writeln!(out, "# TYPE patronus_db_pool_waiting gauge");
-        let _ = writeln!(out, "patronus_db_pool_waiting {}", pool.waiting);
+        for (name, pool) in &pools {
+            let _ = writeln!(
+                out,
+                "patronus_db_pool_waiting{{pool=\"{name}\"}} {}",
+                pool.status().waiting
+            );
+        }
         let connected = matches!(
             state.nats.connection_state(),
             async_nats::connection::State::Connected

@@ -339,7 +339,9 @@ pub struct AuditEntry {
     pub source_ip: Option<IpAddr>,
 }
 
-pub async fn record_audit(conn: &mut AsyncPgConnection, entry: AuditEntry) -> ApiResult<()> {
+/// Takes the connection shared so a handler can pipeline the insert with its own change
+/// (`try_join`): the transaction still commits both or neither.
+pub async fn record_audit(conn: &AsyncPgConnection, entry: AuditEntry) -> ApiResult<()> {
     use schema::audit_log::dsl as a;
     diesel::insert_into(a::audit_log)
         .values((
@@ -355,7 +357,7 @@ pub async fn record_audit(conn: &mut AsyncPgConnection, entry: AuditEntry) -> Ap
             a::request_id.eq(Some(entry.request_id)),
             a::source_ip.eq(entry.source_ip.map(ipnet::IpNet::from)),
         ))
-        .execute(conn)
+        .execute(&mut &*conn)
         .await?;
     Ok(())
 }

@@ -395,7 +395,10 @@ pub(crate) async fn replace_policy(ctx: &Ctx, id: Uuid, body: PolicyBody) -> Api
         .tenant_tx(move |conn| {
             Box::pin(async move {
                 check_sites_exist(conn, &body.site_ids).await?;
-                let row = diesel::update(policies::table.find(id))
+                // The update and its audit row go out pipelined (one round trip); when the
+                // policy is not there, the error rolls the audit row back with the rest.
+                let conn: &diesel_async::AsyncPgConnection = conn;
+                let update = diesel::update(policies::table.find(id))
                     .set((
                         policies::name.eq(&body.name),
                         policies::kind.eq(body.kind.as_str()),
@@ -406,11 +409,13 @@ pub(crate) async fn replace_policy(ctx: &Ctx, id: Uuid, body: PolicyBody) -> Api
                         policies::updated_at.eq(diesel::dsl::now),
                     ))
                     .returning(PolicyRow::as_returning())
-                    .get_result(conn)
-                    .await
+                    .get_result::<PolicyRow>(&mut &*conn);
+                let (row, audited) =
+                    futures_util::future::join(update, record_audit(conn, audit)).await;
+                let row = row
                     .optional()?
                     .ok_or_else(|| ApiError::not_found("policy"))?;
-                record_audit(conn, audit).await?;
+                audited?;
                 Ok(row)
             })
         })

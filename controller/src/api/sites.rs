@@ -245,22 +245,40 @@ async fn check_no_lan_conflict(
 }
 
 pub(crate) async fn load_site(conn: &mut AsyncPgConnection, id: Uuid) -> ApiResult<Option<Site>> {
-    let Some(site) = sites::table
+    // Both statements at once (pipelined): the uplinks of a site that does not exist are none.
+    let conn: &AsyncPgConnection = conn;
+    let site = sites::table
         .find(id)
         .select(SiteRow::as_select())
-        .first(conn)
-        .await
-        .optional()?
-    else {
-        return Ok(None);
-    };
+        .first::<SiteRow>(&mut &*conn);
     let uplinks = endpoints::table
         .filter(endpoints::site_id.eq(id))
         .order(endpoints::uplink_index)
         .select(UplinkRow::as_select())
-        .load(conn)
-        .await?;
-    Ok(Some(Site { site, uplinks }))
+        .load::<UplinkRow>(&mut &*conn);
+    let (site, uplinks) = futures_util::future::join(site, uplinks).await;
+    let Some(site) = site.optional()? else {
+        return Ok(None);
+    };
+    Ok(Some(Site {
+        site,
+        uplinks: uplinks?,
+    }))
+}
+
+/// Sites in their order, each with its uplinks (`uplinks` ordered by site, then index).
+fn with_uplinks(rows: Vec<SiteRow>, uplinks: Vec<UplinkRow>) -> Vec<Site> {
+    let mut by_site: std::collections::HashMap<Uuid, Vec<UplinkRow>> =
+        std::collections::HashMap::new();
+    for uplink in uplinks {
+        by_site.entry(uplink.site_id).or_default().push(uplink);
+    }
+    rows.into_iter()
+        .map(|site| {
+            let uplinks = by_site.remove(&site.id).unwrap_or_default();
+            Site { site, uplinks }
+        })
+        .collect()
 }
 
 #[utoipa::path(operation_id = "list_sites", tag = "sites", params(SiteQuery), security(("bearer" = [])), responses((status = 200, body = crate::api::context::List<Site>), (status = "4XX", description = "the request was refused; see error and detail", body = crate::api::error::ErrorBody)))]
@@ -279,40 +297,32 @@ async fn list(ctx: Ctx, query: web::Query<SiteQuery>) -> ApiResult<HttpResponse>
     let sites = ctx
         .tenant_tx(move |conn| {
             Box::pin(async move {
-                let mut q = sites::table.select(SiteRow::as_select()).into_boxed();
-                if let Some(status) = query.status {
-                    q = q.filter(sites::status.eq(status));
-                }
-                if let Some(region) = query.region {
-                    q = q.filter(sites::region.eq(region));
-                }
-                q = crate::after_cursor!(q, page, sites::created_at, sites::id);
-                let rows: Vec<SiteRow> = q
-                    .order((sites::created_at, sites::id))
-                    .limit(page.limit + 1)
-                    .load(conn)
-                    .await?;
-                let ids: Vec<Uuid> = rows.iter().map(|s| s.id).collect();
-                let uplinks: Vec<UplinkRow> = endpoints::table
-                    .filter(endpoints::site_id.eq_any(&ids))
+                // The page's sites, as a query to run and as the subquery that picks their
+                // uplinks: the two statements do not wait for each other and go out
+                // pipelined, one round trip for both.
+                let page_of_sites = || {
+                    let mut q = sites::table.into_boxed();
+                    if let Some(status) = &query.status {
+                        q = q.filter(sites::status.eq(status.clone()));
+                    }
+                    if let Some(region) = &query.region {
+                        q = q.filter(sites::region.eq(region.clone()));
+                    }
+                    crate::after_cursor!(q, page, sites::created_at, sites::id)
+                        .order((sites::created_at, sites::id))
+                        .limit(page.limit + 1)
+                };
+                let conn: &AsyncPgConnection = conn;
+                let rows = page_of_sites()
+                    .select(SiteRow::as_select())
+                    .load::<SiteRow>(&mut &*conn);
+                let uplinks = endpoints::table
+                    .filter(endpoints::site_id.eq_any(page_of_sites().select(sites::id)))
                     .order((endpoints::site_id, endpoints::uplink_index))
                     .select(UplinkRow::as_select())
-                    .load(conn)
-                    .await?;
-                Ok(rows
-                    .into_iter()
-                    .map(|site| {
-                        let mine = uplinks
-                            .iter()
-                            .filter(|u| u.site_id == site.id)
-                            .cloned()
-                            .collect();
-                        Site {
-                            site,
-                            uplinks: mine,
-                        }
-                    })
-                    .collect::<Vec<_>>())
+                    .load::<UplinkRow>(&mut &*conn);
+                let (rows, uplinks) = futures_util::future::try_join(rows, uplinks).await?;
+                Ok(with_uplinks(rows, uplinks))
             })
         })
         .await?;

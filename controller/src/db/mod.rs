@@ -47,6 +47,20 @@ pub fn pool(url: &str, size: usize) -> Result<DbPool, DbError> {
     Ok(Pool::builder(manager).max_size(size).build()?)
 }
 
+/// The tables most requests read or write, whose catalog entries [`prime`] loads.
+const PRIMED_TABLES: &str = "sites, endpoints, paths, policies, audit_log, site_intents";
+
+/// Load a new connection's catalog caches for the tables requests use most (definitions,
+/// indexes, row-level-security policies). A PostgreSQL backend fills them on its first query
+/// of each table, 10-30 ms that would otherwise fall on the first requests after a start.
+/// Reads nothing (`LIMIT 0`, no tenant in scope).
+pub async fn prime(conn: &mut AsyncPgConnection) -> Result<(), DbError> {
+    use diesel_async::SimpleAsyncConnection;
+    conn.batch_execute(&format!("SELECT 1 FROM {PRIMED_TABLES} LIMIT 0"))
+        .await?;
+    Ok(())
+}
+
 /// Whose rows a transaction may see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {

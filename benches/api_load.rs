@@ -1,10 +1,12 @@
 //! API throughput and latency under load from a second process on loopback.
 //!
 //! Run: `cargo bench -p patronus-integration-tests --bench api_load`
-//! Starts the controller's HTTP app in this process (two workers, a throwaway database with
-//! one tenant of 200 sites), then re-runs this binary as an open-loop load generator (requests
-//! fired on a fixed schedule over keep-alive connections; latency counted from the scheduled
-//! time, so a stall shows up instead of hiding) for:
+//! Starts the controller's HTTP app in this process (two workers, each with its own database
+//! pool opened before the load, as `serve` does; a throwaway database with one tenant of 200
+//! sites), then re-runs this binary as an open-loop load generator (requests fired on a fixed
+//! schedule over keep-alive connections; latency counted from the scheduled time, so a stall
+//! shows up instead of hiding). Each scenario runs 1 s at its rate first, reported apart
+//! (`warmup_p99_ms`: the first query of each server connection), then 10 s measured:
 //!   - `GET /healthz` at 1,000 requests/s: the baseline of harness, HTTP and scheduling;
 //!   - `GET /api/v1/app-classes` at 1,000 requests/s: authentication (JWT and the Redis
 //!     revocation check) without the database;
@@ -14,7 +16,9 @@
 //!   - the same at 1,000 requests/s with every connection updating one policy (the row's
 //!     lock queue).
 //!
-//! Prints one JSON object per scenario.
+//! Prints one JSON object per scenario. `PATRONUS_BENCH_ONLY=get_sites,put_policy` runs just
+//! those; `PATRONUS_BENCH_TRACE=FILE` writes each measured request's start and latency (to see
+//! whether slow requests come together); `PATRONUS_BENCH_WORKERS=N` changes the worker count.
 
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -501,3 +501,97 @@ async fn metrics_partitions_are_created_ahead_and_dropped_for_retention() -> any
     drop(app);
     database.drop_now().await
 }
+
+#[derive(diesel::QueryableByName)]
+struct Setting {
+    #[diesel(sql_type = Text)]
+    value: String,
+}
+
+async fn backend_pid(conn: &mut AsyncPgConnection) -> anyhow::Result<i32> {
+    #[derive(diesel::QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+    let row: Pid = diesel::sql_query("SELECT pg_backend_pid() AS pid")
+        .get_result(conn)
+        .await?;
+    Ok(row.pid)
+}
+
+/// `in_scope` sends its BEGIN ahead of the work's first statement without waiting for it, so
+/// it tracks the transaction itself: a scoped transaction cut off mid-way (a cancelled
+/// request) must leave its connection marked broken, so the pool replaces it rather than hand
+/// out a connection still inside another tenant's transaction; the scope is in force for the
+/// work's first statement; nested scopes are refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_scoped_transaction_never_reaches_the_next_checkout() -> anyhow::Result<()> {
+    let env = TestEnv::load()?;
+    let database = TestDatabase::create(&env).await?;
+    migrations::run_pending(&database.owner_url).await?;
+    let pool = db::pool(&database.app_url, 1)?;
+    let tenant = TenantId(Uuid::new_v4());
+    let scope = Scope::Tenant(tenant);
+
+    let mut conn = pool.get().await?;
+    let cut_pid = backend_pid(&mut conn).await?;
+    let cut = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        db::in_scope(&mut conn, scope, |conn| {
+            Box::pin(async move {
+                // The first statement sees the scope the BEGIN set.
+                let seen: Setting =
+                    diesel::sql_query("SELECT current_setting('patronus.tenant_id') AS value")
+                        .get_result(conn)
+                        .await?;
+                assert_eq!(seen.value, tenant.0.to_string());
+                std::future::pending::<()>().await;
+                Ok::<(), DieselError>(())
+            })
+        }),
+    )
+    .await;
+    ensure!(cut.is_err(), "the work should have been cut off");
+    drop(conn);
+
+    let mut conn = pool.get().await?;
+    let pid = backend_pid(&mut conn).await?;
+    ensure!(
+        pid != cut_pid,
+        "the pool handed out again the connection whose transaction was cut off"
+    );
+    let left: Setting = diesel::sql_query(
+        "SELECT coalesce(current_setting('patronus.tenant_id', true), '') AS value",
+    )
+    .get_result(&mut conn)
+    .await?;
+    ensure!(left.value.is_empty(), "a scope leaked: {}", left.value);
+
+    let nested = db::in_scope(&mut conn, scope, move |conn| {
+        Box::pin(async move {
+            db::in_scope(conn, scope, |_| {
+                Box::pin(async { Ok::<(), DieselError>(()) })
+            })
+            .await
+        })
+    })
+    .await;
+    ensure!(
+        matches!(nested, Err(DieselError::AlreadyInTransaction)),
+        "a nested scope must be refused: {nested:?}"
+    );
+    // The connection is usable after the refusal (the outer transaction rolled back).
+    let after: Setting = db::in_scope(&mut conn, scope, |conn| {
+        Box::pin(async move {
+            diesel::sql_query("SELECT current_setting('patronus.tenant_id') AS value")
+                .get_result(conn)
+                .await
+        })
+    })
+    .await?;
+    ensure!(after.value == tenant.0.to_string());
+    drop(conn);
+    pool.close();
+    database.drop_now().await
+}

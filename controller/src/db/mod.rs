@@ -80,8 +80,8 @@ impl Scope {
         }
     }
 
-    /// `BEGIN` and the RLS keys for the transaction, as one simple-query batch: one round
-    /// trip instead of two on every scoped transaction. The values are formatted UUIDs
+    /// `BEGIN` and the RLS keys for the transaction, as one simple-query batch (sent ahead of
+    /// the transaction's first statement by [`in_scope`]). The values are formatted UUIDs
     /// (hex digits and hyphens) or empty, so nothing from outside is interpolated.
     fn begin_sql(self) -> String {
         let (tenant, msp) = self.settings();
@@ -97,14 +97,20 @@ pub type ScopedWork<'r, T> = Pin<Box<dyn Future<Output = T> + Send + 'r>>;
 
 /// Run `work` in one transaction scoped to `scope`. The transaction commits if `work` returns
 /// `Ok` and rolls back otherwise.
+///
+/// The `BEGIN` (with the scope) is sent without waiting for its answer, so it travels with
+/// the work's first statement: one round trip less on every scoped transaction. Its answer is
+/// not read; if it failed, the transaction is aborted and the work's first statement fails
+/// ("current transaction is aborted"), so nothing ever runs unscoped. The connection counts as
+/// inside a transaction from then on: if this future is dropped before the end (a request
+/// cancelled), the pool sees the open transaction and discards the connection.
 pub async fn in_scope<T, E, F>(conn: &mut AsyncPgConnection, scope: Scope, work: F) -> Result<T, E>
 where
     T: Send,
     E: From<diesel::result::Error> + Send,
     F: for<'r> FnOnce(&'r mut AsyncPgConnection) -> ScopedWork<'r, Result<T, E>> + Send,
 {
-    // What `AsyncConnection::transaction` does, with the scope set by the BEGIN itself.
-    AnsiTransactionManager::begin_transaction_sql(conn, &scope.begin_sql()).await?;
+    send_begin(conn, scope)?;
     match work(conn).await {
         Ok(value) => {
             AnsiTransactionManager::commit_transaction(conn).await?;
@@ -115,4 +121,26 @@ where
             Err(rollback) => Err(rollback.into()),
         },
     }
+}
+
+/// Send `BEGIN` and the scope's RLS keys (one simple-query batch) and record the transaction
+/// as open, without waiting for the server.
+fn send_begin(conn: &mut AsyncPgConnection, scope: Scope) -> diesel::QueryResult<()> {
+    use diesel::connection::TransactionDepthChange;
+    use diesel_async::SimpleAsyncConnection;
+    use futures_util::FutureExt;
+    let status = AnsiTransactionManager::transaction_manager_status_mut(conn);
+    if status.transaction_depth()?.is_some() {
+        return Err(diesel::result::Error::AlreadyInTransaction);
+    }
+    let sql = scope.begin_sql();
+    let mut shared: &AsyncPgConnection = conn;
+    // tokio-postgres sends a request when its future is first polled: one poll puts the batch
+    // on the wire (pipelined ahead of whatever comes next); the answer is dropped unread.
+    if let Some(Err(e)) = SimpleAsyncConnection::batch_execute(&mut shared, &sql).now_or_never() {
+        return Err(e);
+    }
+    AnsiTransactionManager::transaction_manager_status_mut(conn)
+        .transaction_state()?
+        .change_transaction_depth(TransactionDepthChange::IncreaseDepth)
 }

@@ -380,15 +380,20 @@ fn load_generator(args: &[String]) -> anyhow::Result<()> {
         if let Ok(file) = std::env::var("PATRONUS_BENCH_TRACE") {
             let mut trace: Vec<_> = latencies.clone();
             trace.sort();
-            let text: String = trace
-                .iter()
-                .map(|(at, latency)| {
+            // The first line: when the measured part started (Unix ms), to line the trace up
+            // with other recordings.
+            let started_unix_ms = (SystemTime::now() - measured_from.elapsed())
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+            let text: String = std::iter::once(format!("# {started_unix_ms}\n"))
+                .chain(trace.iter().map(|(at, latency)| {
                     format!(
                         "{:.3} {:.3}\n",
                         (*at - measured_from).as_secs_f64() * 1e3,
                         latency.as_secs_f64() * 1e3
                     )
-                })
+                }))
                 .collect();
             std::fs::write(&file, text).with_context(|| format!("writing {file}"))?;
         }

@@ -595,3 +595,62 @@ async fn a_cancelled_scoped_transaction_never_reaches_the_next_checkout() -> any
     pool.close();
     database.drop_now().await
 }
+
+/// `read_in_scope`: the scope is in force, PostgreSQL refuses a write, and the COMMIT it does
+/// not wait for still ends the transaction before the connection's next statement.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_scope_refuses_writes_and_ends_before_the_next_statement() -> anyhow::Result<()>
+{
+    let env = TestEnv::load()?;
+    let database = TestDatabase::create(&env).await?;
+    migrations::run_pending(&database.owner_url).await?;
+    let mut conn = AsyncPgConnection::establish(&database.app_url).await?;
+    let tenant = TenantId(Uuid::new_v4());
+    let scope = Scope::Tenant(tenant);
+    for _ in 0..3 {
+        let seen: Setting = db::read_in_scope(&mut conn, scope, |conn| {
+            Box::pin(async move {
+                diesel::sql_query("SELECT current_setting('patronus.tenant_id') AS value")
+                    .get_result(conn)
+                    .await
+            })
+        })
+        .await?;
+        ensure!(seen.value == tenant.0.to_string());
+        // Right behind the unawaited COMMIT: outside any transaction, no scope left.
+        let left: Setting = diesel::sql_query(
+            "SELECT coalesce(current_setting('patronus.tenant_id', true), '') AS value",
+        )
+        .get_result(&mut conn)
+        .await?;
+        ensure!(
+            left.value.is_empty(),
+            "still inside the read: {}",
+            left.value
+        );
+    }
+    let write = db::read_in_scope(&mut conn, scope, |conn| {
+        Box::pin(async move {
+            diesel::sql_query("UPDATE sites SET name = name")
+                .execute(conn)
+                .await
+        })
+    })
+    .await;
+    ensure!(
+        matches!(&write, Err(e) if e.to_string().contains("read-only transaction")),
+        "a write in a read-only scope must be refused: {write:?}"
+    );
+    // The refused write rolled back; the connection goes on.
+    let after: Setting = db::in_scope(&mut conn, scope, |conn| {
+        Box::pin(async move {
+            diesel::sql_query("SELECT current_setting('patronus.tenant_id') AS value")
+                .get_result(conn)
+                .await
+        })
+    })
+    .await?;
+    ensure!(after.value == tenant.0.to_string());
+    drop(conn);
+    database.drop_now().await
+}

@@ -277,6 +277,18 @@ impl Ctx {
         db::in_scope(&mut conn, scope, work).await
     }
 
+    /// Run read-only `work` in one transaction scoped to the acting tenant
+    /// ([`db::read_in_scope`]: writes are refused, the answer does not wait for the COMMIT).
+    pub async fn tenant_read<T, F>(&self, work: F) -> ApiResult<T>
+    where
+        T: Send,
+        F: for<'r> FnOnce(&'r mut AsyncPgConnection) -> ScopedWork<'r, ApiResult<T>> + Send,
+    {
+        let scope = Scope::Tenant(self.tenant()?);
+        let mut conn = self.state.db.get().await.map_err(db::DbError::from)?;
+        db::read_in_scope(&mut conn, scope, work).await
+    }
+
     /// Run `work` in one transaction scoped to the caller's MSP (and acting tenant, if any).
     /// Only an MSP admin gets the MSP-wide key; anyone else is scoped to their own tenant, so
     /// row-level security — not just a handler's `WHERE` — keeps them inside it.

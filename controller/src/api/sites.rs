@@ -295,7 +295,7 @@ async fn list(ctx: Ctx, query: web::Query<SiteQuery>) -> ApiResult<HttpResponse>
         }
     }
     let sites = ctx
-        .tenant_tx(move |conn| {
+        .tenant_read(move |conn| {
             Box::pin(async move {
                 // The page's sites, as a query to run and as the subquery that picks their
                 // uplinks: the two statements do not wait for each other and go out
@@ -505,7 +505,7 @@ async fn create(ctx: Ctx, body: web::Json<CreateSite>) -> ApiResult<HttpResponse
 async fn get(ctx: Ctx, id: web::Path<super::context::IdPath>) -> ApiResult<HttpResponse> {
     let id = id.into_inner().id;
     let site = ctx
-        .tenant_tx(move |conn| Box::pin(async move { load_site(conn, id).await }))
+        .tenant_read(move |conn| Box::pin(async move { load_site(conn, id).await }))
         .await?;
     site.map(|s| HttpResponse::Ok().json(s))
         .ok_or_else(|| ApiError::not_found("site"))

@@ -83,13 +83,25 @@ impl Scope {
     /// `BEGIN` and the RLS keys for the transaction, as one simple-query batch (sent ahead of
     /// the transaction's first statement by [`in_scope`]). The values are formatted UUIDs
     /// (hex digits and hyphens) or empty, so nothing from outside is interpolated.
-    fn begin_sql(self) -> String {
+    fn begin_sql(self, access: Access) -> String {
         let (tenant, msp) = self.settings();
+        let begin = match access {
+            Access::ReadWrite => "BEGIN",
+            Access::ReadOnly => "BEGIN READ ONLY",
+        };
         format!(
-            "BEGIN; SELECT set_config('patronus.tenant_id', '{tenant}', true), \
+            "{begin}; SELECT set_config('patronus.tenant_id', '{tenant}', true), \
              set_config('patronus.msp_id', '{msp}', true)"
         )
     }
+}
+
+/// What a scoped transaction may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    ReadWrite,
+    /// PostgreSQL refuses any write (`BEGIN READ ONLY`).
+    ReadOnly,
 }
 
 /// The future a unit of work inside [`in_scope`] returns.
@@ -110,7 +122,7 @@ where
     E: From<diesel::result::Error> + Send,
     F: for<'r> FnOnce(&'r mut AsyncPgConnection) -> ScopedWork<'r, Result<T, E>> + Send,
 {
-    send_begin(conn, scope)?;
+    send_begin(conn, scope, Access::ReadWrite)?;
     match work(conn).await {
         Ok(value) => {
             AnsiTransactionManager::commit_transaction(conn).await?;
@@ -123,23 +135,66 @@ where
     }
 }
 
-/// Send `BEGIN` and the scope's RLS keys (one simple-query batch) and record the transaction
-/// as open, without waiting for the server.
-fn send_begin(conn: &mut AsyncPgConnection, scope: Scope) -> diesel::QueryResult<()> {
-    use diesel::connection::TransactionDepthChange;
+/// Run read-only `work` in one transaction scoped to `scope`, as [`in_scope`] does, except
+/// that PostgreSQL refuses any write in it (`BEGIN READ ONLY`) and, when `work` succeeds, the
+/// `COMMIT` is sent without waiting for its answer: a read-only transaction has nothing to
+/// make durable, and the connection's next statements queue behind it, so the caller answers
+/// a round trip sooner. On an error the transaction is rolled back as usual.
+pub async fn read_in_scope<T, E, F>(
+    conn: &mut AsyncPgConnection,
+    scope: Scope,
+    work: F,
+) -> Result<T, E>
+where
+    T: Send,
+    E: From<diesel::result::Error> + Send,
+    F: for<'r> FnOnce(&'r mut AsyncPgConnection) -> ScopedWork<'r, Result<T, E>> + Send,
+{
+    send_begin(conn, scope, Access::ReadOnly)?;
+    match work(conn).await {
+        Ok(value) => {
+            send_without_waiting(conn, "COMMIT")?;
+            AnsiTransactionManager::transaction_manager_status_mut(conn)
+                .transaction_state()?
+                .change_transaction_depth(
+                    diesel::connection::TransactionDepthChange::DecreaseDepth,
+                )?;
+            Ok(value)
+        }
+        Err(error) => match AnsiTransactionManager::rollback_transaction(conn).await {
+            Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(error),
+            Err(rollback) => Err(rollback.into()),
+        },
+    }
+}
+
+/// Put a simple-query batch on the wire without waiting for its answer, which is dropped
+/// unread (tokio-postgres sends a request when its future is first polled and keeps reading
+/// the answers of requests nobody waits for).
+fn send_without_waiting(conn: &AsyncPgConnection, sql: &str) -> diesel::QueryResult<()> {
     use diesel_async::SimpleAsyncConnection;
     use futures_util::FutureExt;
+    let mut shared: &AsyncPgConnection = conn;
+    match SimpleAsyncConnection::batch_execute(&mut shared, sql).now_or_never() {
+        Some(Err(e)) => Err(e),
+        Some(Ok(())) | None => Ok(()),
+    }
+}
+
+/// Send `BEGIN` and the scope's RLS keys (one simple-query batch) and record the transaction
+/// as open, without waiting for the server.
+fn send_begin(
+    conn: &mut AsyncPgConnection,
+    scope: Scope,
+    access: Access,
+) -> diesel::QueryResult<()> {
+    use diesel::connection::TransactionDepthChange;
     let status = AnsiTransactionManager::transaction_manager_status_mut(conn);
     if status.transaction_depth()?.is_some() {
         return Err(diesel::result::Error::AlreadyInTransaction);
     }
-    let sql = scope.begin_sql();
-    let mut shared: &AsyncPgConnection = conn;
-    // tokio-postgres sends a request when its future is first polled: one poll puts the batch
-    // on the wire (pipelined ahead of whatever comes next); the answer is dropped unread.
-    if let Some(Err(e)) = SimpleAsyncConnection::batch_execute(&mut shared, &sql).now_or_never() {
-        return Err(e);
-    }
+    // Pipelined ahead of whatever comes next on the connection.
+    send_without_waiting(conn, &scope.begin_sql(access))?;
     AnsiTransactionManager::transaction_manager_status_mut(conn)
         .transaction_state()?
         .change_transaction_depth(TransactionDepthChange::IncreaseDepth)

@@ -508,6 +508,40 @@ struct Setting {
     value: String,
 }
 
+fn read_tenant_setting(
+    conn: &mut AsyncPgConnection,
+) -> db::ScopedWork<'_, Result<Setting, DieselError>> {
+    Box::pin(async move {
+        diesel::sql_query("SELECT current_setting('patronus.tenant_id') AS value")
+            .get_result(conn)
+            .await
+    })
+}
+
+/// The tenant key as a statement inside `in_scope` (or `read_in_scope`) sees it.
+async fn scoped_tenant_setting(
+    conn: &mut AsyncPgConnection,
+    scope: Scope,
+    read_only: bool,
+) -> Result<String, DieselError> {
+    let seen = if read_only {
+        db::read_in_scope(conn, scope, read_tenant_setting).await?
+    } else {
+        db::in_scope(conn, scope, read_tenant_setting).await?
+    };
+    Ok(seen.value)
+}
+
+/// The tenant key outside any scope (empty when none is set).
+async fn unscoped_tenant_setting(conn: &mut AsyncPgConnection) -> Result<String, DieselError> {
+    let left: Setting = diesel::sql_query(
+        "SELECT coalesce(current_setting('patronus.tenant_id', true), '') AS value",
+    )
+    .get_result(conn)
+    .await?;
+    Ok(left.value)
+}
+
 async fn backend_pid(conn: &mut AsyncPgConnection) -> anyhow::Result<i32> {
     #[derive(diesel::QueryableByName)]
     struct Pid {
@@ -561,12 +595,8 @@ async fn a_cancelled_scoped_transaction_never_reaches_the_next_checkout() -> any
         pid != cut_pid,
         "the pool handed out again the connection whose transaction was cut off"
     );
-    let left: Setting = diesel::sql_query(
-        "SELECT coalesce(current_setting('patronus.tenant_id', true), '') AS value",
-    )
-    .get_result(&mut conn)
-    .await?;
-    ensure!(left.value.is_empty(), "a scope leaked: {}", left.value);
+    let left = unscoped_tenant_setting(&mut conn).await?;
+    ensure!(left.is_empty(), "a scope leaked: {left}");
 
     let nested = db::in_scope(&mut conn, scope, move |conn| {
         Box::pin(async move {
@@ -582,15 +612,7 @@ async fn a_cancelled_scoped_transaction_never_reaches_the_next_checkout() -> any
         "a nested scope must be refused: {nested:?}"
     );
     // The connection is usable after the refusal (the outer transaction rolled back).
-    let after: Setting = db::in_scope(&mut conn, scope, |conn| {
-        Box::pin(async move {
-            diesel::sql_query("SELECT current_setting('patronus.tenant_id') AS value")
-                .get_result(conn)
-                .await
-        })
-    })
-    .await?;
-    ensure!(after.value == tenant.0.to_string());
+    ensure!(scoped_tenant_setting(&mut conn, scope, false).await? == tenant.0.to_string());
     drop(conn);
     pool.close();
     database.drop_now().await
@@ -642,15 +664,7 @@ async fn a_read_only_scope_refuses_writes_and_ends_before_the_next_statement() -
         "a write in a read-only scope must be refused: {write:?}"
     );
     // The refused write rolled back; the connection goes on.
-    let after: Setting = db::in_scope(&mut conn, scope, |conn| {
-        Box::pin(async move {
-            diesel::sql_query("SELECT current_setting('patronus.tenant_id') AS value")
-                .get_result(conn)
-                .await
-        })
-    })
-    .await?;
-    ensure!(after.value == tenant.0.to_string());
+    ensure!(scoped_tenant_setting(&mut conn, scope, false).await? == tenant.0.to_string());
     drop(conn);
     database.drop_now().await
 }

@@ -128,10 +128,7 @@ where
             AnsiTransactionManager::commit_transaction(conn).await?;
             Ok(value)
         }
-        Err(error) => match AnsiTransactionManager::rollback_transaction(conn).await {
-            Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(error),
-            Err(rollback) => Err(rollback.into()),
-        },
+        Err(error) => Err(rolled_back(conn, error).await),
     }
 }
 
@@ -161,10 +158,16 @@ where
                 )?;
             Ok(value)
         }
-        Err(error) => match AnsiTransactionManager::rollback_transaction(conn).await {
-            Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(error),
-            Err(rollback) => Err(rollback.into()),
-        },
+        Err(error) => Err(rolled_back(conn, error).await),
+    }
+}
+
+/// Roll the transaction back after `work` failed with `error`; the error to report (the
+/// rollback's own, if that failed otherwise than on an already broken connection).
+async fn rolled_back<E: From<diesel::result::Error>>(conn: &mut AsyncPgConnection, error: E) -> E {
+    match AnsiTransactionManager::rollback_transaction(conn).await {
+        Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => error,
+        Err(rollback) => rollback.into(),
     }
 }
 

@@ -197,6 +197,21 @@ async fn server_side() -> anyhow::Result<()> {
     let only: Option<Vec<String>> = std::env::var("PATRONUS_BENCH_ONLY")
         .ok()
         .map(|v| v.split(',').map(str::to_owned).collect());
+    if let Some(unknown) = only
+        .iter()
+        .flatten()
+        .find(|o| !scenarios.iter().any(|s| s.0 == o.as_str()))
+    {
+        let mut known: Vec<&str> = scenarios.iter().map(|s| s.0).collect();
+        known.dedup();
+        handle.stop(true).await;
+        drop(owner);
+        database.drop_now().await?;
+        bail!(
+            "PATRONUS_BENCH_ONLY names {unknown:?}, which is not a scenario; use some of: {}",
+            known.join(",")
+        );
+    }
     let exe = std::env::current_exe()?;
     for (name, method, path, body, rate) in scenarios {
         if only

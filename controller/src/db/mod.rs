@@ -11,6 +11,7 @@ pub mod schema;
 use std::future::Future;
 use std::pin::Pin;
 
+use diesel::connection::TransactionDepthChange;
 use diesel_async::pooled_connection::deadpool::{BuildError, Pool, PoolError};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
@@ -151,11 +152,7 @@ where
     match work(conn).await {
         Ok(value) => {
             send_without_waiting(conn, "COMMIT")?;
-            AnsiTransactionManager::transaction_manager_status_mut(conn)
-                .transaction_state()?
-                .change_transaction_depth(
-                    diesel::connection::TransactionDepthChange::DecreaseDepth,
-                )?;
+            record_depth(conn, TransactionDepthChange::DecreaseDepth)?;
             Ok(value)
         }
         Err(error) => Err(rolled_back(conn, error).await),
@@ -191,14 +188,22 @@ fn send_begin(
     scope: Scope,
     access: Access,
 ) -> diesel::QueryResult<()> {
-    use diesel::connection::TransactionDepthChange;
     let status = AnsiTransactionManager::transaction_manager_status_mut(conn);
     if status.transaction_depth()?.is_some() {
         return Err(diesel::result::Error::AlreadyInTransaction);
     }
     // Pipelined ahead of whatever comes next on the connection.
     send_without_waiting(conn, &scope.begin_sql(access))?;
+    record_depth(conn, TransactionDepthChange::IncreaseDepth)
+}
+
+/// Tell diesel-async's transaction manager about a BEGIN or COMMIT sent without it, so it
+/// knows whether the connection is inside a transaction (the pool discards one that is).
+fn record_depth(
+    conn: &mut AsyncPgConnection,
+    change: TransactionDepthChange,
+) -> diesel::QueryResult<()> {
     AnsiTransactionManager::transaction_manager_status_mut(conn)
         .transaction_state()?
-        .change_transaction_depth(TransactionDepthChange::IncreaseDepth)
+        .change_transaction_depth(change)
 }
